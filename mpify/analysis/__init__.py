@@ -1,0 +1,1 @@
+"""Notebook analysis: notebook -> statements -> dependency graph -> slice. Pure: reads text, runs nothing."""

@@ -1,0 +1,1 @@
+"""The `mpify` command line: thin typer commands over the analysis, export and engine rooms."""

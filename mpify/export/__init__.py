@@ -1,0 +1,1 @@
+"""Slice -> Python module text (the payload) -> standalone script."""
