@@ -1,2 +1,21 @@
-"""mpify: run a Python function on N ranked processes, the notebook kernel being rank 0."""
+"""mpify: run a Python function on N ranked processes, the notebook kernel being rank 0.
+
+    from mpify import ranch, import_star, TorchDDPCtx, torchddp_launch
+
+This module is the whole public surface.
+"""
+from mpify.engine.errors import (LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError,
+                                 RemoteTraceback, ResultError, ShipError)
+from mpify.engine.launch import ranch
+from mpify.engine.rendezvous import PortInUseError
+from mpify.engine.starter import shutdown
+from mpify.imports import import_star
+from mpify.torch_ddp import TorchDDPCtx, in_torchddp, torchddp_launch
+
 __version__ = "0.2.0"
+
+__all__ = [
+    "ranch", "import_star", "TorchDDPCtx", "torchddp_launch", "in_torchddp", "shutdown",
+    "MpifyError", "RankRaisedError", "RankDiedError", "LaunchTimeoutError", "ShipError",
+    "ResultError", "RemoteTraceback", "PortInUseError",
+]

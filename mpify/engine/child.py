@@ -1,0 +1,129 @@
+"""What every rank runs: the same `run_rank` in a child process and in the caller.
+
+A child first makes itself the leader of its own process group, so that teardown can reach its
+DataLoader workers even after they are orphaned, and starts a watchdog thread on the caller's
+liveness pipe: when the caller dies (kernel restart, `kill -9`) the pipe reports EOF and the rank
+kills its whole group at once. Then it takes the caller's environment, working directory and
+sys.path as of the launch, routes fd 1/2 into the caller's output pipes, unpickles the launch and
+runs ctx + fn, and sends back a result or an error.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mpify.engine import serialize
+
+# Set while the user's fn itself runs (not ctx enter/exit), so an abort request is delivered only
+# there and never interrupts a context manager's teardown (destroy_process_group).
+_in_fn = threading.Event()
+
+
+@dataclass
+class RankSpec:
+    """What one child needs besides the pickled launch."""
+
+    rank: int
+    local_rank: int
+    environ: dict
+    cwd: str
+    sys_path: list
+    send_result: bool  # gather, or this rank is the local rank 0 whose value ranch returns
+
+
+def enter_ctx(ctx: Any):
+    """ctx may be None, a context manager, or a factory (class or callable) that returns one."""
+    if ctx is None:
+        return nullcontext()
+    if hasattr(ctx, "__enter__") and hasattr(ctx, "__exit__") and not isinstance(ctx, type):
+        return ctx
+    if callable(ctx):
+        made = ctx()
+        if not (hasattr(made, "__enter__") and hasattr(made, "__exit__")):
+            raise TypeError(f"ctx factory {ctx!r} returned {type(made).__name__}, not a context manager")
+        return made
+    raise TypeError(f"ctx must be a context manager or a factory of one, not {type(ctx).__name__}")
+
+
+def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "",
+             need: dict | None = None) -> Any:
+    """Run `fn(*args, **kwargs)` inside ctx. `need` and `imports` are the original mpify's way
+    of naming globals and import lines that fn needs; they land in fn's globals."""
+    glb = getattr(fn, "__globals__", None)
+    if glb is None:
+        import __main__
+        glb = __main__.__dict__
+    if need:
+        glb.update(need)
+    if imports:
+        exec(compile(imports, "<mpify imports>", "exec"), glb)
+    with enter_ctx(ctx):
+        _in_fn.set()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _in_fn.clear()
+
+
+def error_message(rank: int, exc: BaseException) -> tuple:
+    """("err", rank, when, pickled exception or None, type name, message, traceback text)."""
+    when = time.monotonic()
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        from tblib import pickling_support
+        pickling_support.install(exc)
+        blob = serialize.dumps(exc)
+        serialize.loads(blob)  # what cannot be rebuilt here cannot be rebuilt in the caller either
+    except Exception:
+        blob = None
+    return ("err", rank, when, blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text)
+
+
+def _watch_caller(alive_r) -> None:
+    """Block until the caller's end of the liveness pipe closes, then end this rank's group."""
+    try:
+        alive_r.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _route_output(out_w, err_w) -> None:
+    """Make fd 1/2 (and so grandchildren and C code) write into the caller's pipes, line-buffered."""
+    os.dup2(out_w.fileno(), 1)
+    os.dup2(err_w.fileno(), 2)
+    out_w.close()
+    err_w.close()
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) -> None:
+    """Entry point of a child rank (the target of its multiprocess.Process)."""
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=_watch_caller, args=(alive_r,), name="mpify-watchdog", daemon=True).start()
+    _route_output(out_w, err_w)
+    os.environ.clear()
+    os.environ.update(spec.environ)
+    os.chdir(spec.cwd)
+    sys.path[:] = spec.sys_path
+    try:
+        fn, args, kwargs, extra = serialize.loads(launch)
+        value = run_rank(fn, args, kwargs, extra.get("ctx"), extra.get("imports", ""), extra.get("need"))
+        blob = serialize.dumps_result(spec.rank, value) if spec.send_result else None
+        message = ("ok", spec.rank, time.monotonic(), blob)
+    except BaseException as exc:  # KeyboardInterrupt and SystemExit are a rank's outcome too
+        message = error_message(spec.rank, exc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    result_w.send_bytes(serialize.dumps(message))
+    result_w.close()

@@ -1,0 +1,417 @@
+"""ranch: run `fn(*args, **kwargs)` on N ranked processes, the caller being one of them.
+
+One `Launch` object holds everything a launch starts (after torch's ProcessContext) and, like a
+trio nursery, nothing it started outlives it: whatever way the caller leaves (result, error,
+timeout, Ctrl-C), `Launch.teardown` has stopped every rank and its group, closed every pipe and
+the rendezvous store, and joined its threads before ranch returns or raises.
+
+Threads in the caller during a launch:
+- the caller's own thread runs its rank (rank 0 by default) in the foreground, so progress bars
+  and prints behave as usual in the notebook;
+- the supervisor thread waits on everything else at once: result pipes, process sentinels,
+  output pipes, the SIGINT wakeup pipe and the deadline. The first failure starts the stop;
+- a short-lived stopper thread walks the SIGINT/SIGTERM/SIGKILL ladder so the supervisor keeps
+  draining output meanwhile.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import multiprocess.connection as mpc
+
+from mpify.engine import rendezvous, serialize, starter, teardown
+from mpify.engine.child import RankSpec, rank_main, run_rank
+from mpify.engine.env import Topology, patched_environ, rank_env
+from mpify.engine.errors import LaunchTimeoutError, RankDiedError, RankRaisedError, RemoteTraceback
+from mpify.engine.interrupts import InterruptGuard, RankAborted
+from mpify.engine.output import LineForwarder, rank_filter
+
+# A death is only seen after it happened, while a rank blocked on the dead one may raise
+# (e.g. gloo's "Connection closed by peer") a moment before the supervisor notices. Deaths are
+# dated this much earlier so that the dead rank, the cause, is reported rather than its victim.
+DEATH_SLACK = 0.5
+# When the caller's rank fails, how long to wait for a child's earlier failure to arrive.
+SETTLE = 0.3
+# How long ranks that returned may take to exit before they are stopped.
+EXIT_GRACE = 5.0
+# How long to keep reading output once every rank is gone (an escaped grandchild may hold a pipe).
+DRAIN_GRACE = 1.0
+
+
+@dataclass
+class Failure:
+    rank: int
+    when: float
+    error: BaseException
+
+
+@dataclass
+class Child:
+    rank: int
+    local_rank: int
+    proc: Any
+    result_r: Any
+    alive_w: Any
+    streams: dict = field(default_factory=dict)  # fd -> LineForwarder
+    outcome: tuple | None = None  # the message it sent
+    exited: bool = False
+
+
+def _rebuild(message: tuple) -> BaseException:
+    """The rank's exception with its original type and remote traceback, or RankRaisedError."""
+    _, rank, _, blob, type_name, text, tb_text = message
+    if blob is not None:
+        try:
+            exc = serialize.loads(blob)
+            if isinstance(exc, BaseException):
+                exc.__cause__ = exc.__cause__ or RemoteTraceback(tb_text)
+                return exc
+        except Exception:  # the type exists only in the rank: report it by name below
+            pass
+    err = RankRaisedError(rank, type_name, text, tb_text)
+    err.__cause__ = RemoteTraceback(tb_text)
+    return err
+
+
+class Launch:
+    def __init__(self, topo: Topology, caller_rank: int | None, gather: bool, show: Callable[[int], bool],
+                 timeout: float | None, guard: InterruptGuard, meeting: rendezvous.Meeting):
+        self.topo = topo
+        self.caller_rank = caller_rank
+        self.gather = gather
+        self.show = show
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.guard = guard
+        self.meeting = meeting
+        self.children: list[Child] = []
+        self.failures: list[Failure] = []
+        self.caller_value: Any = None
+        self.stop_reason: str | None = None
+        self.stop_time = float("inf")
+        self._lock = threading.Lock()
+        self._done = threading.Event()  # every child finished, or the stop began
+        self._child_failed = threading.Event()
+        self._control_r, self._control_w = os.pipe()
+        self._supervisor: threading.Thread | None = None
+        self._stopper: threading.Thread | None = None
+        self._finishing = False
+
+    # ---- starting -------------------------------------------------------------------------
+    def start(self, launch: bytes | None, stdout, stderr) -> None:
+        local_ranks = [r for r in range(self.topo.nprocs) if r != self.caller_rank]
+        if local_ranks:
+            mpctx = starter.context()
+            base_env = dict(os.environ)
+            cwd, sys_path = os.getcwd(), list(sys.path)
+            for local in local_ranks:
+                rank = self.topo.global_rank(local)
+                env = dict(base_env)
+                env.update(rank_env(self.topo, local, self.meeting.addr, self.meeting.port, self.meeting.env))
+                send = self.gather or (local == 0)
+                spec = RankSpec(rank, local, env, cwd, sys_path, send)
+                result_r, result_w = mpctx.Pipe(duplex=False)
+                alive_r, alive_w = mpctx.Pipe(duplex=False)
+                out_r, out_w = mpctx.Pipe(duplex=False)
+                err_r, err_w = mpctx.Pipe(duplex=False)
+                proc = mpctx.Process(target=rank_main, name=f"mpify-rank{rank}",
+                                     args=(spec, launch, result_w, alive_r, out_w, err_w))
+                child = Child(rank, local, proc, result_r, alive_w)
+                child.streams = {out_r: LineForwarder(rank, stdout, self.show(rank)),
+                                 err_r: LineForwarder(rank, stderr, self.show(rank))}
+                self.children.append(child)
+                proc.start()
+                for end in (result_w, alive_r, out_w, err_w):
+                    end.close()
+        self._supervisor = threading.Thread(target=self._supervise, name="mpify-supervisor", daemon=True)
+        self._supervisor.start()
+        if not self.children:
+            self._done.set()
+
+    # ---- the supervisor thread -------------------------------------------------------------
+    def _waitables(self) -> dict:
+        """Everything worth waking for now, each with what to do when it is ready."""
+        table = {self._control_r: self._on_control}
+        if self.guard.main:
+            table[self.guard.wakeup_r] = self._on_wakeup
+        for c in self.children:
+            for conn in c.streams:
+                table[conn] = lambda c=c, conn=conn: self._on_output(c, conn)
+            if c.outcome is None and not c.result_r.closed:
+                table[c.result_r] = lambda c=c: self._read_result(c, block=True)
+            if not c.exited:
+                table[c.proc.sentinel] = lambda c=c: self._on_exit(c)
+        return table
+
+    def _supervise(self) -> None:
+        self._drain_until = None
+        while True:
+            if self._drain_until is not None:
+                if not any(c.streams for c in self.children) or time.monotonic() > self._drain_until:
+                    break
+                wait_for = max(0.0, self._drain_until - time.monotonic())
+            elif self.deadline is not None and self.stop_reason is None:
+                wait_for = max(0.0, self.deadline - time.monotonic())
+            else:
+                wait_for = None
+            table = self._waitables()
+            for obj in mpc.wait(list(table), wait_for):
+                table[obj]()
+            if self.deadline is not None and self.stop_reason is None and time.monotonic() >= self.deadline:
+                self.begin_stop("timeout")
+        for c in self.children:
+            for fwd in c.streams.values():
+                fwd.close()
+
+    def _on_control(self) -> None:
+        os.read(self._control_r, 64)
+        if self._drain_until is None:
+            self._drain_until = time.monotonic() + DRAIN_GRACE
+
+    def _on_wakeup(self) -> None:
+        if self.guard.read_wakeup():
+            self.begin_stop("interrupt")
+
+    def _on_output(self, child: Child, conn) -> None:
+        try:
+            data = os.read(conn.fileno(), 65536)
+        except OSError:
+            data = b""
+        fwd = child.streams[conn]
+        if data:
+            fwd.feed(data)
+        else:
+            fwd.close()
+            del child.streams[conn]
+            conn.close()
+
+    def _read_result(self, child: Child, block: bool) -> None:
+        """Take the rank's one message off its result pipe (read as soon as it is ready: a large
+        result would otherwise fill the pipe and block the rank)."""
+        try:
+            if block or child.result_r.poll():
+                child.outcome = serialize.loads(child.result_r.recv_bytes())
+        except (EOFError, OSError):
+            child.result_r.close()
+            return
+        if child.outcome[0] == "err":
+            self.record(Failure(child.rank, child.outcome[2], _rebuild(child.outcome)))
+        self._check_done()
+
+    def _on_exit(self, child: Child) -> None:
+        child.proc.join(1.0)
+        child.exited = True
+        if child.outcome is None and not child.result_r.closed:
+            self._read_result(child, block=False)
+        if child.outcome is None:
+            code = child.proc.exitcode
+            self.record(Failure(child.rank, time.monotonic() - DEATH_SLACK,
+                                RankDiedError(child.rank, code if code is not None else -9)))
+        self._check_done()
+
+    def _check_done(self) -> None:
+        # A rank that sent its outcome counts as finished even if it is slow to exit (a
+        # non-daemon thread of the user's): teardown gives it EXIT_GRACE, then stops it.
+        if all(c.exited or c.outcome is not None for c in self.children):
+            self._done.set()
+
+    # ---- failures and stopping -----------------------------------------------------------
+    def record(self, failure: Failure) -> None:
+        with self._lock:
+            self.failures.append(failure)
+        if failure.rank != self._caller_global_rank():
+            self._child_failed.set()
+        if failure.when < self.stop_time:
+            self.begin_stop("failure")
+
+    def _caller_global_rank(self) -> int | None:
+        return None if self.caller_rank is None else self.topo.global_rank(self.caller_rank)
+
+    def begin_stop(self, reason: str) -> None:
+        """Stop every rank: close the store, abort the caller's rank, signal the children."""
+        with self._lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            self.stop_time = time.monotonic()
+        self.meeting.close()
+        if self.caller_rank is not None and reason != "interrupt":
+            # (on an interrupt the caller's own SIGINT handler raises KeyboardInterrupt already)
+            self.guard.abort_caller_rank()
+        first = signal.SIGINT if reason in ("interrupt", "timeout") else signal.SIGTERM
+        procs = [c.proc for c in self.children]
+        self._stopper = threading.Thread(target=teardown.stop_ranks, args=(procs, first),
+                                         name="mpify-stopper", daemon=True)
+        self._stopper.start()
+        self._done.set()
+
+    # ---- the caller's rank -----------------------------------------------------------------
+    def run_caller(self, fn, args, kwargs, ctx, imports, need) -> None:
+        env = rank_env(self.topo, self.caller_rank, self.meeting.addr, self.meeting.port, self.meeting.env)
+        try:
+            with patched_environ(env):
+                self.caller_value = run_rank(fn, args, kwargs, ctx, imports, need)
+        except RankAborted:
+            pass
+        except KeyboardInterrupt:
+            self.guard.interrupted.set()
+            self.begin_stop("interrupt")
+        except BaseException as exc:
+            if self.stop_reason is None:
+                # A child's failure may be the cause and be a moment away from being seen.
+                self._child_failed.wait(SETTLE)
+            self.record(Failure(self._caller_global_rank(), time.monotonic(), exc))
+
+    def wait(self) -> None:
+        try:
+            self._done.wait()
+        except KeyboardInterrupt:
+            self.guard.interrupted.set()
+            self.begin_stop("interrupt")
+
+    # ---- teardown --------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Nothing this launch started outlives this call."""
+        procs = [c.proc for c in self.children if c.proc.pid is not None]
+        if self.stop_reason is None:
+            deadline = time.monotonic() + EXIT_GRACE
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+            teardown.stop_ranks(procs, first=signal.SIGTERM)
+        elif self._stopper is not None:
+            self._stopper.join()
+        teardown.sweep_groups(procs)
+        for c in self.children:
+            c.alive_w.close()
+        if self._supervisor is not None:
+            os.write(self._control_w, b"x")
+            self._supervisor.join()
+        for c in self.children:
+            c.result_r.close()
+            for conn in c.streams:
+                conn.close()
+            c.streams.clear()
+            if c.proc.pid is not None and c.proc.exitcode is not None:
+                c.proc.close()
+        os.close(self._control_r)
+        os.close(self._control_w)
+        self.meeting.close()
+
+    # ---- the outcome -----------------------------------------------------------------------
+    def outcome(self) -> Any:
+        if self.guard.interrupted.is_set():
+            raise KeyboardInterrupt()
+        causes = sorted((f for f in self.failures if f.when <= self.stop_time), key=lambda f: f.when)
+        if causes:
+            first = causes[0]
+            failed = sorted({f.rank for f in causes})
+            _annotate(first.error, first.rank, self.topo.world_size, failed)
+            raise first.error
+        if self.stop_reason == "timeout":
+            raise LaunchTimeoutError(f"the launch ran past its timeout of {self.timeout} s; every rank was stopped")
+        values = {}
+        if self.caller_rank is not None:
+            values[self.caller_rank] = self.caller_value
+        for c in self.children:
+            if c.outcome is not None and c.outcome[3] is not None:
+                values[c.local_rank] = serialize.loads(c.outcome[3])
+        if self.gather:
+            return [values.get(r) for r in range(self.topo.nprocs)]
+        return values.get(0)
+
+
+def _annotate(exc: BaseException, rank: int, world: int, failed: list[int]) -> None:
+    note = f"mpify: raised in rank {rank} of {world}; failed ranks: {', '.join(map(str, failed))}"
+    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+    try:
+        exc.mpify_rank = rank
+        exc.mpify_failed_ranks = failed
+    except (AttributeError, TypeError):  # exceptions with __slots__
+        pass
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _user_globals() -> dict:
+    """The globals of the first frame outside mpify: the notebook or script that launched."""
+    frame = sys._getframe(1)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("mpify."):
+        frame = frame.f_back
+    return frame.f_globals if frame is not None else {}
+
+
+def _needed_globals(need: str | Iterable[str], frame_globals: dict) -> dict:
+    names = need.split() if isinstance(need, str) else list(need)
+    missing = [n for n in names if n not in frame_globals]
+    if missing:
+        raise NameError(f"need names {', '.join(missing)}, which the caller has not defined")
+    return {n: frame_globals[n] for n in names}
+
+
+def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: int | None = 0,
+          gather: bool = False, timeout: float | None = None, show_ranks: None | int | Iterable[int] = None,
+          nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None, master_port: int | None = None,
+          need: str | Iterable[str] = "", imports: str = "", **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` on ranks 0..nprocs-1 and return rank 0's result.
+
+    The caller runs rank ``caller_rank`` (0 by default; None: every rank is a child process).
+    ``ctx``: a context manager, or a factory of one, entered around fn in every rank.
+    ``gather=True`` returns the list of every local rank's result instead of rank 0's.
+    ``timeout``: seconds after which every rank is stopped and LaunchTimeoutError raised.
+    ``show_ranks``: whose output to show (None: every rank; an int or a collection of ranks).
+    ``nnodes``/``node_rank``/``master_addr``/``master_port``: multi-node; RANK is
+    node_rank * nprocs + local_rank, and node 0's launcher hosts the rendezvous store.
+    ``need``/``imports``: the original mpify's names of caller globals to ship, and import lines
+    run in every rank. Every other keyword argument goes to fn.
+    """
+    _check_int("nprocs", nprocs, 1)
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    _check_int("nnodes", nnodes, 1)
+    _check_int("node_rank", node_rank, 0, nnodes - 1)
+    if caller_rank is not None:
+        _check_int("caller_rank", caller_rank, 0, nprocs - 1)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if master_port is not None:
+        _check_int("master_port", master_port, 1, 65535)
+    if not isinstance(imports, str):
+        raise TypeError(f"imports must be a string of import lines, not {type(imports).__name__}")
+    show = rank_filter(show_ranks)
+    needed = _needed_globals(need, _user_globals()) if need else {}
+
+    topo = Topology(nprocs, nnodes, node_rank)
+    has_children = caller_rank is None or nprocs > 1
+    blob = None
+    if has_children:
+        blob = serialize.dumps_launch(fn, args, kwargs, {"ctx": ctx, "need": needed, "imports": imports})
+    want_store = bool(getattr(ctx, "mpify_hosts_store", False))
+    stdout, stderr = sys.stdout, sys.stderr
+    with InterruptGuard() as guard:
+        meeting = rendezvous.meet(master_addr, master_port, topo.world_size, node_rank, nnodes, want_store)
+        launch = Launch(topo, caller_rank, gather, show, timeout, guard, meeting)
+        try:
+            launch.start(blob, stdout, stderr)
+            if caller_rank is not None:
+                launch.run_caller(fn, args, kwargs, ctx, imports, needed)
+            launch.wait()
+        except KeyboardInterrupt:
+            guard.interrupted.set()
+            launch.begin_stop("interrupt")
+        finally:
+            launch.teardown()
+    return launch.outcome()

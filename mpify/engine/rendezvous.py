@@ -1,0 +1,88 @@
+"""Where the ranks meet: MASTER_ADDR/MASTER_PORT, and who hosts torch's TCPStore there.
+
+Like torchrun, the launcher hosts torch.distributed's own TCPStore and every rank joins it as a
+client (TORCHELASTIC_USE_AGENT_STORE=True). That is what lets the caller learn of a dead rank
+within seconds: when the caller is rank 0 and blocked inside `init_process_group` waiting for a
+rank that will never arrive, the supervisor closes the store and the blocked call fails at once
+(a signal cannot interrupt that wait: it is a C++ polling loop). Hosting needs torch, so the engine
+only calls a host registered by mpify.torch_ddp, and only when torch is already imported by the
+caller (or the launch asks for it); otherwise rank 0 hosts the store itself, as torch does by
+default, and a free port is chosen here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from mpify.engine.errors import MpifyError
+
+DEFAULT_ADDR = "127.0.0.1"
+
+
+class PortInUseError(MpifyError, OSError):
+    """The master port asked for is taken on this machine."""
+
+
+# host(addr, port, world_size) -> (store, actual_port). Registered by mpify.torch_ddp.
+_store_host: Optional[Callable[[str, int, int], tuple[Any, int]]] = None
+
+
+def register_store_host(host: Callable[[str, int, int], tuple[Any, int]]) -> None:
+    global _store_host
+    _store_host = host
+
+
+@dataclass
+class Meeting:
+    """The address the ranks meet at, and the store the launcher hosts there (if any)."""
+
+    addr: str
+    port: int
+    store: Any = None
+    env: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Drop the hosted store: its server stops and every client blocked on it fails."""
+        self.store = None
+
+
+def free_port(addr: str = "") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as exc:
+            raise PortInUseError(f"master port {port} is already in use on this machine ({exc.strerror}); "
+                                 f"pick another port, or leave MASTER_PORT unset to get a free one") from None
+
+
+def meet(master_addr: str | None, master_port: int | None, world_size: int, node_rank: int,
+         nnodes: int, want_store: bool) -> Meeting:
+    """Decide the address and port, and host the store when this launcher should.
+
+    The port is the caller's `master_port`, else MASTER_PORT from os.environ, else a free one.
+    Node 0 hosts; other nodes' ranks join node 0's store."""
+    addr = master_addr or os.environ.get("MASTER_ADDR") or DEFAULT_ADDR
+    port = master_port if master_port is not None else int(os.environ.get("MASTER_PORT", 0) or 0)
+    host = _store_host if (want_store or nnodes > 1 or "torch" in sys.modules) else None
+    if host is not None and node_rank == 0:
+        store, port = host(addr, port, world_size)
+        return Meeting(addr, port, store, {"TORCHELASTIC_USE_AGENT_STORE": "True"})
+    if nnodes > 1:
+        if not port:
+            raise ValueError("a multi-node launch needs master_port (or MASTER_PORT) on every node")
+        # Node 0's launcher hosts the store (torch is required for multi-node launches).
+        return Meeting(addr, port, None, {"TORCHELASTIC_USE_AGENT_STORE": "True"})
+    if port:
+        _check_port_free(port)
+        return Meeting(addr, port)
+    return Meeting(addr, free_port())

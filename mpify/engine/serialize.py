@@ -1,0 +1,92 @@
+"""Pickling what travels to the ranks, by value, with a useful message when something can't.
+
+Functions, lambdas and classes defined in notebook cells live in `__main__`, which a rank cannot
+import, so dill pickles them by value with the globals they use (recurse=True). Everything is
+pickled once in the caller, before any process starts, so an unpicklable object fails fast and
+is named: which argument, or which global of the function.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import dill
+
+from mpify.engine.errors import ResultError, ShipError
+
+# recurse=True: capture only the globals a function really uses, by value, so a notebook's
+# unrelated unpicklable objects (open files, kernels' widgets) don't sink the launch.
+_DUMPS_KW = dict(recurse=True, byref=False)
+
+
+def dumps(obj: Any) -> bytes:
+    return dill.dumps(obj, **_DUMPS_KW)
+
+
+def loads(data: bytes) -> Any:
+    return dill.loads(data)
+
+
+def _fails(obj: Any) -> Exception | None:
+    try:
+        dumps(obj)
+    except Exception as exc:  # any pickling failure: TypeError, PicklingError, AttributeError...
+        return exc
+    return None
+
+
+def _describe(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    return f"`{name}`" if name else f"a {type(obj).__name__}"
+
+
+def _culprit_in_function(fn: Callable) -> str:
+    """Name the global or closure variable of `fn` that cannot be pickled, if one can be found."""
+    code = getattr(fn, "__code__", None)
+    glb = getattr(fn, "__globals__", {})
+    if code is not None:
+        for name in code.co_names:
+            if name in glb and _fails(glb[name]) is not None:
+                return f"; its global `{name}` ({type(glb[name]).__name__}) cannot be pickled"
+        for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell: nothing to pickle
+                continue
+            if _fails(value) is not None:
+                return f"; the variable `{name}` it closes over ({type(value).__name__}) cannot be pickled"
+    return ""
+
+
+def dumps_launch(fn: Callable, args: tuple, kwargs: dict, extra: dict) -> bytes:
+    """Pickle the whole launch once; on failure raise ShipError naming the object at fault."""
+    try:
+        return dumps((fn, args, kwargs, extra))
+    except Exception:  # find out which part is at fault below
+        pass
+    err = _fails(fn)
+    if err is not None:
+        raise ShipError(f"the function {_describe(fn)} cannot be pickled for the ranks: {err}"
+                        f"{_culprit_in_function(fn)}") from err
+    for i, arg in enumerate(args):
+        err = _fails(arg)
+        if err is not None:
+            raise ShipError(f"positional argument {i} ({_describe(arg)}) cannot be pickled for the ranks: {err}") from err
+    for key, arg in kwargs.items():
+        err = _fails(arg)
+        if err is not None:
+            raise ShipError(f"keyword argument `{key}` ({_describe(arg)}) cannot be pickled for the ranks: {err}") from err
+    for key, arg in extra.items():
+        err = _fails(arg)
+        if err is not None:
+            raise ShipError(f"`{key}` ({_describe(arg)}) cannot be pickled for the ranks: {err}") from err
+    err = _fails((fn, args, kwargs, extra))
+    raise ShipError(f"the launch cannot be pickled for the ranks: {err}") from err
+
+
+def dumps_result(rank: int, value: Any) -> bytes:
+    """Pickle a rank's return value, or raise ResultError naming the rank and the type."""
+    try:
+        return dumps(value)
+    except Exception as exc:
+        raise ResultError(f"rank {rank} returned a {type(value).__module__}.{type(value).__qualname__} "
+                          f"that cannot be pickled back to the caller: {exc}") from None
