@@ -7,7 +7,7 @@ that is how a caller blocked as rank 0 in `init_process_group` learns of a dead 
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -34,7 +34,19 @@ def _host_store(addr: str, port: int, world_size: int) -> tuple[Any, int]:
     return store, store.port
 
 
-rendezvous.register_store_host(_host_store)
+@contextmanager
+def _destroy_leftover_group():
+    import torch.distributed as dist
+
+    was = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not was and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+rendezvous.register_torch_hooks(_host_store, _destroy_leftover_group)
 
 
 def pick_backend(use_gpu: bool = True) -> str:

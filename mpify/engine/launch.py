@@ -108,6 +108,7 @@ class Launch:
         local_ranks = [r for r in range(self.topo.nprocs) if r != self.caller_rank]
         if local_ranks:
             mpctx = starter.context()
+            Process = starter.process_class()
             base_env = dict(os.environ)
             cwd, sys_path = os.getcwd(), list(sys.path)
             for local in local_ranks:
@@ -120,7 +121,7 @@ class Launch:
                 alive_r, alive_w = mpctx.Pipe(duplex=False)
                 out_r, out_w = mpctx.Pipe(duplex=False)
                 err_r, err_w = mpctx.Pipe(duplex=False)
-                proc = mpctx.Process(target=rank_main, name=f"mpify-rank{rank}",
+                proc = Process(target=rank_main, name=f"mpify-rank{rank}",
                                      args=(spec, launch, result_w, alive_r, out_w, err_w))
                 child = Child(rank, local, proc, result_r, alive_w)
                 child.streams = {out_r: LineForwarder(rank, stdout, self.show(rank)),
@@ -211,8 +212,10 @@ class Launch:
             self._read_result(child, block=False)
         if child.outcome is None:
             code = child.proc.exitcode
-            self.record(Failure(child.rank, time.monotonic() - DEATH_SLACK,
-                                RankDiedError(child.rank, code if code is not None else -9)))
+            now = time.monotonic()
+            # Backdated only if the stop had not begun: a rank dying after it is our doing.
+            when = now if now >= self.stop_time else now - DEATH_SLACK
+            self.record(Failure(child.rank, when, RankDiedError(child.rank, code if code is not None else -9)))
         self._check_done()
 
     def _check_done(self) -> None:
@@ -255,7 +258,7 @@ class Launch:
     def run_caller(self, fn, args, kwargs, ctx, imports, need) -> None:
         env = rank_env(self.topo, self.caller_rank, self.meeting.addr, self.meeting.port, self.meeting.env)
         try:
-            with patched_environ(env):
+            with patched_environ(env), rendezvous.caller_group_guard():
                 self.caller_value = run_rank(fn, args, kwargs, ctx, imports, need)
         except RankAborted:
             pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -26,13 +27,24 @@ class PortInUseError(MpifyError, OSError):
     """The master port asked for is taken on this machine."""
 
 
-# host(addr, port, world_size) -> (store, actual_port). Registered by mpify.torch_ddp.
+# Registered by mpify.torch_ddp, so that this module never imports torch itself:
+# host(addr, port, world_size) -> (store, actual_port), and a context manager factory wrapped
+# around the caller's rank that destroys a default process group fn left initialised there.
 _store_host: Optional[Callable[[str, int, int], tuple[Any, int]]] = None
+_group_guard: Optional[Callable[[], Any]] = None
 
 
-def register_store_host(host: Callable[[str, int, int], tuple[Any, int]]) -> None:
-    global _store_host
-    _store_host = host
+def register_torch_hooks(host: Callable[[str, int, int], tuple[Any, int]], group_guard: Callable[[], Any]) -> None:
+    global _store_host, _group_guard
+    _store_host, _group_guard = host, group_guard
+
+
+def caller_group_guard():
+    """Around the caller's rank: a default process group that fn initialised and did not destroy
+    (it raised, or was aborted) is destroyed, so the notebook can launch again."""
+    if _group_guard is None or "torch.distributed" not in sys.modules:
+        return nullcontext()
+    return _group_guard()
 
 
 @dataclass

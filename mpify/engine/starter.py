@@ -12,6 +12,7 @@ the forkserver is restarted once, on the next launch.
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -35,6 +36,58 @@ def _wanted_signature() -> tuple:
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_IMPORT_TIME_ENV_PREFIXES)))
     # sys.path is not part of it: the ranks get the caller's sys.path with every launch.
     return heavy, env
+
+
+def _rank_process_class(ctx):
+    """A Process whose child skips re-running the caller's `__main__`.
+
+    multiprocess, like multiprocessing, re-imports the parent's main script in every child so
+    that functions defined there can be found by name. mpify ships fn by value (dill), so that
+    is pure cost, and worse: a script that calls ranch without an `if __name__ == "__main__"`
+    guard would launch again from every rank."""
+    from multiprocess import forkserver, popen_forkserver, reduction, spawn, util
+    from multiprocess.context import set_spawning_popen
+
+    class RankPopen(popen_forkserver.Popen):
+        def _launch(self, process_obj):
+            # popen_forkserver.Popen._launch, minus the two keys that make the child import main
+            prep_data = spawn.get_preparation_data(process_obj._name)
+            prep_data.pop("init_main_from_name", None)
+            prep_data.pop("init_main_from_path", None)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
+            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            _parent_w = os.dup(w)  # the child's view of its parent's liveness, as upstream
+            self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = forkserver.read_signed(self.sentinel)
+
+    class RankProcess(ctx.Process):
+        @staticmethod
+        def _Popen(process_obj):
+            return RankPopen(process_obj)
+
+    return RankProcess
+
+
+_process_class = None
+
+
+def process_class():
+    """The Process class to start ranks with, its forkserver (re)started as needed."""
+    global _process_class
+    if sys.platform == "win32":
+        return mp.get_context("spawn").Process
+    context()
+    if _process_class is None:
+        _process_class = _rank_process_class(mp.get_context("forkserver"))
+    return _process_class
 
 
 def context() -> mp.context.BaseContext:

@@ -1,0 +1,66 @@
+"""Shared test helpers: looking at the process table the way a user would (`ps`)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+
+
+def keepers() -> set[int]:
+    """Processes mpify keeps on purpose between launches: the warm forkserver and the resource
+    tracker of multiprocess."""
+    pids = set()
+    try:
+        from multiprocess import forkserver, resource_tracker
+        for pid in (forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid):
+            if pid:
+                pids.add(pid)
+    except Exception:
+        pass
+    return pids
+
+
+def strays(root: int | None = None) -> list[psutil.Process]:
+    """Descendants of `root` (default: this process) other than the keepers, still running."""
+    root_proc = psutil.Process(root or os.getpid())
+    keep = keepers()
+    out = []
+    for p in root_proc.children(recursive=True):
+        try:
+            if p.pid not in keep and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def alive(pids) -> list[int]:
+    """Which of `pids` (or members of their process groups) are still running."""
+    found = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if p.pid in pids or os.getpgid(p.pid) in pids:
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    return found
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = alive(pids)
+        if not left:
+            return []
+        time.sleep(0.05)
+    return alive(pids)
+
+
+def python_script(tmp_path, text: str, name: str = "launcher.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return [sys.executable, "-u", str(path)]

@@ -1,0 +1,213 @@
+"""Every way a launch can go wrong, each with a clear error and nothing left behind."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import alive, python_script, wait_gone
+from mpify import LaunchTimeoutError, RankDiedError, RankRaisedError, RemoteTraceback, ranch
+
+torch = pytest.importorskip("torch")
+
+
+def raise_in_rank_2():
+    if os.environ["RANK"] == "2":
+        raise ValueError("bad value in rank 2")
+    return "fine"
+
+
+def test_rank_exception_keeps_type_traceback_and_ranks(no_strays):
+    with pytest.raises(ValueError, match="bad value in rank 2") as info:
+        ranch(3, raise_in_rank_2)
+    exc = info.value
+    assert exc.mpify_rank == 2 and exc.mpify_failed_ranks == [2]
+    assert "mpify: raised in rank 2 of 3; failed ranks: 2" in exc.__notes__
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_in_rank_2" in exc.__cause__.text and "ValueError: bad value in rank 2" in exc.__cause__.text
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_rank_raised_error(no_strays, tmp_path):
+    def f():
+        if os.environ["RANK"] == "1":
+            # A module only this rank can import: the caller cannot rebuild its exception type.
+            (tmp_path / "rank_only_mod.py").write_text("class RankOnlyError(Exception): pass\n")
+            sys.path.insert(0, str(tmp_path))
+            import rank_only_mod
+            raise rank_only_mod.RankOnlyError("odd one")
+    with pytest.raises(RankRaisedError, match=r"rank 1 raised rank_only_mod.RankOnlyError: odd one") as info:
+        ranch(2, f)
+    assert "RankOnlyError" in info.value.traceback_text
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+
+
+def test_rank_that_exits_is_reported_with_exit_code(no_strays):
+    def f():
+        if os.environ["RANK"] == "1":
+            os._exit(3)
+        return 1
+    with pytest.raises(RankDiedError, match="rank 1 died without raising an exception: exit code 3") as info:
+        ranch(2, f)
+    assert info.value.exitcode == 3
+
+
+def allreduce_then_die():
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    print("PID", os.getpid(), flush=True)
+    if dist.get_rank() == 1:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(1)
+    dist.all_reduce(t)  # rank 0 (the caller) and rank 2 block here until rank 1 is gone
+    dist.destroy_process_group()
+
+
+def test_sigkilled_rank_while_caller_waits_in_gloo_allreduce(no_strays, capsys):
+    start = time.monotonic()
+    with pytest.raises(RankDiedError) as info:
+        ranch(3, allreduce_then_die)
+    took = time.monotonic() - start
+    assert took < 10, f"the error took {took:.1f} s"
+    assert info.value.rank == 1 and "SIGKILL" in str(info.value) and "out-of-memory" in str(info.value)
+    pids = [int(p) for p in re.findall(r"PID (\d+)", capsys.readouterr().out)]
+    assert len(pids) == 3 and not alive(set(pids) - {os.getpid()})
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+
+
+def die_before_init():
+    import torch.distributed as dist
+    if os.environ["RANK"] == "1":
+        os._exit(7)
+    dist.init_process_group("gloo")  # rank 0 (the caller) waits here for rank 1, which never comes
+
+
+def test_dead_rank_while_caller_waits_in_init_process_group(no_strays):
+    start = time.monotonic()
+    with pytest.raises(RankDiedError, match="exit code 7"):
+        ranch(2, die_before_init)
+    assert time.monotonic() - start < 10
+
+
+def test_child_failure_interrupts_caller_rank_in_python_code(no_strays):
+    def f():
+        if os.environ["RANK"] == "1":
+            raise KeyError("from rank 1")
+        time.sleep(60)  # rank 0, the caller, is not waiting on rank 1 at all
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="from rank 1"):
+        ranch(2, f)
+    assert time.monotonic() - start < 10
+
+
+def test_timeout_stops_every_rank(no_strays):
+    def f():
+        print("PID", os.getpid(), flush=True)
+        time.sleep(60)
+    start = time.monotonic()
+    with pytest.raises(LaunchTimeoutError, match="timeout of 1.0 s"):
+        ranch(3, f, timeout=1.0)
+    assert time.monotonic() - start < 6
+
+
+def spawn_grandchildren():
+    """A rank with DataLoader-like workers: a forked Python worker and an exec'd process."""
+    import multiprocessing
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    return [os.getpid(), worker.pid, sleeper.pid]
+
+
+@pytest.mark.parametrize("outcome", ["return", "raise"])
+def test_grandchildren_are_gone_when_ranch_returns(no_strays, outcome, tmp_path):
+    record = tmp_path / "pids"
+
+    def f():
+        pids = spawn_grandchildren()
+        record.open("a").write(" ".join(map(str, pids)) + "\n")
+        if outcome == "raise":
+            raise RuntimeError("after starting workers")
+        return pids
+
+    if outcome == "raise":
+        with pytest.raises(RuntimeError):
+            ranch(2, f, caller_rank=None)
+    else:
+        ranch(2, f, caller_rank=None)
+    pids = {int(p) for p in record.read_text().split()}
+    assert len(pids) == 6
+    assert not alive(pids)
+
+
+LAUNCHER = """
+import os, sys, time, ctypes
+from mpify import ranch
+
+def f():
+    print("PID", os.getpid(), flush=True)
+    libc = ctypes.CDLL(None)
+    if os.environ["RANK"] == "0":
+        # the launcher itself: block in C code the way a stuck collective does
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        print("READY", flush=True)
+        dist.barrier()
+    else:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        while True:
+            libc.sleep(1000)
+
+try:
+    ranch(3, f)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt reached the launcher", flush=True)
+    sys.exit(130)
+"""
+
+
+def _start_launcher(tmp_path):
+    proc = subprocess.Popen(python_script(tmp_path, LAUNCHER), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    pids, lines = set(), []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        m = re.search(r"PID (\d+)", line)
+        if m:
+            pids.add(int(m.group(1)))
+        if "READY" in line and len(pids) == 3:
+            time.sleep(0.5)  # every rank is now asleep in C code
+            return proc, pids
+        if not line:
+            break
+    proc.kill()
+    raise AssertionError("launcher did not get ready:\n" + "".join(lines))
+
+
+def test_sigint_to_launcher_whose_ranks_sleep_in_c(tmp_path):
+    proc, pids = _start_launcher(tmp_path)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    took = time.monotonic() - start
+    assert "KeyboardInterrupt reached the launcher" in out, out
+    assert proc.returncode == 130
+    assert took < 5, f"took {took:.1f} s"
+    assert not wait_gone(pids, 1.0)
+
+
+def test_sigkilled_launcher_takes_its_ranks_along(tmp_path):
+    proc, pids = _start_launcher(tmp_path)
+    proc.kill()
+    proc.wait()
+    left = wait_gone(pids, 5.0)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks outlived their launcher: {left}"
