@@ -16,3 +16,36 @@ def no_strays():
     for p in left:
         p.kill()
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()[:3]) for p in left]}"
+
+
+@pytest.fixture(scope="session")
+def kernel_name(tmp_path_factory):
+    """A Jupyter kernelspec that runs this very interpreter (the venv with mpify installed), so
+    nbclient starts a real ipykernel that can import mpify."""
+    import json
+    import subprocess
+
+    root = tmp_path_factory.mktemp("jupyter")
+    name = "mpify-test"
+    spec_dir = root / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "mpify test", "language": "python"}))
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(root) + (os.pathsep + old if old else "")
+    yield name
+    if old is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = old
+
+
+def run_notebook(nb, kernel_name, cwd=None, timeout=300):
+    """Execute a notebook in a real kernel (nbclient), errors kept in the outputs."""
+    from nbclient import NotebookClient
+
+    client = NotebookClient(nb, kernel_name=kernel_name, timeout=timeout, allow_errors=True,
+                            resources={"metadata": {"path": str(cwd or os.getcwd())}})
+    client.execute()
+    return nb

@@ -1,0 +1,59 @@
+"""Many launches in one process (a notebook session) leave nothing behind."""
+import os
+import threading
+import time
+
+import psutil
+import pytest
+
+from helpers import strays
+from mpify import ranch
+
+torch = pytest.importorskip("torch")
+
+
+def allreduce():
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return t.item()
+
+
+def fails_in_rank_1():
+    if os.environ["RANK"] == "1":
+        raise ValueError("planned")
+    return 0
+
+
+def snapshot():
+    me = psutil.Process()
+    return {
+        "fds": sorted(os.listdir("/proc/self/fd")),
+        "threads": me.num_threads(),
+        "python_threads": sorted(t.name for t in threading.enumerate()),
+        "environ": dict(os.environ),
+        "processes": sorted(p.pid for p in strays()),
+    }
+
+
+def test_fifty_launches_leave_nothing_behind():
+    assert ranch(3, allreduce) == 6.0  # warm up: forkserver, resource tracker
+    before = snapshot()
+    for i in range(50):
+        if i % 10 == 9:
+            with pytest.raises(ValueError, match="planned"):
+                ranch(3, fails_in_rank_1)
+        else:
+            assert ranch(3, allreduce) == 6.0
+    after = snapshot()
+    assert after["processes"] == before["processes"] == []
+    assert after["environ"] == before["environ"]
+    assert after["python_threads"] == before["python_threads"]
+    # A joined thread's OS thread may take a moment more to vanish from /proc.
+    deadline = time.monotonic() + 1.0
+    while psutil.Process().num_threads() > before["threads"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert psutil.Process().num_threads() == before["threads"]
+    assert after["fds"] == before["fds"]

@@ -1,0 +1,46 @@
+"""ranch inside a real Jupyter kernel (nbclient + ipykernel): the kernel is rank 0, cells' own
+functions, lambdas and classes travel to the ranks, rank output lands in the launching cell."""
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+
+from conftest import run_notebook
+from helpers import strays
+
+CELLS = [
+    "import os\nfrom mpify import ranch",
+    "def work(x):\n    r = int(os.environ['RANK'])\n    print(f'hello from {r}')\n    return scale(x) + Point(r, 1).total()",
+    "scale = lambda v: v * 10",
+    "class Point:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n    def total(self):\n        return self.a + self.b",
+    "result = ranch(3, work, 2, gather=True)\nresult",
+    "def boom():\n    if os.environ['RANK'] == '2':\n        raise ValueError('rank 2 says no')\n    return 1\nranch(3, boom)",
+    "ranch(2, work, 1)",
+]
+
+
+def texts(cell, name="stdout"):
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == name)
+
+
+def test_notebook_cells_run_on_three_ranks(kernel_name, tmp_path):
+    nb = new_notebook(cells=[new_code_cell(src) for src in CELLS])
+    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
+    run_notebook(nb, kernel_name, cwd=tmp_path)
+    nbformat.write(nb, tmp_path / "executed.ipynb")
+
+    launch = nb.cells[4]
+    lines = texts(launch).splitlines()
+    assert "hello from 0" in lines  # rank 0 is the kernel itself: no prefix
+    assert "[rank 1] hello from 1" in lines and "[rank 2] hello from 2" in lines
+    result = [o for o in launch.outputs if o.output_type == "execute_result"]
+    assert result and result[0]["data"]["text/plain"] == "[21, 22, 23]"
+
+    errors = [o for o in nb.cells[5].outputs if o.output_type == "error"]
+    assert len(errors) == 1
+    assert errors[0].ename == "ValueError" and errors[0].evalue == "rank 2 says no"
+    assert any("rank 2" in line for line in errors[0].traceback)
+
+    # After a failed launch the kernel launches again as usual.
+    again = [o for o in nb.cells[6].outputs if o.output_type == "execute_result"]
+    assert again and again[0]["data"]["text/plain"] == "11"
+    assert "[rank 1] hello from 1" in texts(nb.cells[6])
+    assert not strays()
