@@ -1,1 +1,25 @@
-"""Notebook analysis: notebook -> statements -> dependency graph -> slice. Pure: reads text, runs nothing."""
+"""Notebook analysis: notebook -> statements -> dependency graph -> slice. Pure: reads text, runs nothing.
+
+Public API (used by the export room and the CLI; keep these names and fields stable):
+
+- `load_notebook(path) -> Notebook`: `.path`, `.cells` (each `Cell` has `.index` 1-based among all
+  cells, `.kind` 'code'/'markdown'/'raw', `.source`, `.execution_count`).
+- `slice_notebook(path_or_notebook, target, upto_cell=None) -> Slice`: `.notebook`, `.target`,
+  `.target_kind`, `.items` (`SliceItem`: `.cell`, `.lineno`, `.end_lineno`, `.source_lineno`,
+  `.source`, `.reasons`, `.kind`, `.defines`), `.star_imports`, `.unresolved`, `.warnings`,
+  `.cells_used`, `.to_dict()`.
+- `render_source(slice) -> str`: the items' sources joined, `# cell K` over each cell's block.
+- Errors: `AnalysisError` and its subclasses in `mpify.analysis.errors`.
+
+The modules, one idea each: notebook (reading files), magics (IPython syntax -> Python, line for
+line), visitor (scope-stack facts of one statement), model (statements of a notebook, cross-statement
+call effects), slicer (the backward closure and the report).
+"""
+from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
+                                   UnknownTargetError, UnresolvedNameError)
+from mpify.analysis.notebook import Cell, Notebook, load_notebook
+from mpify.analysis.slicer import Slice, SliceItem, render_source, slice_notebook
+
+__all__ = ["load_notebook", "slice_notebook", "render_source", "Notebook", "Cell", "Slice",
+           "SliceItem", "AnalysisError", "NotebookError", "UnknownTargetError",
+           "UnresolvedNameError", "SliceSyntaxError", "CellRangeError"]

@@ -1,0 +1,301 @@
+"""Notebook -> ordered top-level statements, each with its cell, lines, source text and facts.
+
+Why: the slicer works at top-level-statement granularity (never by line: a compound statement is
+kept whole, so the emitted code always parses). This module parses every code cell once (after
+`magics.translate_cell`), extracts each statement's exact source text (decorators and the comment
+lines right above it included, trailing comments kept), runs the scope visitor on it, and then does
+the one cross-statement pass the visitor cannot: a call `f(x)` is resolved against the latest
+definition of `f` before it, so a notebook function that mutates its parameter (or assigns a global
+through `global`) makes the call a mutation (or a definition) of the right names. Unknown callees
+are assumed to mutate their arguments (conservative); notebook classes are assumed not to.
+
+Cells that do not parse are recorded in `Model.broken` with a guess of the names they would define;
+the slicer fails only if the slice needs one of them.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+from mpify.analysis.magics import translate_cell
+from mpify.analysis.notebook import Notebook
+from mpify.analysis.visitor import StatementFacts, analyse_statement
+
+__all__ = ["Statement", "BrokenCell", "Model", "build_model"]
+
+# `from pkg import sub` that usually binds a module (so calls on it are module calls, not mutations).
+_SUBMODULE_NAMES = frozenset({"pyplot", "nn", "functional", "optim", "data", "distributed", "path",
+                              "random", "linalg", "fft", "cuda", "backends", "transforms", "models",
+                              "datasets", "utils", "F", "plt", "np", "pd", "sns", "tf", "jnp", "dist"})
+
+
+@dataclass
+class Statement:
+    """One top-level statement of a code cell.
+
+    index: position among all statements of the notebook (document order).
+    cell: 1-based cell index; lineno/end_lineno: 1-based lines within the cell, decorators included.
+    source: the text to emit (leading comment lines included, magics removed or translated);
+    source_lineno: the cell line where `source` starts (<= lineno when comments lead).
+    kind: 'function', 'class', 'lambda', 'import', 'assignment', 'expression', 'statement',
+    'writefile'. notes: translation notes for its lines. defines: names it binds.
+    """
+
+    index: int
+    cell: int
+    lineno: int
+    end_lineno: int
+    source_lineno: int
+    source: str
+    kind: str
+    facts: StatementFacts
+    node: ast.AST | None = None
+    notes: list = field(default_factory=list)
+    file_write: str | None = None
+
+    @property
+    def defines(self) -> list[str]:
+        return list(self.facts.defs)
+
+    def where(self) -> str:
+        if self.lineno == self.end_lineno:
+            return f"cell {self.cell}, line {self.lineno}"
+        return f"cell {self.cell}, lines {self.lineno}-{self.end_lineno}"
+
+
+@dataclass
+class BrokenCell:
+    """A code cell that does not parse: where, why, and the names it looks like it defines."""
+
+    cell: int
+    lineno: int | None
+    message: str
+    names: set
+    position: int  # number of statements before it (its place in statement order)
+
+
+@dataclass
+class Model:
+    notebook: Notebook
+    statements: list
+    broken: list
+    cell_end: dict  # cell index -> number of statements in cells 1..index
+    events: dict  # name -> indices of statements that define, delete, mutate or alias it
+
+
+def _kind(node) -> str:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return "function"
+    if isinstance(node, ast.ClassDef):
+        return "class"
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return "import"
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+        return "lambda"
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        return "assignment"
+    if isinstance(node, ast.Expr):
+        return "expression"
+    return "statement"
+
+
+def _module_names(trees) -> set:
+    """Names bound by imports anywhere at top level (also inside top-level if/try blocks)."""
+    out = set()
+    stack = [n for t in trees for n in t.body]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, ast.Import):
+            out.update(a.asname or a.name.split(".")[0] for a in n.names)
+        elif isinstance(n, ast.ImportFrom):
+            for a in n.names:
+                if a.name in _SUBMODULE_NAMES or (a.asname or "") in _SUBMODULE_NAMES:
+                    out.add(a.asname or a.name)
+        elif isinstance(n, (ast.If, ast.Try, ast.With)) or type(n).__name__ == "TryStar":
+            for f in ("body", "orelse", "finalbody"):
+                stack.extend(getattr(n, f, []))
+            for h in getattr(n, "handlers", []):
+                stack.extend(h.body)
+    return out
+
+
+_GUESS = [re.compile(p) for p in (
+    r"^(?:async\s+)?def\s+(\w+)", r"^class\s+(\w+)", r"^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)",
+    r"^import\s+(\w+)", r"^import\s+[\w.]+\s+as\s+(\w+)", r"^for\s+(\w+)")]
+
+
+def _guess_names(source: str) -> set:
+    names = set()
+    for ln in source.splitlines():
+        for rx in _GUESS:
+            m = rx.match(ln)
+            if m:
+                names.add(m.group(1))
+        m = re.match(r"^from\s+\S+\s+import\s+\(?([\w\s,]+)", ln)
+        if m:
+            for part in m.group(1).split(","):
+                bits = part.split()
+                if bits:
+                    names.add(bits[-1])
+        m = re.match(r"^(\w+(?:\s*,\s*\w+)+)\s*=(?!=)", ln)
+        if m:
+            names.update(x.strip() for x in m.group(1).split(","))
+    return names
+
+
+def _parse(text: str, cell: int):
+    return compile(text, f"<cell {cell}>", "exec",
+                   ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+
+
+def build_model(nb: Notebook) -> Model:
+    parsed = []  # (cell, pycell, tree | None)
+    broken_raw = []
+    for cell in nb.cells:
+        if cell.kind != "code":
+            continue
+        pyc = translate_cell(cell.source)
+        try:
+            tree = _parse(pyc.text, cell.index)
+        except SyntaxError as e:
+            broken_raw.append((cell, e))
+            parsed.append((cell, pyc, None))
+            continue
+        parsed.append((cell, pyc, tree))
+    module_names = _module_names([t for _, _, t in parsed if t is not None])
+
+    statements: list[Statement] = []
+    broken: list[BrokenCell] = []
+    cell_end: dict = {}
+    future = False
+    bad = {c.index: e for c, e in broken_raw}
+    pc_iter = iter(parsed)
+    for cell in nb.cells:
+        if cell.kind == "code":
+            _, pyc, tree = next(pc_iter)
+            if tree is None:
+                e = bad[cell.index]
+                broken.append(BrokenCell(cell.index, e.lineno, e.msg, _guess_names(cell.source),
+                                         len(statements)))
+            else:
+                future = _add_cell(statements, cell, pyc, tree, module_names, future)
+        cell_end[cell.index] = len(statements)
+    _resolve_calls(statements)
+    events: dict = {}
+    for st in statements:
+        f = st.facts
+        for name in {**f.defs, **f.dels, **f.mutates}:
+            events.setdefault(name, []).append(st.index)
+        for src in set(f.aliases.values()):
+            lst = events.setdefault(src, [])
+            if not lst or lst[-1] != st.index:
+                lst.append(st.index)
+    return Model(nb, statements, broken, cell_end, events)
+
+
+def _add_cell(statements, cell, pyc, tree, module_names, future) -> bool:
+    lines = pyc.text.split("\n")
+    body = tree.body
+    if pyc.file_write is not None:
+        # `%%writefile path`: a synthetic statement that defines the pseudo-name `<file:path>`.
+        fw = pyc.file_write
+        facts = StatementFacts()
+        pseudo = _file_pseudo_name(fw.path)
+        facts.defs[pseudo] = not fw.append
+        if fw.append:
+            facts.mutates[pseudo] = "direct"
+        facts.writes_files.add(fw.path)
+        statements.append(Statement(len(statements), cell.index, 1, fw.end_lineno, 1, fw.source,
+                                    "writefile", facts, None, [], fw.path))
+        return future
+    prev_end = 0
+    for i, node in enumerate(body):
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        end = node.end_lineno
+        shares_prev = i > 0 and body[i - 1].end_lineno == start
+        shares_next = i + 1 < len(body) and body[i + 1].lineno == end
+        if shares_prev or shares_next:
+            # `a = 1; b = 2`: cut the line by columns so each statement gets its own text.
+            seg_lines = lines[start - 1:end]
+            first_col = node.col_offset if shares_prev else 0
+            if not getattr(node, "decorator_list", None):
+                first_col = node.col_offset if shares_prev else 0
+            if len(seg_lines) == 1:
+                stop = node.end_col_offset if shares_next else len(seg_lines[0])
+                seg_lines = [seg_lines[0][first_col:stop]]
+            else:
+                seg_lines[0] = seg_lines[0][first_col:]
+                if shares_next:
+                    seg_lines[-1] = seg_lines[-1][: node.end_col_offset]
+            src_lines = seg_lines
+        else:
+            src_lines = lines[start - 1:end]
+        # Comment lines right above the statement travel with it (the comment over a def).
+        s = start
+        while s - 1 > prev_end and lines[s - 2].strip().startswith("#"):
+            s -= 1
+        if shares_prev:
+            s = start
+        src_lines = lines[s - 1:start - 1] + src_lines if s < start else src_lines
+        prev_end = end
+        facts = analyse_statement(node, module_names, future)
+        for mod in facts.imports:
+            # `import helper` may need the file a `%%writefile helper.py` cell made.
+            facts.soft_uses.setdefault(f"<module:{mod}>", node.lineno)
+        if facts.future_annotations:
+            future = True
+        notes = [f"cell {cell.index}, line {ln}: {msg}" for ln, msg in sorted(pyc.notes.items())
+                 if start <= ln <= end]
+        for ln, why in sorted(pyc.opaque.items()):
+            if start <= ln <= end:
+                facts.opaque = facts.opaque or why
+        source = "\n".join(src_lines).rstrip() + "\n"
+        statements.append(Statement(len(statements), cell.index, start, end, s, source,
+                                    _kind(node), facts, node, notes))
+    return future
+
+
+def _file_pseudo_name(path: str) -> str:
+    """`<module:helper>` for `helper.py` (what `import helper` reads), else `<file:path>`."""
+    import os
+
+    base = os.path.basename(path)
+    if base.endswith(".py"):
+        return f"<module:{base[:-3]}>"
+    return f"<file:{path}>"
+
+
+def _resolve_calls(statements) -> None:
+    """Turn `f(x)` calls into mutations/definitions using the latest notebook definition of `f`."""
+    latest: dict = {}
+    for st in statements:
+        f = st.facts
+        for callee, pos, kws, _line in f.calls:
+            summ = latest.get(callee)
+            if summ is not None and summ.is_class:
+                continue  # constructing a notebook class: arguments assumed stored, not mutated
+            if summ is not None:
+                for i, arg in enumerate(pos):
+                    if arg and i < len(summ.params) and summ.params[i] in summ.mutated_params:
+                        _add_mutation(f, arg, "direct")
+                for k, arg in kws.items():
+                    if arg and k in summ.mutated_params:
+                        _add_mutation(f, arg, "direct")
+                for g in summ.global_mutates:
+                    _add_mutation(f, g, "direct")
+                for g in summ.global_writes:
+                    f.defs.setdefault(g, False)  # the call may (re)define g: a weak definition
+                continue
+            for arg in list(pos) + list(kws.values()):
+                if arg:
+                    _add_mutation(f, arg, "call-arg")
+        for name in f.defs:
+            latest[name] = f.summaries.get(name)
+
+
+def _add_mutation(f, name, kind):
+    rank = {"call-arg": 0, "state": 1, "direct": 2}
+    old = f.mutates.get(name)
+    if old is None or rank[kind] > rank[old]:
+        f.mutates[name] = kind

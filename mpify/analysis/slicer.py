@@ -1,0 +1,501 @@
+"""The slice: the statements a target function (or class) needs, each with the reason it is there.
+
+Why a backward closure over statements: a notebook is a sequence of top-level statements, and what
+the target needs is what it reads, then what those statements read, and so on. Each name is resolved
+against the statements before the point where it is read:
+
+- definition-time reads of a statement at position j resolve before j;
+- names a function body reads resolve at the point where the function is used: the export point
+  (end of notebook, or end of cell K) for the target and what it calls (late binding: in
+  `x = 1; def f(): return x; x = 2` the slice of `f` holds `x = 2`), or position j for a function
+  called while statement j runs.
+
+Walking back from that point, an unconditional binding ends the walk; conditional bindings, weak
+updates (`x += 1`, `import a.b`), conditional `del`s and mutations (`x.append(v)`, `x[k] = v`,
+`random.seed(0)` for `random`) are kept and the walk goes on. A mutation through an alias
+(`a = b; a.append(1)`) counts for `b`. An unconditional `del x` before any binding makes `x`
+unresolved.
+
+Never included: statements that launch or call the target at module level (`ranch(4, train)`,
+`mp.spawn(train)`, `train()`): they would run the target when the slice is imported. Display-only
+statements (`df.head()`, `print(x)`, a bare name) are never included because they define and mutate
+nothing. A name nothing defines is resolved against builtins (after the notebook's own definitions:
+`sum = 5` shadows `sum`), then attributed to the star imports before it (kept), then to opaque
+statements before it (kept, with a warning); otherwise it is an `UnresolvedNameError`.
+
+`from __future__` imports before the export point are always kept (they change how the slice
+compiles); `render_source` puts them first.
+"""
+from __future__ import annotations
+
+import builtins
+import difflib
+import re
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass, field
+
+from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTargetError,
+                                   UnresolvedNameError)
+from mpify.analysis.model import Model, Statement, build_model
+from mpify.analysis.notebook import Notebook, load_notebook
+
+__all__ = ["Slice", "SliceItem", "slice_notebook", "render_source"]
+
+# Module attributes that exist in any module (and so in the exported script).
+_MODULE_DUNDERS = frozenset({"__name__", "__doc__", "__builtins__", "__spec__", "__loader__",
+                             "__package__", "__annotations__"})
+# IPython's output/input history: they do not exist in a script (case 9).
+_IPY_HISTORY = re.compile(r"^(_+|_\d+|_i+\d*|_[oid]h|In|Out)$")
+# Names IPython injects that a plain script lacks; a warning, not an error.
+_IPY_INJECTED = frozenset({"display", "get_ipython"})
+
+
+@dataclass
+class SliceItem:
+    """One included top-level statement.
+
+    cell: 1-based cell index; lineno/end_lineno: 1-based lines of the statement within the cell's
+    original source (decorators included). source: the text to emit (the statement's original lines
+    with the comment lines right above it, magics removed or translated); it starts at cell line
+    `source_lineno` and keeps the cell's line structure, so line N of `source` is cell line
+    `source_lineno + N - 1`. reasons: why it is in the slice. kind: 'function', 'class', 'lambda',
+    'import', 'assignment', 'expression', 'statement' or 'writefile'. defines: names it binds.
+    """
+
+    cell: int
+    lineno: int
+    end_lineno: int
+    source_lineno: int
+    source: str
+    reasons: list = field(default_factory=list)
+    kind: str = "statement"
+    defines: list = field(default_factory=list)
+    index: int = 0
+
+    def to_dict(self) -> dict:
+        return {"cell": self.cell, "lineno": self.lineno, "end_lineno": self.end_lineno,
+                "source_lineno": self.source_lineno, "kind": self.kind, "defines": self.defines,
+                "reasons": self.reasons, "source": self.source}
+
+
+@dataclass
+class Slice:
+    """What `target` needs as of the end of the notebook (or of cell `upto_cell`).
+
+    items: included statements in notebook order. star_imports: modules of the star imports kept.
+    unresolved: names nothing defines that a star import may supply. warnings: one string each,
+    naming cell and line. cells_used: sorted cell indices of the items. target_kind: 'function',
+    'class', 'lambda', 'variable' or 'import'.
+    """
+
+    notebook: Notebook
+    target: str
+    target_kind: str
+    upto_cell: int | None
+    items: list
+    star_imports: list
+    unresolved: list
+    warnings: list
+    cells_used: list
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (what `mpify deps --json` prints)."""
+        return {"notebook": self.notebook.path, "target": self.target,
+                "target_kind": self.target_kind, "upto_cell": self.upto_cell,
+                "cells_used": self.cells_used, "items": [i.to_dict() for i in self.items],
+                "star_imports": self.star_imports, "unresolved": self.unresolved,
+                "warnings": self.warnings}
+
+
+def render_source(sl: Slice) -> str:
+    """The items' sources joined in order, a `# cell K` comment over each cell's block.
+
+    `from __future__` imports go first (Python requires it)."""
+    future = [i for i in sl.items if i.kind == "import" and i.source.lstrip().startswith("from __future__")
+              or "\nfrom __future__" in i.source]
+    rest = [i for i in sl.items if i not in future]
+    out = [i.source.rstrip("\n") for i in future]
+    prev = None
+    for it in rest:
+        if it.cell != prev:
+            if out:
+                out.append("")
+            out.append(f"# cell {it.cell}")
+            prev = it.cell
+        out.append(it.source.rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
+def slice_notebook(nb, target: str, upto_cell: int | None = None) -> Slice:
+    """Slice what `target` needs out of `nb` (a path or a `Notebook`), as of the end of cell
+    `upto_cell` (1-based, all cells counted) or of the notebook.
+
+    Raises UnknownTargetError, UnresolvedNameError, SliceSyntaxError, CellRangeError, NotebookError.
+    """
+    if not isinstance(nb, Notebook):
+        nb = load_notebook(nb)
+    model = build_model(nb)
+    if upto_cell is not None:
+        if not 1 <= upto_cell <= len(nb.cells):
+            raise CellRangeError(f"--cell {upto_cell} is out of range: {nb.path} has "
+                                 f"{len(nb.cells)} cells (1-{len(nb.cells)})")
+        point = model.cell_end[upto_cell]
+    else:
+        point = len(model.statements)
+    return _Slicer(model, target, point, upto_cell).run()
+
+
+def _q(name: str) -> str:
+    return f"`{name}`"
+
+
+class _Slicer:
+    def __init__(self, model: Model, target: str, point: int, upto_cell):
+        self.m = model
+        self.st: list[Statement] = model.statements
+        self.target = target
+        self.point = point
+        self.upto = upto_cell
+        self.reasons: dict[int, list] = {}
+        self.reason_keys: set = set()
+        self.work: deque = deque()
+        self.seen: set = set()
+        self.unresolved_pending: list = []
+        self.warnings: list = []
+        self.star_names: set = set()
+        self.star_mods: list = []
+        self.excluded = {s.index for s in self.st
+                         if target in s.facts.launches or target in s.facts.called_now}
+        self.excluded_warned: set = set()
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _desc(self, j: int) -> str:
+        s = self.st[j]
+        names = [n for n in s.facts.defs if not n.startswith("<")]
+        if self.target in names:
+            return _q(self.target)
+        return ", ".join(_q(n) for n in names[:2]) if names else s.where()
+
+    def _push(self, name, p, why, soft=False, where=None):
+        key = (name, p)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.work.append((name, p, why, soft, where))
+
+    def _include(self, j: int, reason: str, p_req: int, name: str | None = None):
+        new = j not in self.reasons
+        rs = self.reasons.setdefault(j, [])
+        # One reason per name and statement: the first requester is the informative one.
+        key = (j, name)
+        if reason not in rs and (name is None or key not in self.reason_keys):
+            rs.append(reason)
+            self.reason_keys.add(key)
+        s = self.st[j]
+        f = s.facts
+        desc = self._desc(j)
+        if new:
+            for u, ln in f.uses_now.items():
+                self._push(u, j, desc, where=(s.cell, ln))
+            for u, ln in f.soft_uses.items():
+                self._push(u, j, desc, soft=True, where=(s.cell, ln))
+        # Function bodies are read when the function is used: at p_req.
+        for u, ln in f.uses_later.items():
+            self._push(u, p_req, desc, where=(s.cell, ln))
+
+    def _broken_between(self, name, lo, hi):
+        for b in self.m.broken:
+            if lo < b.position <= hi and name in b.names:
+                return b
+        return None
+
+    # ---- resolution -------------------------------------------------------------------------
+    def _resolve(self, name, p):
+        """[(index, role)] of the statements that make `name` what it is when read at p, or a
+        ('del', index) marker, or [] when nothing before p defines it."""
+        ev = self.m.events.get(name, ())
+        k = bisect_left(ev, p)
+        found = []
+        strong = -1
+        deleted = None
+        for i in range(k - 1, -1, -1):
+            j = ev[i]
+            f = self.st[j].facts
+            if j in self.excluded:
+                if (name in f.defs or name in f.mutates) and j not in self.excluded_warned:
+                    self.excluded_warned.add(j)
+                    self.warnings.append(
+                        f"{self.st[j].where()}: calls or launches {_q(self.target)} and changes "
+                        f"{_q(name)}; left out of the slice (it would run the target on import)")
+                continue
+            if f.defs.get(name) is True:
+                found.append((j, "def"))
+                strong = j
+                break
+            if f.dels.get(name) is True:
+                deleted = j
+                strong = j
+                break
+            if name in f.defs:
+                found.append((j, "weak"))
+            elif name in f.dels:
+                found.append((j, "maydel"))
+            elif name in f.mutates:
+                found.append((j, f.mutates[name]))
+        found += self._alias_mutations(name, strong, p, ev, k)
+        return found, deleted, strong
+
+    def _alias_mutations(self, name, strong, p, ev, k):
+        """Mutations through names that alias `name` between its binding and p."""
+        aliases = []  # (alias name, from index, alias statement or None)
+        if strong >= 0:
+            for a, b in self.st[strong].facts.aliases.items():
+                if b == name:
+                    aliases.append((a, strong, None))
+                elif a == name:
+                    aliases.append((b, strong, None))
+        for i in range(bisect_left(ev, strong + 1), k):
+            j = ev[i]
+            for a, b in self.st[j].facts.aliases.items():
+                if b == name and a != name and j != strong:
+                    aliases.append((a, j, j))
+        out = []
+        for a, start, via in aliases:
+            aev = self.m.events.get(a, ())
+            hits = []
+            for jj in aev[bisect_left(aev, start + 1):bisect_left(aev, p)]:
+                f = self.st[jj].facts
+                if jj in self.excluded:
+                    continue
+                if f.defs.get(a) is True:
+                    break
+                if a in f.mutates and f.mutates[a] != "call-arg":
+                    hits.append((jj, "alias-mutation:" + a))
+            if hits:
+                out += hits
+                if via is not None:
+                    out.append((via, "alias:" + a))
+        return out
+
+    def _reason(self, role, name, why, j):
+        f = self.st[j].facts
+        if role == "def" and name == self.target and why is None:
+            return f"defines {_q(name)} (the target)"
+        why = why or f"the target {_q(self.target)}"
+        if name.startswith("<module:") or name.startswith("<file:"):
+            return f"writes {name[8:-1] + '.py' if name.startswith('<module:') else name[6:-1]}, needed by {why}"
+        if role == "def":
+            return f"defines {_q(name)}, needed by {why}"
+        if role == "weak":
+            if name in f.uses_now or name in f.mutates:
+                return f"updates {_q(name)}, needed by {why}"
+            return f"may define {_q(name)} (conditionally), needed by {why}"
+        if role == "maydel":
+            return f"may delete {_q(name)}, needed by {why}"
+        if role == "state":
+            return f"changes the state of module {_q(name)}, used by {why}"
+        if role == "call-arg":
+            return f"may mutate {_q(name)} (passes it to a call), needed by {why}"
+        if role.startswith("alias-mutation:"):
+            return f"mutates {_q(role.split(':', 1)[1])}, an alias of {_q(name)}, needed by {why}"
+        if role.startswith("alias:"):
+            return f"makes {_q(role.split(':', 1)[1])} an alias of {_q(name)}, needed by {why}"
+        return f"mutates {_q(name)}, needed by {why}"
+
+    def _process(self, name, p, why, soft, where):
+        found, deleted, strong = self._resolve(name, p)
+        b = self._broken_between(name, strong if deleted is None else deleted, p)
+        if b is not None and not soft:
+            raise SliceSyntaxError(
+                b.cell, b.lineno,
+                f"cell {b.cell} does not parse (line {b.lineno}: {b.message}) and may define "
+                f"{_q(name)}, which {why or _q(self.target)} needs")
+        for j, role in found:
+            self._include(j, self._reason(role, name, why, j), p, name)
+        if deleted is not None and not found:
+            if soft:
+                return
+            d = self.st[deleted]
+            raise UnresolvedNameError(
+                name, f"{_q(name)} is needed by {why} but is deleted ({d.where()}: `del {name}`) "
+                      "and not defined again before it is used", d.cell, d.lineno)
+        if not any(role in ("def", "weak") for _, role in found):
+            # Mutations or a possible `del` alone do not define a name.
+            self.unresolved_pending.append((name, p, why, soft, where))
+
+    def _settle_unresolved(self) -> bool:
+        """Builtins, star imports, opaque statements; else an error. True if work was added."""
+        pending, self.unresolved_pending = self.unresolved_pending, []
+        added = False
+        for name, p, why, soft, where in pending:
+            if soft or name.startswith("<"):
+                continue
+            if hasattr(builtins, name) or name in _MODULE_DUNDERS:
+                continue
+            loc = f"cell {where[0]}, line {where[1]}" if where else "the target"
+            if name in _IPY_INJECTED:
+                w = f"{loc}: uses IPython's {_q(name)}, which a plain Python script does not define"
+                if w not in self.warnings:
+                    self.warnings.append(w)
+                continue
+            if _IPY_HISTORY.match(name):
+                raise UnresolvedNameError(
+                    name, f"{_q(name)} ({loc}) is IPython's input/output history, which does not "
+                          "exist outside the notebook; assign the value to a named variable instead",
+                    *(where or (None, None)))
+            stars = [s for s in self.st[:p] if s.facts.star_import is not None
+                     and s.index not in self.excluded]
+            if stars:
+                self.star_names.add(name)
+                for s in stars:
+                    n0 = len(self.reasons)
+                    self._include(s.index, f"star import may supply {_q(name)}, needed by {why}", p)
+                    added |= len(self.reasons) != n0
+                    if s.facts.star_import not in self.star_mods:
+                        self.star_mods.append(s.facts.star_import)
+                continue
+            opaque = [s for s in self.st[:p] if s.facts.opaque and s.index not in self.excluded]
+            if opaque:
+                for s in opaque:
+                    n0 = len(self.reasons)
+                    self._include(s.index, f"opaque ({s.facts.opaque}): may define {_q(name)}, "
+                                           f"needed by {why}", p)
+                    added |= len(self.reasons) != n0
+                continue
+            later = [s for s in self.st[p:] if name in s.facts.defs]
+            hint = f"; it is only defined later, {later[0].where()}" if later else ""
+            raise UnresolvedNameError(
+                name, f"{_q(name)} is used by {why} ({loc}) but nothing defines it before that{hint}",
+                *(where or (None, None)))
+        return added
+
+    # ---- driver -----------------------------------------------------------------------------
+    def _check_target(self):
+        t = self.target
+        defs = [s for s in self.st[:self.point] if t in s.facts.defs and s.index not in self.excluded]
+        if defs:
+            return
+        b = self._broken_between(t, -1, self.point)
+        if b is not None:
+            raise SliceSyntaxError(b.cell, b.lineno, f"cell {b.cell} does not parse (line {b.lineno}: "
+                                                     f"{b.message}) and may define the target {_q(t)}")
+        later = [s for s in self.st[self.point:] if t in s.facts.defs]
+        if later:
+            raise UnknownTargetError(t, f"{_q(t)} is only defined at {later[0].where()}, after cell {self.upto}")
+        names = {}
+        for s in self.st[:self.point]:
+            for n in s.facts.defs:
+                if not n.startswith("<"):
+                    names[n] = s.kind
+        callables = [n for n, k in names.items() if k in ("function", "class", "lambda")]
+        sugg = difflib.get_close_matches(t, callables, n=3, cutoff=0.6) or difflib.get_close_matches(
+            t, list(names), n=3, cutoff=0.6)
+        where = f" before the end of cell {self.upto}" if self.upto else ""
+        raise UnknownTargetError(t, f"{_q(t)} is not defined in {self.m.notebook.path}{where}", sugg)
+
+    def run(self) -> Slice:
+        self._check_target()
+        self._push(self.target, self.point, None, where=None)
+        while True:
+            while self.work:
+                self._process(*self.work.popleft())
+            if not self._settle_unresolved() and not self.work:
+                break
+        for s in self.st[:self.point]:
+            node = s.node
+            if s.kind == "import" and getattr(node, "module", None) == "__future__":
+                self._include(s.index, "`from __future__` import: changes how the slice compiles",
+                              self.point)
+        while self.work:  # a __future__ import has no uses, but keep the loop honest
+            self._process(*self.work.popleft())
+        items = []
+        for j in sorted(self.reasons):
+            s = self.st[j]
+            items.append(SliceItem(s.cell, s.lineno, s.end_lineno, s.source_lineno, s.source,
+                                   list(self.reasons[j]), s.kind,
+                                   [n for n in s.facts.defs if not n.startswith("<")], j))
+        self._warn(items)
+        kind = self._target_kind()
+        cells = sorted({i.cell for i in items})
+        return Slice(self.m.notebook, self.target, kind, self.upto, items, self.star_mods,
+                     sorted(self.star_names), self.warnings, cells)
+
+    def _target_kind(self) -> str:
+        for s in reversed(self.st[:self.point]):
+            if s.facts.defs.get(self.target) is not None and s.index in self.reasons:
+                return {"function": "function", "class": "class", "lambda": "lambda",
+                        "import": "import"}.get(s.kind, "variable")
+        return "variable"
+
+    def _warn(self, items):
+        w = self.warnings
+        nb = self.m.notebook
+        used = {i.index for i in items}
+        for it in items:
+            s = self.st[it.index]
+            w.extend(n for n in s.notes if n not in w)
+            f = s.facts
+            if f.opaque:
+                w.append(f"{s.where()}: opaque statement ({f.opaque}); names it defines or changes "
+                         "are invisible to the analyzer")
+            if f.opaque_later:
+                w.append(f"{s.where()}: the body of {self._desc(it.index)} {f.opaque_later}; names it "
+                         "reads dynamically are not in the slice")
+            if f.name_main:
+                w.append(f"{s.where()}: `if __name__ == \"__main__\":` is true in a notebook but false "
+                         "when the slice is imported as a module")
+            if f.has_await:
+                w.append(f"{s.where()}: top-level `await` works in IPython only; wrap it in an async "
+                         "function for a script")
+        for b in self.m.broken:
+            if b.position <= self.point:
+                w.append(f"cell {b.cell}, line {b.lineno}: syntax error ({b.message}); cell left out")
+        cells_used = sorted({i.cell for i in items})
+        for c in cells_used:
+            if nb.cells[c - 1].raised:
+                w.append(f"cell {c}: raised an error when it last ran; the slice assumes it runs "
+                         "to completion")
+        # Files written by statements left out and named by statements kept (no name links them).
+        for it in items:
+            lits = self.st[it.index].facts.string_literals
+            if not lits:
+                continue
+            for s in self.st[:it.index]:
+                if s.index in used or not s.facts.writes_files:
+                    continue
+                for path in sorted(s.facts.writes_files & lits):
+                    msg = (f"{s.where()} writes {path!r}, which {it.cell and f'cell {it.cell}'} "
+                           f"uses; that statement is not in the slice (files are not tracked)")
+                    if msg not in w:
+                        w.append(msg)
+        self._warn_order()
+
+    def _warn_order(self):
+        nb = self.m.notebook
+        last = self.upto or len(nb.cells)
+        code = [c for c in nb.cells[:last] if c.kind == "code" and c.source.strip()]
+        counted = [c for c in code if c.execution_count is not None]
+        if not counted:
+            return
+        for a, b in zip(counted, counted[1:]):
+            if b.execution_count < a.execution_count:
+                self.warnings.append(
+                    f"cell {b.cell if hasattr(b, 'cell') else b.index}: execution count "
+                    f"{b.execution_count} is lower than cell {a.index}'s ({a.execution_count}): the "
+                    "notebook was run out of order; the slice follows notebook order")
+                break
+        else:
+            if len(counted) == len(code):
+                for a, b in zip(counted, counted[1:]):
+                    if b.execution_count != a.execution_count + 1:
+                        self.warnings.append(
+                            f"cell {b.index}: execution count jumps from {a.execution_count} (cell "
+                            f"{a.index}) to {b.execution_count}: cells were re-run or deleted; the "
+                            "slice runs each cell once, in notebook order")
+                        break
+        never = [c.index for c in code if c.execution_count is None]
+        if never and counted:
+            self.warnings.append(f"cells {', '.join(map(str, never))} were never run in the saved "
+                                 "notebook" if len(never) > 1 else
+                                 f"cell {never[0]} was never run in the saved notebook")

@@ -1,0 +1,746 @@
+"""One scope-stack visitor that turns a top-level statement into the facts the slicer needs.
+
+Why one visitor: every question the slicer asks (what does this statement define, read now, read
+later, mutate) depends on the same thing, which scope a name belongs to. Modelled on marimo's
+`_ast/visitor.py`: a stack of scopes (function, class, comprehension) over the statement, the
+module scope being the statement itself. Python's rules, each handled where it applies:
+
+- A function's locals are every name bound anywhere in its body (minus `global`/`nonlocal`), found
+  before visiting the body, because Python decides that at compile time.
+- Class bodies are not visible from the functions and comprehensions nested in them (a method's
+  `attr` is the global `attr`); names bound in a class body are class attributes, not module names.
+- Comprehension targets do not leak; the first iterable is evaluated in the enclosing scope; a walrus
+  inside a comprehension binds in the nearest enclosing non-comprehension scope.
+- `except E as e` unbinds `e` when the handler ends (so `e` is not defined after the `try`).
+- Decorators, default values, annotations (unless `from __future__ import annotations`), class bases,
+  keywords and class bodies are read when the statement runs ("now"); function and lambda bodies are
+  read when called ("later", late binding).
+- Bindings inside `if`/`for`/`while`/`try`/`match` (and comprehension walruses) are conditional: they
+  may not happen, so they do not hide earlier definitions ("weak"). `with` bodies always run.
+
+Mutation is modelled conservatively but filtered (see `PURE_METHODS`, `PURE_BUILTINS`): a method call
+on a name that is not a module mutates it unless the method is known to be pure; `x[k] = v`,
+`x.a = v`, `del x[k]`, `x += v` mutate `x`; a call `f(x)` may mutate `x` (resolved later against
+`f`'s summary when `f` is a function of the notebook). Calls on modules (`np.zeros(x)`) mutate
+nothing except the module-state calls in `STATE_CALLS` (seeds, sys.path, chdir, options...), which
+count as mutations of the module name, so they are kept when the slice uses the module.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+__all__ = ["StatementFacts", "FunctionSummary", "analyse_statement"]
+
+# Builtins that neither mutate their arguments nor have effects a slice needs (display included).
+PURE_BUILTINS = frozenset("""
+print len repr str int float bool complex list tuple dict set frozenset bytes bytearray sorted
+reversed enumerate zip map filter range sum min max abs round any all isinstance issubclass type id
+hash hasattr getattr format divmod pow chr ord bin hex oct callable iter dir help super object
+slice property staticmethod classmethod display ascii memoryview issubclass input open
+""".split())
+# Calls that define or read names dynamically: the statement becomes opaque.
+OPAQUE_CALLS = frozenset({"exec", "eval", "globals", "locals", "vars", "get_ipython"})
+# Functions that launch their first function argument on processes; never part of that slice.
+LAUNCHERS = frozenset({"ranch", "notebook_launcher", "torchddp_launch", "in_torchddp", "spawn",
+                       "start_processes", "Process", "launch"})
+# Methods that neither mutate their receiver nor matter to a slice (display-only or returning new values).
+PURE_METHODS = frozenset("""
+copy keys values items get count index head tail describe info sample to_numpy numpy item tolist
+astype reshape view sum mean std var max min argmax argmin prod cumsum abs round all any
+startswith endswith format join split rsplit strip lstrip rstrip lower upper title replace find
+rfind encode decode isdigit isalpha groupby agg aggregate query filter nunique unique value_counts
+isna notna isnull notnull dropna fillna merge to_dict to_string to_list plot hist show size dim
+parameters named_parameters state_dict children modules named_modules detach clone cpu cuda float
+double half long int bool contiguous unsqueeze squeeze permute transpose flatten norm exp log sqrt
+matmul dot sort_values sort_index reset_index set_index rename drop where clip corr cov pivot
+pivot_table melt apply map applymap transform memory_usage equals isin between dtype type shape
+__len__ __getitem__ __repr__ __str__ __contains__ issubset issuperset union intersection difference
+symmetric_difference isdisjoint most_common elements total read_text read_bytes exists is_file
+is_dir glob iterdir stat resolve absolute with_suffix with_name relative_to
+""".split())
+# Module-level calls that change module state read later by other calls (suffix of the dotted name).
+STATE_CALLS = frozenset("""
+seed manual_seed manual_seed_all set_rng_state set_seed chdir filterwarnings simplefilter
+resetwarnings set_option reset_option basicConfig setLevel set_num_threads set_num_interop_threads
+set_printoptions set_default_dtype set_default_device set_default_tensor_type setrecursionlimit
+putenv use use_deterministic_algorithms set_float32_matmul_precision set_grad_enabled disable
+set_style set_theme set_context set_palette rc rcParams update append insert extend remove
+setdefault enable_eager_execution set_visible_devices set_memory_growth register seterr
+""".split())
+# Module functions that mutate their first argument (besides STATE_CALLS on the module itself).
+ARG_MUTATORS = frozenset({"shuffle", "heappush", "heappop", "heapify", "heapreplace", "heappushpop",
+                          "insort", "insort_left", "insort_right", "copyto", "fill_diagonal", "put",
+                          "place", "putmask"})
+# Names whose calls write files (for the file-dependency warning: case 44 of slicing-cases.md).
+WRITE_CALLS = frozenset({"to_csv", "to_parquet", "to_json", "to_pickle", "to_excel", "to_feather",
+                         "to_hdf", "save", "savez", "savez_compressed", "savetxt", "savefig",
+                         "write_text", "write_bytes", "dump", "imwrite", "save_pretrained"})
+
+
+@dataclass
+class FunctionSummary:
+    """What calling a notebook function does to module state, for calls elsewhere in the notebook.
+
+    params: positional parameter names in order; mutated_params: those it may mutate;
+    global_writes: module names it assigns through `global`; global_mutates: module names it mutates.
+    """
+
+    params: list[str] = field(default_factory=list)
+    kwonly: list[str] = field(default_factory=list)
+    mutated_params: set[str] = field(default_factory=set)
+    global_writes: set[str] = field(default_factory=set)
+    global_mutates: set[str] = field(default_factory=set)
+    is_class: bool = False
+
+
+@dataclass
+class StatementFacts:
+    """Facts about one top-level statement; line numbers are cell lines.
+
+    defs: name -> True for an unconditional binding (it hides earlier ones), False for a conditional one.
+    dels: name -> True for an unconditional `del name`, False for a conditional one (or `except as`).
+    uses_now / uses_later / soft_uses: name -> first line where it is read (soft: annotations that are
+    not evaluated, resolved if possible but never an error).
+    mutates: name -> 'direct' | 'call-arg' | 'state' (how the statement may change the object).
+    aliases: `a = b` records a -> b (a mutation through a changes b).
+    calls: (callee, positional arg names, keyword arg names, line) for calls of bare names made now.
+    launches: names passed to a launcher call (`ranch(4, train)`).
+    """
+
+    defs: dict = field(default_factory=dict)
+    dels: dict = field(default_factory=dict)
+    uses_now: dict = field(default_factory=dict)
+    uses_later: dict = field(default_factory=dict)
+    soft_uses: dict = field(default_factory=dict)
+    mutates: dict = field(default_factory=dict)
+    mutate_lines: dict = field(default_factory=dict)
+    aliases: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+    called_now: set = field(default_factory=set)
+    launches: set = field(default_factory=set)
+    summaries: dict = field(default_factory=dict)
+    opaque: str | None = None
+    opaque_later: str | None = None
+    star_import: str | None = None
+    future_annotations: bool = False
+    imports: set = field(default_factory=set)
+    has_await: bool = False
+    name_main: bool = False
+    writes_files: set = field(default_factory=set)
+    string_literals: set = field(default_factory=set)
+
+
+class _Scope:
+    __slots__ = ("kind", "local", "globals", "nonlocals", "summary", "params")
+
+    def __init__(self, kind, local=(), globals_=(), nonlocals=(), summary=None, params=()):
+        self.kind = kind
+        self.local = set(local)
+        self.globals = set(globals_)
+        self.nonlocals = set(nonlocals)
+        self.summary = summary
+        self.params = set(params)
+
+
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+_FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _bindings(nodes) -> set:
+    """Names bound in a function body (Python's compile-time rule), not looking into nested scopes."""
+    out: set = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (*_FUNCS, ast.ClassDef)):
+            out.add(n.name)
+            continue
+        if isinstance(n, ast.Lambda):
+            continue
+        if isinstance(n, _COMPREHENSIONS):
+            # Comprehension targets are the comprehension's own; only walruses bind here.
+            out.update(w.target.id for w in ast.walk(n) if isinstance(w, ast.NamedExpr))
+            continue
+        if isinstance(n, ast.Name):
+            if not isinstance(n.ctx, ast.Load):
+                out.add(n.id)
+        elif isinstance(n, ast.Import):
+            out.update(a.asname or a.name.split(".")[0] for a in n.names)
+        elif isinstance(n, ast.ImportFrom):
+            out.update(a.asname or a.name for a in n.names if a.name != "*")
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            out.add(n.name)
+        elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+            out.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            out.add(n.rest)
+        elif isinstance(n, ast.NamedExpr):
+            out.add(n.target.id)
+        stack.extend(ast.iter_child_nodes(n))
+    return out
+
+
+def _decls(nodes) -> tuple[set, set]:
+    """`global` and `nonlocal` names declared in a function body (not in nested scopes)."""
+    g, nl = set(), set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (*_FUNCS, ast.ClassDef, ast.Lambda, *_COMPREHENSIONS)):
+            continue
+        if isinstance(n, ast.Global):
+            g.update(n.names)
+        elif isinstance(n, ast.Nonlocal):
+            nl.update(n.names)
+        else:
+            stack.extend(ast.iter_child_nodes(n))
+    return g, nl
+
+
+def root_name(node) -> str | None:
+    """`x` for `x`, `x.a.b`, `x[0].a`; None when the chain starts with a call or literal."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _dotted(node) -> list[str] | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return parts[::-1]
+    return None
+
+
+class _Visitor(ast.NodeVisitor):
+    def __init__(self, module_names, future_annotations):
+        self.f = StatementFacts()
+        self.module_names = module_names
+        self.future = future_annotations
+        self.stack: list[_Scope] = []
+        self.cond = 0  # depth of conditional constructs at module level
+        self.bound_now: set = set()  # module names bound so far by this statement
+        self.soft = False  # visiting annotations that are never evaluated
+        self.line = 1
+
+    # ---- scopes -------------------------------------------------------------------------------
+    def _lookup(self, name):
+        """The scope that owns `name` as read here, or None for the module (global) scope."""
+        n = len(self.stack)
+        for i in range(n - 1, -1, -1):
+            s = self.stack[i]
+            if s.kind == "class" and i != n - 1:
+                continue  # class bodies are invisible to nested functions and comprehensions
+            if name in s.globals:
+                return None
+            if name in s.local or name in s.nonlocals:
+                return s
+        return None
+
+    def _later(self) -> bool:
+        return any(s.kind == "function" for s in self.stack)
+
+    def _func_summary(self):
+        """The summary of the innermost function being visited (global effects go to the outermost)."""
+        for s in reversed(self.stack):
+            if s.kind == "function":
+                return s.summary
+        return None
+
+    def _outer_summary(self):
+        for s in self.stack:
+            if s.kind == "function":
+                return s.summary
+        return None
+
+    def _read(self, name, lineno):
+        if self._lookup(name) is not None:
+            return
+        if self._later():
+            self.f.uses_later.setdefault(name, lineno)
+        elif self.soft:
+            if name not in self.bound_now:
+                self.f.soft_uses.setdefault(name, lineno)
+        elif name not in self.bound_now:
+            self.f.uses_now.setdefault(name, lineno)
+
+    def _bind(self, name, lineno, weak=False):
+        if self.stack:
+            s = self.stack[-1]
+            if s.kind == "class":
+                s.local.add(name)
+                return
+            if s.kind == "function" and name in s.globals:
+                summ = self._outer_summary()
+                if summ is not None:
+                    summ.global_writes.add(name)
+                return
+            return  # function local (precomputed) or comprehension target
+        strong = self.cond == 0 and not weak
+        self.f.defs[name] = self.f.defs.get(name, False) or strong
+        self.bound_now.add(name)
+
+    def _mutate(self, name, kind, lineno):
+        if name is None:
+            return
+        owner = self._lookup(name)
+        if owner is not None:
+            if owner.kind == "function" and name in owner.params and owner.summary is not None:
+                owner.summary.mutated_params.add(name)
+            return
+        if self._later():
+            summ = self._outer_summary()
+            if summ is not None:
+                summ.global_mutates.add(name)
+            return
+        rank = {"call-arg": 0, "state": 1, "direct": 2}
+        old = self.f.mutates.get(name)
+        if old is None or rank[kind] > rank[old]:
+            self.f.mutates[name] = kind
+        self.f.mutate_lines.setdefault(name, lineno)
+
+    def _is_module(self, name) -> bool:
+        return name in self.module_names and self._lookup(name) is None
+
+    def _opaque(self, why):
+        if self._later():
+            self.f.opaque_later = self.f.opaque_later or why
+        else:
+            self.f.opaque = self.f.opaque or why
+
+    # ---- generic --------------------------------------------------------------------------------
+    def visit(self, node):
+        ln = getattr(node, "lineno", None)
+        if ln is not None:
+            self.line = ln
+        return super().visit(node)
+
+    def visit_Name(self, node):
+        if isinstance(node.ctx, ast.Load):
+            self._read(node.id, node.lineno)
+        elif isinstance(node.ctx, ast.Store):
+            self._bind(node.id, node.lineno)
+        # Del is handled by visit_Delete
+
+    def visit_Constant(self, node):
+        if isinstance(node.value, str) and len(node.value) < 200:
+            self.f.string_literals.add(node.value)
+
+    def _store_target(self, node):
+        """Visit an assignment target: names bind, `x.a`/`x[k]` mutate `x`."""
+        if isinstance(node, ast.Name):
+            self._bind(node.id, node.lineno)
+        elif isinstance(node, (ast.Tuple, ast.List)):
+            for e in node.elts:
+                self._store_target(e)
+        elif isinstance(node, ast.Starred):
+            self._store_target(node.value)
+        elif isinstance(node, (ast.Attribute, ast.Subscript)):
+            self.visit(node.value)
+            if isinstance(node, ast.Subscript):
+                self.visit(node.slice)
+            self._mutate(root_name(node), "direct" if not self._is_module(root_name(node)) else "state",
+                         node.lineno)
+        else:
+            self.visit(node)
+
+    def visit_Attribute(self, node):
+        if not isinstance(node.ctx, ast.Load):
+            self._store_target(node)
+            return
+        self.visit(node.value)
+
+    def visit_Subscript(self, node):
+        if not isinstance(node.ctx, ast.Load):
+            self._store_target(node)
+            return
+        self.visit(node.value)
+        self.visit(node.slice)
+
+    # ---- statements -----------------------------------------------------------------------------
+    def visit_Assign(self, node):
+        self.visit(node.value)
+        for t in node.targets:
+            self._store_target(t)
+        if not self.stack:
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            if isinstance(node.value, ast.Name):
+                for n in names:
+                    self.f.aliases[n] = node.value.id  # `a = b`: one object, two names
+            elif len(names) > 1:
+                for n in names[1:]:
+                    self.f.aliases[n] = names[0]  # `a = b = []`
+            if isinstance(node.value, ast.Lambda) and len(names) == 1 and self._last_lambda:
+                self.f.summaries[names[0]] = self._last_lambda
+
+    _last_lambda = None
+
+    def visit_AugAssign(self, node):
+        self.visit(node.value)
+        t = node.target
+        if isinstance(t, ast.Name):
+            self._read(t.id, t.lineno)
+            self._bind(t.id, t.lineno, weak=True)  # needs the old value: does not hide it
+            self._mutate(t.id, "direct", t.lineno)  # `lst += [3]` changes the object in place
+        else:
+            self._store_target(t)  # `x.a += 1` / `x[k] += 1`: reads and mutates x
+
+    def visit_AnnAssign(self, node):
+        if node.value is not None:
+            self.visit(node.value)
+        in_function = any(s.kind == "function" for s in self.stack) and not (
+            self.stack and self.stack[-1].kind == "class")
+        if node.simple and in_function:
+            pass  # annotations of function locals are never evaluated
+        else:
+            old = self.soft
+            self.soft = self.soft or self.future
+            self.visit(node.annotation)
+            self.soft = old
+        if node.value is not None or not isinstance(node.target, ast.Name):
+            self._store_target(node.target)
+
+    def visit_Delete(self, node):
+        for t in node.targets:
+            if isinstance(t, ast.Name):
+                self._read(t.id, t.lineno)
+                if not self.stack:
+                    self.f.dels[t.id] = self.f.dels.get(t.id, False) or self.cond == 0
+                    self.bound_now.discard(t.id)
+            elif isinstance(t, (ast.Tuple, ast.List)):
+                self.visit_Delete(ast.Delete(targets=t.elts))
+            else:
+                self._store_target(t)
+
+    def _conditional(self, nodes):
+        self.cond += 1
+        for n in nodes:
+            self.visit(n)
+        self.cond -= 1
+
+    def visit_If(self, node):
+        if not self.stack and _is_name_main(node.test):
+            self.f.name_main = True
+        self.visit(node.test)
+        self._conditional(node.body + node.orelse)
+
+    def visit_For(self, node):
+        self.visit(node.iter)
+        self.cond += 1
+        self._store_target(node.target)
+        for n in node.body + node.orelse:
+            self.visit(n)
+        self.cond -= 1
+
+    visit_AsyncFor = visit_For
+
+    def visit_While(self, node):
+        self.visit(node.test)
+        self._conditional(node.body + node.orelse)
+
+    def visit_With(self, node):
+        for item in node.items:
+            self.visit(item.context_expr)
+            if item.optional_vars is not None:
+                self._store_target(item.optional_vars)
+        for n in node.body:
+            self.visit(n)
+
+    visit_AsyncWith = visit_With
+
+    def visit_Try(self, node):
+        self.cond += 1
+        for n in node.body:
+            self.visit(n)
+        for h in node.handlers:
+            if h.type is not None:
+                self.visit(h.type)
+            if h.name and not self.stack:
+                # `except E as e` binds e for the handler only, then deletes it.
+                had = h.name in self.bound_now
+                self.bound_now.add(h.name)
+                for n in h.body:
+                    self.visit(n)
+                if not had:
+                    self.bound_now.discard(h.name)
+                self.f.dels.setdefault(h.name, False)
+            else:
+                for n in h.body:
+                    self.visit(n)
+        for n in node.orelse + node.finalbody:
+            self.visit(n)
+        self.cond -= 1
+
+    visit_TryStar = visit_Try
+
+    def visit_Match(self, node):
+        self.visit(node.subject)
+        self.cond += 1
+        for case in node.cases:
+            self.visit(case.pattern)
+            if case.guard is not None:
+                self.visit(case.guard)
+            for n in case.body:
+                self.visit(n)
+        self.cond -= 1
+
+    def visit_MatchAs(self, node):
+        if node.pattern is not None:
+            self.visit(node.pattern)
+        if node.name:
+            self._bind(node.name, node.lineno)
+
+    def visit_MatchStar(self, node):
+        if node.name:
+            self._bind(node.name, node.lineno)
+
+    def visit_MatchMapping(self, node):
+        for k in node.keys:
+            self.visit(k)
+        for p in node.patterns:
+            self.visit(p)
+        if node.rest:
+            self._bind(node.rest, node.lineno)
+
+    def visit_Import(self, node):
+        for a in node.names:
+            root = a.name.split(".")[0]
+            if not self.stack:
+                self.f.imports.add(root)
+            if a.asname:
+                self._bind(a.asname, node.lineno)
+            else:
+                # `import a.b` binds `a` but other `import a.c` statements stay needed: weak.
+                self._bind(root, node.lineno, weak="." in a.name)
+
+    def visit_ImportFrom(self, node):
+        if not self.stack and node.module and not node.level:
+            self.f.imports.add(node.module.split(".")[0])
+        if node.module == "__future__" and not self.stack:
+            if any(a.name == "annotations" for a in node.names):
+                self.f.future_annotations = True
+        for a in node.names:
+            if a.name == "*":
+                if not self.stack:
+                    self.f.star_import = ("." * (node.level or 0)) + (node.module or "")
+                continue
+            self._bind(a.asname or a.name, node.lineno)
+
+    def visit_Global(self, node):
+        pass  # handled when the function scope is built
+
+    visit_Nonlocal = visit_Global
+
+    def visit_Await(self, node):
+        if not self._later():
+            self.f.has_await = True
+        self.generic_visit(node)
+
+    # ---- definitions ----------------------------------------------------------------------------
+    def _visit_args_now(self, args: ast.arguments, returns=None):
+        for d in args.defaults + [d for d in args.kw_defaults if d is not None]:
+            self.visit(d)
+        anns = [a.annotation for a in args.posonlyargs + args.args + args.kwonlyargs if a.annotation]
+        for a in (args.vararg, args.kwarg):
+            if a is not None and a.annotation is not None:
+                anns.append(a.annotation)
+        if returns is not None:
+            anns.append(returns)
+        old = self.soft
+        self.soft = self.soft or self.future
+        for a in anns:
+            self.visit(a)
+        self.soft = old
+
+    def _push_function(self, args: ast.arguments, body):
+        params = [a.arg for a in args.posonlyargs + args.args]
+        kwonly = [a.arg for a in args.kwonlyargs]
+        allp = params + kwonly + [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+        g, nl = _decls(body) if isinstance(body, list) else (set(), set())
+        local = (set(allp) | (_bindings(body) if isinstance(body, list) else _bindings([body]))) - g - nl
+        summ = FunctionSummary(params=params, kwonly=kwonly)
+        self.stack.append(_Scope("function", local, g, nl, summ, allp))
+        return summ
+
+    def visit_FunctionDef(self, node):
+        for d in node.decorator_list:
+            self.visit(d)
+        self._visit_args_now(node.args, node.returns)
+        top = not self.stack
+        summ = self._push_function(node.args, node.body)
+        for n in node.body:
+            self.visit(n)
+        self.stack.pop()
+        self._merge_nested(summ)
+        self._bind(node.name, node.lineno)
+        if top:
+            self.f.summaries[node.name] = summ
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def _merge_nested(self, summ):
+        """A nested function's effects on module names count for the function that contains it."""
+        outer = self._outer_summary()
+        if outer is not None and outer is not summ:
+            outer.global_writes |= summ.global_writes
+            outer.global_mutates |= summ.global_mutates
+
+    def visit_Lambda(self, node):
+        self._visit_args_now(node.args)
+        summ = self._push_function(node.args, node.body)
+        self.visit(node.body)
+        self.stack.pop()
+        self._merge_nested(summ)
+        if not self.stack:
+            self._last_lambda = summ
+
+    def visit_ClassDef(self, node):
+        for d in node.decorator_list:
+            self.visit(d)
+        for b in node.bases:
+            self.visit(b)
+        for k in node.keywords:
+            self.visit(k.value)
+        top = not self.stack
+        self.stack.append(_Scope("class"))
+        for n in node.body:
+            self.visit(n)
+        self.stack.pop()
+        self._bind(node.name, node.lineno)
+        if top:
+            self.f.summaries[node.name] = FunctionSummary(is_class=True)
+
+    def _visit_comprehension(self, node, elts):
+        gens = node.generators
+        self.visit(gens[0].iter)  # evaluated in the enclosing scope
+        targets = set()
+        for g in gens:
+            targets |= {n.id for n in ast.walk(g.target) if isinstance(n, ast.Name)}
+        self.stack.append(_Scope("comprehension", targets))
+        self.cond += 1
+        for i, g in enumerate(gens):
+            if i:
+                self.visit(g.iter)
+            for cond in g.ifs:
+                self.visit(cond)
+        for e in elts:
+            self.visit(e)
+        self.cond -= 1
+        self.stack.pop()
+
+    def visit_ListComp(self, node):
+        self._visit_comprehension(node, [node.elt])
+
+    visit_SetComp = visit_GeneratorExp = visit_ListComp
+
+    def visit_DictComp(self, node):
+        self._visit_comprehension(node, [node.key, node.value])
+
+    def visit_NamedExpr(self, node):
+        self.visit(node.value)
+        name = node.target.id
+        # Binds in the nearest enclosing scope that is not a comprehension.
+        inner = [s for s in self.stack if s.kind != "comprehension"]
+        in_comp = bool(self.stack) and self.stack[-1].kind == "comprehension"
+        if inner:
+            s = inner[-1]
+            if s.kind == "function" and name in s.globals:
+                summ = self._outer_summary()
+                if summ is not None:
+                    summ.global_writes.add(name)
+            elif s.kind == "class":
+                s.local.add(name)
+            return
+        saved, self.stack = self.stack, []
+        self._bind(name, node.lineno, weak=in_comp)
+        self.stack = saved
+
+    # ---- calls ----------------------------------------------------------------------------------
+    def visit_Call(self, node):
+        func = node.func
+        argnodes = list(node.args) + [k.value for k in node.keywords]
+        if isinstance(func, ast.Name):
+            name = func.id
+            user = self._lookup(name) is not None or name in self.bound_now
+            if name in OPAQUE_CALLS and not user:
+                self._opaque(f"calls {name}()")
+            elif name == "setattr" and not user and len(node.args) >= 2:
+                if isinstance(node.args[1], ast.Constant):
+                    self._mutate(root_name(node.args[0]), "direct", node.lineno)
+                else:
+                    self._opaque("calls setattr() with a computed name")
+            elif name in LAUNCHERS:
+                self.f.launches.update(n.id for a in argnodes for n in ast.walk(a)
+                                       if isinstance(n, ast.Name))
+            elif name in PURE_BUILTINS and not user:
+                pass
+            elif self._lookup(name) is None and not self._later():
+                self.f.called_now.add(name)
+                pos = [root_name(a) for a in node.args]
+                kws = {k.arg: root_name(k.value) for k in node.keywords if k.arg}
+                self.f.calls.append((name, pos, kws, node.lineno))
+            else:
+                # Inside a function body, or a local callable: assume it may mutate its arguments.
+                for a in argnodes:
+                    self._mutate(root_name(a), "call-arg", node.lineno)
+        elif isinstance(func, ast.Attribute):
+            recv = func.value
+            root = root_name(recv)
+            meth = func.attr
+            if isinstance(recv, ast.Call) and isinstance(recv.func, ast.Name) and recv.func.id == "get_ipython":
+                self._opaque(f"uses get_ipython().{meth}")
+            elif root is not None and self._is_module(root):
+                dotted = _dotted(func)
+                if meth in LAUNCHERS:
+                    self.f.launches.update(n.id for a in argnodes for n in ast.walk(a)
+                                           if isinstance(n, ast.Name))
+                elif meth in STATE_CALLS or (dotted and "environ" in dotted):
+                    self._mutate(root, "state", node.lineno)
+                if meth in ARG_MUTATORS or (meth.endswith("_") and not meth.startswith("_")):
+                    if node.args:
+                        self._mutate(root_name(node.args[0]), "direct", node.lineno)
+                if meth == "import_module":
+                    self._opaque("imports a module by computed name")
+            elif root is not None:
+                inplace = any(k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value
+                              for k in node.keywords)
+                if meth not in PURE_METHODS or inplace:
+                    self._mutate(root, "direct", node.lineno)
+            if meth in WRITE_CALLS and not self._later():
+                for a in argnodes + [recv]:
+                    for n in ast.walk(a):
+                        if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                            self.f.writes_files.add(n.value)
+        if isinstance(func, ast.Name) and func.id == "open" and not self._later():
+            mode = node.args[1] if len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)
+            if (isinstance(mode, ast.Constant) and isinstance(mode.value, str)
+                    and any(c in mode.value for c in "wax") and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                self.f.writes_files.add(node.args[0].value)
+        self.visit(func)
+        for a in argnodes:
+            self.visit(a)
+
+
+def _is_name_main(test) -> bool:
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+            and test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
+
+
+def analyse_statement(node: ast.stmt, module_names=frozenset(), future_annotations=False) -> StatementFacts:
+    """Facts about one top-level statement. `module_names`: names the notebook binds by `import`."""
+    v = _Visitor(module_names, future_annotations)
+    v.visit(node)
+    f = v.f
+    # A function body reading a name this same statement defines (recursion, methods naming their
+    # class) is not an outside dependency.
+    for n in list(f.uses_later):
+        if n in f.defs:
+            del f.uses_later[n]
+    return f
