@@ -177,12 +177,14 @@ class _Slicer:
             return _q(self.target)
         return ", ".join(_q(n) for n in names[:2]) if names else s.where()
 
-    def _push(self, name, p, why, soft=False, where=None):
-        key = (name, p)
+    def _push(self, name, p, why, soft=False, where=None, p_late=None):
+        """Need `name` as read at position p; if it is a function, its body runs at p_late."""
+        p_late = self.point if p_late is None else p_late
+        key = (name, p, p_late)
         if key in self.seen:
             return
         self.seen.add(key)
-        self.work.append((name, p, why, soft, where))
+        self.work.append((name, p, why, soft, where, p_late))
 
     def _include(self, j: int, reason: str, p_req: int, name: str | None = None):
         new = j not in self.reasons
@@ -197,12 +199,15 @@ class _Slicer:
         desc = self._desc(j)
         if new:
             for u, ln in f.uses_now.items():
-                self._push(u, j, desc, where=(s.cell, ln))
+                # A function called while statement j runs reads its globals at j; one only
+                # referenced there (a base class, a callback) is called later: at the export point.
+                self._push(u, j, desc, where=(s.cell, ln),
+                           p_late=j if u in f.called_now else self.point)
             for u, ln in f.soft_uses.items():
                 self._push(u, j, desc, soft=True, where=(s.cell, ln))
-        # Function bodies are read when the function is used: at p_req.
+        # Function bodies are read when the function is called: at p_req.
         for u, ln in f.uses_later.items():
-            self._push(u, p_req, desc, where=(s.cell, ln))
+            self._push(u, p_req, desc, where=(s.cell, ln), p_late=p_req)
 
     def _broken_between(self, name, lo, hi):
         for b in self.m.broken:
@@ -303,7 +308,7 @@ class _Slicer:
             return f"makes {_q(role.split(':', 1)[1])} an alias of {_q(name)}, needed by {why}"
         return f"mutates {_q(name)}, needed by {why}"
 
-    def _process(self, name, p, why, soft, where):
+    def _process(self, name, p, why, soft, where, p_late):
         found, deleted, strong = self._resolve(name, p)
         b = self._broken_between(name, strong if deleted is None else deleted, p)
         if b is not None and not soft:
@@ -312,7 +317,7 @@ class _Slicer:
                 f"cell {b.cell} does not parse (line {b.lineno}: {b.message}) and may define "
                 f"{_q(name)}, which {why or _q(self.target)} needs")
         for j, role in found:
-            self._include(j, self._reason(role, name, why, j), p, name)
+            self._include(j, self._reason(role, name, why, j), p_late, name)
         if deleted is not None and not found:
             if soft:
                 return
@@ -322,13 +327,13 @@ class _Slicer:
                       "and not defined again before it is used", d.cell, d.lineno)
         if not any(role in ("def", "weak") for _, role in found):
             # Mutations or a possible `del` alone do not define a name.
-            self.unresolved_pending.append((name, p, why, soft, where))
+            self.unresolved_pending.append((name, p, why, soft, where, p_late))
 
     def _settle_unresolved(self) -> bool:
         """Builtins, star imports, opaque statements; else an error. True if work was added."""
         pending, self.unresolved_pending = self.unresolved_pending, []
         added = False
-        for name, p, why, soft, where in pending:
+        for name, p, why, soft, where, p_late in pending:
             if soft or name.startswith("<"):
                 continue
             if hasattr(builtins, name) or name in _MODULE_DUNDERS:

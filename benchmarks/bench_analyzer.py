@@ -1,0 +1,114 @@
+"""Analyzer speed: generate a 1,000-cell notebook and time load + slice (median of several runs).
+
+Run: python benchmarks/bench_analyzer.py [--cells 1000] [--runs 7]
+Target (issue 4): <= 0.5 s for 1,000 cells. The notebook is a realistic mix: markdown, imports,
+functions, classes with methods, assignments, mutations (append, subscript, +=), redefinitions,
+module-state calls, magics (%matplotlib, %%time, !pip, x = !ls), display-only cells and a few loops;
+the target at the end reaches back through a long chain of helpers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mpify.analysis import load_notebook, slice_notebook  # noqa: E402
+from mpify.analysis.model import build_model  # noqa: E402
+
+
+def generate(n_cells: int) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    cells = nb.cells
+    cells.append(new_code_cell("import math\nimport random\nimport os, sys\nfrom collections import defaultdict, Counter\n%matplotlib inline"))
+    cells.append(new_code_cell("random.seed(0)\nCONFIG = {'lr': 0.1, 'epochs': 3}\nhistory = []\nregistry = defaultdict(list)"))
+    k = 0
+    while len(cells) < n_cells - 1:
+        i = len(cells)
+        kind = i % 10
+        if kind == 0:
+            cells.append(new_markdown_cell(f"## Section {i}\n\nSome prose about step {i}, with `code` and a list:\n- a\n- b"))
+        elif kind == 1:
+            prev = f"helper_{k - 1}(x) + " if k else ""
+            cells.append(new_code_cell(
+                f"# helper {k}\ndef helper_{k}(x, scale=CONFIG['lr']):\n    \"\"\"Step {k}.\"\"\"\n"
+                f"    total = 0\n    for j in range(3):\n        total += j * scale\n"
+                f"    return {prev}total + len(history) + VALUE_{k % 50}"))
+            k += 1
+        elif kind == 2:
+            cells.append(new_code_cell(f"VALUE_{(k - 1) % 50} = {i}\ndata_{i} = [v * 2 for v in range({i % 7 + 3})]\n"
+                                       f"history.append(data_{i}[0])\nregistry['k{i % 5}'].append({i})"))
+        elif kind == 3:
+            cells.append(new_code_cell(
+                f"class Model{i}:\n    size = {i}\n    def __init__(self, n=3):\n        self.n = n\n"
+                f"        self.w = [random.random() for _ in range(n)]\n    def forward(self, x):\n"
+                f"        return sum(w * x for w in self.w) + CONFIG['lr']\n    @property\n"
+                f"    def norm(self):\n        return math.sqrt(sum(w * w for w in self.w))"))
+        elif kind == 4:
+            cells.append(new_code_cell(f"%%time\nm{i} = Model{i - 1}(4)\nout_{i} = m{i}.forward(2.0)\n"
+                                       f"print(out_{i})\nCONFIG['epochs'] += 1"))
+        elif kind == 5:
+            cells.append(new_code_cell(f"df_{i} = {{'a': list(range(5)), 'b': [x ** 2 for x in range(5)]}}\n"
+                                       f"df_{i}['c'] = [a + b for a, b in zip(df_{i}['a'], df_{i}['b'])]\n"
+                                       f"len(df_{i})\ndf_{i}"))
+        elif kind == 6:
+            cells.append(new_code_cell(f"!pip install --quiet nothing-{i}\nfiles_{i} = !ls\n"
+                                       f"if len(files_{i}) > 100:\n    print('many')\nelse:\n    counts_{i} = Counter(files_{i})"))
+        elif kind == 7:
+            cells.append(new_code_cell(f"try:\n    import numpy as np\nexcept ImportError:\n    np = None\n"
+                                       f"with open(os.devnull) as fh_{i}:\n    text_{i} = fh_{i}.read()\n"
+                                       f"summary_{i} = {{k: len(v) for k, v in registry.items()}}"))
+        elif kind == 8:
+            cells.append(new_code_cell(f"x_{i} = helper_{max(k - 1, 0)}(1.5)\nresults = [x_{i}]\nresults += [x_{i} * 2]\n"
+                                       f"lambda_{i} = lambda v, d=x_{i}: v + d + VALUE_{(k - 1) % 50}"))
+        else:
+            cells.append(new_code_cell(f"x_{i}\nprint(history[-3:])\nhistory[-1]\nsorted(registry)"))
+    cells.append(new_code_cell(f"def train(epochs=CONFIG['epochs']):\n    model = Model{3}()\n"
+                               f"    return [helper_{k - 1}(e) + model.forward(e) for e in range(epochs)], results"))
+    return nb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cells", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=7)
+    args = ap.parse_args()
+    nb = generate(args.cells)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "big.ipynb")
+        nbformat.write(nb, path)
+        size = os.path.getsize(path)
+        slice_notebook(path, "train")  # warm up imports (IPython's transformer, nbformat schema)
+        loads, models, totals = [], [], []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            loaded = load_notebook(path)
+            t1 = time.perf_counter()
+            model = build_model(loaded)
+            t2 = time.perf_counter()
+            sl = slice_notebook(loaded, "train")
+            t3 = time.perf_counter()
+            loads.append(t1 - t0)
+            models.append(t2 - t1)
+            totals.append((t1 - t0) + (t3 - t2))  # load + slice (slice builds its own model)
+    n_code = sum(c.kind == "code" for c in loaded.cells)
+    print(f"notebook: {args.cells} cells ({n_code} code), {len(model.statements)} statements, "
+          f"{size / 1024:.0f} KiB; slice of `train`: {len(sl.items)} statements from "
+          f"{len(sl.cells_used)} cells")
+    print(f"{'step':<28}{'median s':>10}{'min s':>10}")
+    print(f"{'load_notebook':<28}{statistics.median(loads):>10.3f}{min(loads):>10.3f}")
+    print(f"{'build_model (in slice)':<28}{statistics.median(models):>10.3f}{min(models):>10.3f}")
+    med = statistics.median(totals)
+    print(f"{'load + slice_notebook':<28}{med:>10.3f}{min(totals):>10.3f}")
+    print(f"target <= 0.5 s: {'OK' if med <= 0.5 else 'TOO SLOW'} ({med:.3f} s, {args.runs} runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Differential test of the slicer: run the whole notebook in a real Jupyter kernel and call the
+target there, then run only the rendered slice in a fresh interpreter and call the target: the
+results (reprs) must be equal. Every rendered slice must also compile and pass pyflakes without an
+undefined name (except names a star import may supply)."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from mpify.analysis import load_notebook, render_source, slice_notebook
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = sorted(glob.glob(os.path.join(HERE, "..", "sample_notebooks", "*.ipynb")))
+MARK = "MPIFY_RESULT="
+
+# Cheap calls for the targets of the shared sample notebooks (no training): name -> [(target, expr)].
+SAMPLE_CALLS = {
+    "ddp_train.ipynb": [
+        ("make_model", "[tuple(p.shape) for p in make_model().parameters()]"),
+        ("Synthetic", "(len(Synthetic()), round(float(Synthetic().y.sum()), 4))"),
+    ],
+}
+
+# Notebooks of our own, richer in tricky cases than the samples.
+OWN = {
+    "mutations_magics": ([
+        "md:# mutations, magics, star import",
+        "import random, math\n%matplotlib inline\nfrom collections import *",
+        "random.seed(1)\nCONFIG = {'scale': 2}\nitems = []",
+        "%%time\nfor i in range(5):\n    items.append(random.randint(0, 100))",
+        "# scale, then shift\ndef helper(v):\n    return v * CONFIG['scale'] + OFFSET",
+        "CONFIG['scale'] = 3\nOFFSET = 1\nlog = []\nprint(items)",
+        "def summarize(extra=0):\n    c = Counter(items)\n    return sorted(helper(v) for v in items)[:3], len(c) + extra, math.floor(math.pi)",
+        "summarize()\nOFFSET = 10\nitems.sort()",
+    ], [("summarize", "summarize(1)"), ("helper", "helper(5)")]),
+    "classes_globals": ([
+        "import functools\nREGISTRY = {}",
+        "def register(name):\n    def deco(cls):\n        REGISTRY[name] = cls\n        return cls\n    return deco",
+        "class Base:\n    scale = 1\n    def run(self, x):\n        return x * self.scale + BIAS",
+        "@register('double')\nclass Double(Base):\n    scale = 2",
+        "BIAS = 0.5\nstate = {'calls': 0}\ndef bump():\n    global COUNTER\n    COUNTER = state['calls'] + 10",
+        "bump()\nalias = state\nalias['calls'] += 1",
+        "square = lambda v: v ** POWER\nPOWER = 2",
+        "def pipeline(xs):\n    out = []\n    for x in xs:\n        match x:\n            case int(n) if n > LIMIT:\n"
+        "                out.append(square(n))\n            case _:\n                out.append(REGISTRY['double']().run(x))\n"
+        "    return out, COUNTER, state",
+        "LIMIT = 2\nif (total := sum(range(4))) > 3:\n    LIMIT = 1",
+        "pipeline([1, 2, 3])",
+    ], [("pipeline", "pipeline([0, 1, 2, 3])"), ("Double", "Double().run(4)")]),
+    "files_shell": ([
+        "%%writefile mpify_diff_helper.py\ndef triple(x):\n    return 3 * x",
+        "import mpify_diff_helper\nimport os",
+        "here = !echo hello",
+        "def use(v):\n    return mpify_diff_helper.triple(v), list(here)",
+        "use(2)",
+    ], [("use", "use(4)")]),
+}
+
+
+def _build(cells):
+    nb = new_notebook()
+    for c in cells:
+        nb.cells.append(new_markdown_cell(c[3:]) if c.startswith("md:") else new_code_cell(c))
+    return nb
+
+
+def _kernel_results(nb, calls, kernel_name, cwd):
+    """Run every cell of nb in a real kernel, then evaluate each call there; return the reprs."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.from_dict(nb)
+    for _, expr in calls:
+        nb.cells.append(new_code_cell(f"print({MARK!r} + repr({expr}))"))
+    client = NotebookClient(nb, kernel_name=kernel_name, timeout=300, allow_errors=True,
+                            resources={"metadata": {"path": str(cwd)}})
+    client.execute()
+    out = []
+    for cell in nb.cells[-len(calls):]:
+        text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+        errs = [o for o in cell.outputs if o.get("output_type") == "error"]
+        assert not errs, f"kernel call failed: {errs[0].get('ename')}: {errs[0].get('evalue')}"
+        line = [ln for ln in text.splitlines() if ln.startswith(MARK)]
+        out.append(line[-1][len(MARK):])
+    return out
+
+
+def _slice_result(path, target, expr, cwd):
+    sl = slice_notebook(path, target)
+    src = render_source(sl)
+    check_slice(sl, src)
+    script = cwd / f"slice_{target}.py"
+    script.write_text(src + f"\nprint({MARK!r} + repr({expr}))\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"slice of {target} failed:\n{src}\n{r.stderr}"
+    return [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
+
+
+def check_slice(sl, src=None):
+    """The rendered slice compiles, and pyflakes finds no undefined name except star-supplied ones."""
+    from pyflakes import api, messages, reporter as rep
+
+    src = src if src is not None else render_source(sl)
+    compile(src, f"<slice of {sl.target}>", "exec")
+
+    class Collect(rep.Reporter):
+        def __init__(self):
+            self.msgs = []
+
+        def flake(self, msg):
+            self.msgs.append(msg)
+
+        def syntaxError(self, *a):
+            raise AssertionError(f"pyflakes: syntax error {a}")
+
+        def unexpectedError(self, *a):
+            raise AssertionError(f"pyflakes: {a}")
+
+    r = Collect()
+    api.check(src, f"slice_{sl.target}.py", r)
+    undefined = [m.message_args[0] for m in r.msgs if isinstance(m, messages.UndefinedName)]
+    if sl.star_imports:
+        # pyflakes reports names that may come from a star import as ImportStarUsage, not undefined.
+        undefined = [n for n in undefined if n not in sl.unresolved]
+    assert not undefined, f"undefined names {undefined} in slice of {sl.target}:\n{src}"
+
+
+@pytest.mark.parametrize("name", sorted(OWN))
+def test_own_notebooks(name, kernel_name, tmp_path):
+    cells, calls = OWN[name]
+    nb = _build(cells)
+    path = tmp_path / f"{name}.ipynb"
+    nbformat.write(nb, str(path))
+    kdir, sdir = tmp_path / "kernel", tmp_path / "slice"
+    kdir.mkdir()
+    sdir.mkdir()
+    expected = _kernel_results(nb, calls, kernel_name, kdir)
+    for (target, expr), want in zip(calls, expected):
+        assert _slice_result(path, target, expr, sdir) == want, target
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[os.path.basename(p) for p in SAMPLES])
+def test_sample_notebooks_slices_compile_and_pass_pyflakes(path):
+    """Every function and class the sample defines slices into a module that compiles cleanly."""
+    nb = load_notebook(path)
+    from mpify.analysis.model import build_model
+
+    targets = sorted({n for s in build_model(nb).statements if s.kind in ("function", "class")
+                      for n in s.facts.defs})
+    assert targets
+    for t in targets:
+        check_slice(slice_notebook(nb, t))
+
+
+@pytest.mark.parametrize("path", [p for p in SAMPLES if os.path.basename(p) in SAMPLE_CALLS],
+                         ids=[os.path.basename(p) for p in SAMPLES if os.path.basename(p) in SAMPLE_CALLS])
+def test_sample_notebooks_differential(path, kernel_name, tmp_path):
+    calls = SAMPLE_CALLS[os.path.basename(path)]
+    nb = nbformat.read(path, as_version=4)
+    kdir, sdir = tmp_path / "kernel", tmp_path / "slice"
+    kdir.mkdir()
+    sdir.mkdir()
+    expected = _kernel_results(nb, calls, kernel_name, kdir)
+    for (target, expr), want in zip(calls, expected):
+        assert _slice_result(path, target, expr, sdir) == want, target
