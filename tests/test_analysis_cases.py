@@ -492,3 +492,14 @@ def test_cell_numbering_counts_markdown(tmp_path):
 def test_semicolon_statements(tmp_path):
     s = sl(tmp_path, ["a = 1; b = 2; c = 3", "def f():\n    return b"], "f")
     assert srcs(s) == ["b = 2", "def f():\n    return b"]
+
+
+def test_referenced_function_reads_globals_at_export_point(tmp_path):
+    # Base is only referenced when Child is defined; its method runs later, when BIAS exists.
+    cells = ["class Base:\n    def run(self):\n        return BIAS", "class Child(Base):\n    pass", "BIAS = 1"]
+    s = sl(tmp_path, cells, "Child")
+    assert srcs(s) == [cells[0], cells[1], "BIAS = 1"]
+    # a function called while a statement runs reads its globals then
+    s = sl(tmp_path, ["N = 1", "def load():\n    return N", "data = load()", "N = 2",
+                      "def f():\n    return data"], "f")
+    assert srcs(s) == ["N = 1", "def load():\n    return N", "data = load()", "def f():\n    return data"]
