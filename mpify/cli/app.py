@@ -16,6 +16,12 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Run one function out of a notebook on N ranked processes, or export it as a DDP script."""
+    # An explicit callback keeps `mpify deps ...` a subcommand even while it is the only one.
+
+
 def main() -> None:
     """Console-script entry point."""
     from mpify.cli import commands  # noqa: F401  (registers the commands on `app`)
