@@ -7,11 +7,12 @@ that is how a caller blocked as rank 0 in `init_process_group` learns of a dead 
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from typing import Any, Callable
 
-from mpify.engine import rendezvous
+from mpify.engine import rendezvous, shm
 from mpify.engine.child import enter_ctx
 from mpify.engine.launch import ranch
 
@@ -47,6 +48,33 @@ def _destroy_leftover_group():
 
 
 rendezvous.register_torch_hooks(_host_store, _destroy_leftover_group)
+
+
+def _is_plain_cpu_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is None or type(obj) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    # Only dense CPU tensors are a plain buffer; CUDA, sparse, quantized ones keep torch's pickling.
+    return obj.device.type == "cpu" and obj.layout == torch.strided and not obj.is_quantized
+
+
+def _dump_tensor(t):
+    import torch
+    data = t.detach().resolve_conj().resolve_neg().contiguous()
+    meta = (t.dtype, tuple(t.shape), t.requires_grad, type(t) is torch.nn.Parameter)
+    return data.reshape(-1).view(torch.uint8).numpy(), meta
+
+
+def _load_tensor(buf, meta):
+    import torch
+    dtype, shape, requires_grad, is_param = meta
+    t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+    if is_param:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    return t.requires_grad_(requires_grad) if requires_grad else t
+
+
+shm.register("torch", _is_plain_cpu_tensor, _dump_tensor, _load_tensor)
 
 
 def pick_backend(use_gpu: bool = True) -> str:

@@ -20,12 +20,13 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, serialize, starter, teardown
+from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.child import RankSpec, rank_main, run_rank
 from mpify.engine.env import Topology, patched_environ, rank_env
 from mpify.engine.errors import LaunchTimeoutError, RankDiedError, RankRaisedError, RemoteTraceback
@@ -329,6 +330,14 @@ class Launch:
         return values.get(0)
 
 
+@contextmanager
+def _removing(writer: shm.ShmWriter) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        writer.cleanup()
+
+
 def _annotate(exc: BaseException, rank: int, world: int, failed: list[int]) -> None:
     note = f"mpify: raised in rank {rank} of {world}; failed ranks: {', '.join(map(str, failed))}"
     if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
@@ -400,11 +409,13 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     topo = Topology(nprocs, nnodes, node_rank)
     has_children = caller_rank is None or nprocs > 1
     blob = None
-    if has_children:
-        blob = serialize.dumps_launch(fn, args, kwargs, {"ctx": ctx, "need": needed, "imports": imports})
+    writer = shm.ShmWriter()
     want_store = bool(getattr(ctx, "mpify_hosts_store", False))
     stdout, stderr = sys.stdout, sys.stderr
-    with InterruptGuard() as guard:
+    with InterruptGuard() as guard, _removing(writer):
+        if has_children:
+            shm.sweep_stale()
+            blob = serialize.dumps_launch(fn, args, kwargs, {"ctx": ctx, "need": needed, "imports": imports}, writer)
         meeting = rendezvous.meet(master_addr, master_port, topo.world_size, node_rank, nnodes, want_store)
         launch = Launch(topo, caller_rank, gather, show, timeout, guard, meeting)
         try:

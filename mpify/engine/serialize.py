@@ -7,10 +7,12 @@ is named: which argument, or which global of the function.
 """
 from __future__ import annotations
 
+import io
 from typing import Any, Callable
 
 import dill
 
+from mpify.engine import shm
 from mpify.engine.errors import ResultError, ShipError
 
 # recurse=True: capture only the globals a function really uses, by value, so a notebook's
@@ -18,12 +20,21 @@ from mpify.engine.errors import ResultError, ShipError
 _DUMPS_KW = dict(recurse=True, byref=False)
 
 
-def dumps(obj: Any) -> bytes:
-    return dill.dumps(obj, **_DUMPS_KW)
+def dumps(obj: Any, persistent_id: Callable[[Any], Any] | None = None) -> bytes:
+    """dill.dumps; `persistent_id` lets large buffers go by reference (see shm.py)."""
+    if persistent_id is None:
+        return dill.dumps(obj, **_DUMPS_KW)
+    buf = io.BytesIO()
+    pickler = dill.Pickler(buf, **_DUMPS_KW)
+    pickler.persistent_id = persistent_id
+    pickler.dump(obj)
+    return buf.getvalue()
 
 
 def loads(data: bytes) -> Any:
-    return dill.loads(data)
+    unpickler = dill.Unpickler(io.BytesIO(data))
+    unpickler.persistent_load = shm.persistent_load
+    return unpickler.load()
 
 
 def _fails(obj: Any) -> Exception | None:
@@ -57,10 +68,13 @@ def _culprit_in_function(fn: Callable) -> str:
     return ""
 
 
-def dumps_launch(fn: Callable, args: tuple, kwargs: dict, extra: dict) -> bytes:
-    """Pickle the whole launch once; on failure raise ShipError naming the object at fault."""
+def dumps_launch(fn: Callable, args: tuple, kwargs: dict, extra: dict, writer: shm.ShmWriter) -> bytes:
+    """Pickle the whole launch once, large arrays into shared memory through `writer`; on
+    failure raise ShipError naming the object at fault."""
     try:
-        return dumps((fn, args, kwargs, extra))
+        blob = dumps((fn, args, kwargs, extra), writer.persistent_id)
+        writer.finish()
+        return blob
     except Exception:  # find out which part is at fault below
         pass
     err = _fails(fn)
