@@ -13,7 +13,6 @@ Prints one table; exits non-zero if any check fails.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time

@@ -23,7 +23,6 @@ def kernel_name(tmp_path_factory):
     """A Jupyter kernelspec that runs this very interpreter (the venv with mpify installed), so
     nbclient starts a real ipykernel that can import mpify."""
     import json
-    import subprocess
 
     root = tmp_path_factory.mktemp("jupyter")
     name = "mpify-test"

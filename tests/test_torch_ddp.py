@@ -3,7 +3,6 @@ the sample notebook in a real kernel."""
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
