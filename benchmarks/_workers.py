@@ -22,3 +22,35 @@ def spawn_entry(local_rank, fn_name, world):
     """torch.multiprocessing.spawn passes the local rank first; set torchrun's variables."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     return globals()[fn_name]()
+
+
+def returns_value(*_):
+    return int(os.environ.get("RANK", "0")) * 10
+
+
+def raises_in_rank_1(*_):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("boom in rank 1")
+    return 0
+
+
+def killed_in_allreduce(*_):
+    """Rank 1 is SIGKILLed (as the OOM killer would) while the others wait in an all_reduce."""
+    import signal
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+
+
+def sleeps(*_):
+    import time
+    time.sleep(60)
