@@ -9,6 +9,7 @@ from mpify.engine.errors import (LaunchTimeoutError, MpifyError, RankDiedError, 
 from mpify.engine.launch import ranch
 from mpify.engine.rendezvous import PortInUseError
 from mpify.engine.starter import shutdown
+from mpify.export import ExportError, run_notebook
 from mpify.imports import import_star
 from mpify.torch_ddp import TorchDDPCtx, in_torchddp, torchddp_launch
 
@@ -17,5 +18,5 @@ __version__ = "0.2.0"
 __all__ = [
     "ranch", "import_star", "TorchDDPCtx", "torchddp_launch", "in_torchddp", "shutdown",
     "MpifyError", "RankRaisedError", "RankDiedError", "LaunchTimeoutError", "ShipError",
-    "ResultError", "RemoteTraceback", "PortInUseError",
+    "ResultError", "RemoteTraceback", "PortInUseError", "run_notebook", "ExportError",
 ]

@@ -1,0 +1,75 @@
+"""`mpify export NB --fn NAME [-o OUT] [--ddp] [--backend B] [--cell K] [--force]`: a standalone script.
+
+Thin on purpose: it slices, renders the payload plus main() (mpify.export.script), checks it
+compiles, and writes it. It never overwrites a file without --force. The default output is
+`<fn>_ddp.py` (with --ddp) or `<fn>.py` next to the notebook. User errors are one line
+`mpify: error: ...` and exit code 2; translations the script makes are said on stderr as warnings.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from mpify.analysis import AnalysisError
+from mpify.cli.app import app
+from mpify.export.errors import ExportError, OutputExistsError
+
+
+def _fail(msg: str) -> None:
+    print(f"mpify: error: {msg}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+@app.command()
+def export(
+    notebook: str = typer.Argument(..., help="The notebook (.ipynb, or a .py file with `# %%` cells)."),
+    fn: str = typer.Option(..., "--fn", help="The function to export (what it needs is sliced out)."),
+    out: Optional[str] = typer.Option(None, "-o", "--output", help="The script to write (default: "
+                                      "FN_ddp.py or FN.py next to the notebook)."),
+    ddp: bool = typer.Option(False, "--ddp", help="Set up torch.distributed in main() (torchrun's env)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Fix the backend (gloo or nccl) "
+                                          "instead of choosing at run time. Needs --ddp."),
+    cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
+                                       "(1-based, all cells counted, markdown included)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Write FN from NOTEBOOK, with what it needs, as a script runnable with python or torchrun."""
+    from mpify.export.runner import prepare
+
+    if out is None:
+        out = os.path.join(os.path.dirname(notebook), f"{fn}_ddp.py" if ddp else f"{fn}.py")
+    try:
+        if os.path.isdir(out):
+            raise ExportError(f"{out} is a directory; give a file name with -o")
+        if os.path.exists(out) and not force:
+            raise OutputExistsError(f"{out} exists; use --force to overwrite it")
+        prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell)
+    except (AnalysisError, ExportError) as e:
+        _fail(str(e))
+        return
+    from mpify.export.script import render_script
+
+    # Render again with the real file name, so the usage text in the header names it.
+    payload = render_script(prep.slice, ddp=ddp, backend=backend, script=os.path.basename(out))
+    try:
+        compile(payload.text, out, "exec")
+    except SyntaxError as e:  # the analyzer only keeps statements that parse: a bug if it happens
+        _fail(f"the exported script does not compile (line {e.lineno}: {e.msg}); please report it")
+        return
+    for w in prep.warnings:
+        print(f"mpify: warning: {w}", file=sys.stderr)
+    tmp = f"{out}.mpify-tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(payload.text)
+        os.replace(tmp, out)  # whole or nothing: never a half-written script
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _fail(f"cannot write {out}: {e.strerror or e}")
+        return
+    cells = ", ".join(map(str, prep.slice.cells_used))
+    print(f"wrote {out}: `{fn}` and what it needs from cell(s) {cells} of {notebook}", file=sys.stderr)

@@ -1,0 +1,150 @@
+"""`mpify run NB --fn NAME [-n N] [--ddp] ... [-- target options]`: one notebook function on N ranks.
+
+Thin on purpose: it prepares the slice (mpify.export.runner), parses the target's options from its
+signature (mpify.export.signature), runs it with ranch (this process is rank 0) and prints rank 0's
+value (repr, or JSON with --json). Exit codes: 0 done; 1 the target raised (its traceback, frames
+named by notebook cell and line) or a rank died / timed out; 2 a user error (one line
+`mpify: error: ...`); 130 interrupted. Every outcome removes the temp dir and leaves no process.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from mpify.analysis import AnalysisError
+from mpify.cli.app import app
+from mpify.export.errors import ExportError
+
+_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": False}
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    print(f"mpify: error: {msg}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def parse_show_ranks(text: str):
+    """'all' -> None (every rank), 'none' -> (), '0,2' -> (0, 2)."""
+    t = text.strip().lower()
+    if t == "all":
+        return None
+    if t == "none":
+        return ()
+    try:
+        ranks = tuple(int(x) for x in t.split(",") if x.strip())
+    except ValueError:
+        ranks = ()
+    if not ranks or any(r < 0 for r in ranks):
+        raise ExportError(f"--show-ranks takes all, none or rank numbers like 0,2; got {text!r}")
+    return ranks
+
+
+def to_jsonable(obj):
+    """json.dumps default=: tensors and arrays as lists, other objects as their repr."""
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        try:
+            return tolist()
+        except Exception:  # a tolist that needs arguments or fails: fall back to repr
+            pass
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return repr(obj)
+
+
+@app.command(context_settings=_CONTEXT)
+def run(
+    ctx: typer.Context,
+    notebook: str = typer.Argument(..., help="The notebook (.ipynb, or a .py file with `# %%` cells)."),
+    fn: str = typer.Option(..., "--fn", help="The function to run (what it needs is sliced out)."),
+    nprocs: int = typer.Option(1, "-n", "--nprocs", help="Ranks on this node."),
+    ddp: bool = typer.Option(False, "--ddp", help="Run under torch.distributed (TorchDDPCtx)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="gloo or nccl (default: nccl with "
+                                          "one GPU per rank, else gloo). Needs --ddp."),
+    cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
+                                       "(1-based, all cells counted, markdown included)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes in all (multi-node)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (0 hosts the rendezvous)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Node 0's rendezvous port."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop every rank after S seconds."),
+    show_ranks: str = typer.Option("all", "--show-ranks", help="Whose output to show: all, none, "
+                                   "or ranks like 0,2."),
+    as_json: bool = typer.Option(False, "--json", help="Print rank 0's value as JSON."),
+) -> None:
+    """Run FN from NOTEBOOK on N ranks and print rank 0's value. Target options go after `--`
+    (`-- --lr 0.1`; `-- --help` lists them)."""
+    from mpify.engine.rendezvous import PortInUseError
+    from mpify.export.runner import prepare, run_prepared
+    from mpify.export.signature import parse_target_args, target_description, target_params
+
+    try:
+        try:
+            show = parse_show_ranks(show_ranks)
+            _check_launch_options(nprocs, nnodes, node_rank, master_port, timeout)
+            prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell)
+            params = target_params(prep.slice)
+            prog = f"mpify run {notebook} --fn {fn} --"
+            try:
+                kwargs = parse_target_args(params, list(ctx.args), prog, target_description(prep.slice), fn)
+            except SystemExit as e:  # `-- --help` printed the options
+                raise typer.Exit(e.code or 0)
+        except (AnalysisError, ExportError) as e:
+            _fail(str(e))
+            return
+        for w in prep.warnings:
+            print(f"mpify: warning: {w}", file=sys.stderr)
+        try:
+            value = run_prepared(prep, nprocs, kwargs=kwargs, timeout=timeout, show_ranks=show,
+                                 nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                 master_port=master_port)
+        except (AnalysisError, ExportError) as e:
+            _fail(str(e))
+            return
+        except PortInUseError as e:
+            _fail(str(e))
+            return
+        except typer.Exit:
+            raise
+        except Exception as e:
+            _print_failure(e)
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        print("mpify: interrupted", file=sys.stderr)
+        raise typer.Exit(130)
+    sys.stdout.flush()
+    if as_json:
+        print(json.dumps(value, default=to_jsonable))
+    else:
+        print(repr(value))
+
+
+def _check_launch_options(nprocs, nnodes, node_rank, master_port, timeout) -> None:
+    """ranch's own checks, made here so that they read as user errors and nothing starts."""
+    if nprocs < 1:
+        raise ExportError(f"-n must be at least 1, got {nprocs}")
+    if nnodes < 1:
+        raise ExportError(f"--nnodes must be at least 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise ExportError(f"--node-rank must be between 0 and {nnodes - 1} (--nnodes {nnodes}), got {node_rank}")
+    if master_port is not None and not 1 <= master_port <= 65535:
+        raise ExportError(f"--master-port must be between 1 and 65535, got {master_port}")
+    if timeout is not None and timeout <= 0:
+        raise ExportError(f"--timeout must be a positive number of seconds, got {timeout}")
+
+
+def _print_failure(e: BaseException) -> None:
+    """The rank's traceback, frames named by notebook cell (see mpify.export.tracebacks)."""
+    from mpify.engine.errors import RemoteTraceback
+
+    sys.stdout.flush()
+    cause = e.__cause__
+    if isinstance(cause, RemoteTraceback):
+        text = cause.text
+    else:  # RankDiedError, LaunchTimeoutError: a one-line account, no frames of the user's
+        text = f"{type(e).__name__}: {e}\n"
+    sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    sys.stderr.flush()

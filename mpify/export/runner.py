@@ -1,0 +1,137 @@
+"""Run one function of a notebook on N ranks: slice -> script text -> private module -> ranch.
+
+Why a real module file: the ranks import the payload by name from a private temp dir, so the
+functions and classes the notebook defines pickle *by reference* (a DataLoader's workers, a
+returned object of a notebook class, the target itself), exactly as they would from a package.
+The text imported is the one `mpify export` writes (payload + main(); main() is not called here).
+
+The temp dir is made by mkdtemp (mode 0700, under $TMPDIR), the file is 0600, and both go in every
+outcome: result, error, timeout, Ctrl-C. sys.path and sys.modules are put back as well.
+
+This is what `mpify run` calls, and what a notebook cell calls to run another notebook's function:
+`mpify.run_notebook("other.ipynb", "train", 2, ddp=True, kwargs={"epochs": 1})`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from mpify.analysis import slice_notebook
+from mpify.export.errors import ExportError
+from mpify.export.payload import Payload
+from mpify.export.script import render_script
+from mpify.export.tracebacks import attach_mapped_traceback, keep_source
+
+__all__ = ["run_notebook", "prepare", "loaded_payload", "Prepared"]
+
+
+class Prepared:
+    """A notebook function ready to run: its slice, the script text and the target's parameters."""
+
+    def __init__(self, sl, payload: Payload, ddp: bool, backend: str | None):
+        self.slice = sl
+        self.payload = payload
+        self.ddp = ddp
+        self.backend = backend
+        self.warnings = list(dict.fromkeys(list(sl.warnings) + payload.notes))
+
+
+def prepare(path, fn: str, *, ddp: bool = False, backend: str | None = None, cell: int | None = None) -> Prepared:
+    """Slice `fn` out of notebook `path` and render it. Raises AnalysisError / ExportError."""
+    if backend is not None and not ddp:
+        raise ExportError("--backend needs --ddp (without DDP there is no process group)")
+    if backend not in (None, "gloo", "nccl"):
+        raise ExportError(f"--backend must be gloo or nccl, not {backend!r}")
+    sl = slice_notebook(os.fspath(path), fn, upto_cell=cell)
+    payload = render_script(sl, ddp=ddp, backend=backend, script=f"{fn}_script.py")
+    return Prepared(sl, payload, ddp, backend)
+
+
+def _module_name(notebook: str) -> str:
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(notebook))[0]) or "notebook"
+    # Unique per run: two runs in one kernel (or its forkserver's ranks) never share a cached module.
+    return f"mpify_payload_{stem}_{secrets.token_hex(4)}"
+
+
+@contextmanager
+def loaded_payload(payload: Payload) -> Iterator[tuple[Any, str]]:
+    """Write the payload to a private temp dir, import it, yield (module, file path); remove it all
+    afterwards. An exception in the notebook's module-level code is re-raised with a mapped
+    traceback (see tracebacks.py)."""
+    tmp = tempfile.mkdtemp(prefix="mpify-run-")
+    name = _module_name(payload.notebook)
+    path = os.path.join(tmp, name + ".py")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(payload.text)
+        keep_source(path, payload.text)  # frames stay readable once the file is gone
+        sys.path.insert(0, tmp)
+        try:
+            importlib.invalidate_caches()
+            try:
+                module = importlib.import_module(name)  # runs the slice's top level in this process
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                attach_mapped_traceback(exc, path, payload.line_map, payload.notebook)
+                raise
+            yield module, path
+        finally:
+            if tmp in sys.path:
+                sys.path.remove(tmp)
+            sys.modules.pop(name, None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict | None = None,
+                 **ranch_options: Any) -> Any:
+    """Run a Prepared target on `nprocs` ranks with ranch; rank 0's value (or every local rank's
+    with gather=True)."""
+    from mpify.engine.launch import ranch
+
+    with loaded_payload(prep.payload) as (module, path):
+        target = getattr(module, prep.slice.target)
+        if not callable(target):
+            raise ExportError(f"`{prep.slice.target}` in {prep.payload.notebook} is a "
+                              f"{type(target).__name__}, not a function: nothing to run")
+        ctx = ranch_options.pop("ctx", None)
+        if prep.ddp:
+            from mpify.torch_ddp import TorchDDPCtx, _ddp_ctx
+
+            ctx = _ddp_ctx(ctx, TorchDDPCtx(backend=prep.backend))
+        # partial: the target's own keywords can never collide with ranch's (timeout, gather...).
+        call = functools.partial(target, *args, **(kwargs or {}))
+        try:
+            return ranch(nprocs, call, ctx=ctx, **ranch_options)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            attach_mapped_traceback(exc, path, prep.payload.line_map, prep.payload.notebook)
+            raise
+
+
+def run_notebook(path, fn: str, nprocs: int = 1, *, ddp: bool = False, backend: str | None = None,
+                 cell: int | None = None, args: tuple = (), kwargs: dict | None = None,
+                 **ranch_options: Any) -> Any:
+    """Run function `fn` of notebook `path` on `nprocs` ranks and return rank 0's value.
+
+    What runs is what `mpify export` would write: the statements `fn` needs (as of the end of cell
+    `cell`, or of the notebook), imported from a private temp dir. `ddp=True` runs it under
+    TorchDDPCtx (`backend` gloo/nccl, or chosen). `args`/`kwargs` go to fn; other keywords go to
+    ranch (timeout, show_ranks, gather, nnodes, node_rank, master_addr, master_port, caller_rank).
+
+    Raises AnalysisError or ExportError (user errors, one line), or the rank's exception with a
+    RemoteTraceback cause whose text names notebook cells (`File "nb.ipynb", cell 5, line 8`).
+    """
+    prep = prepare(path, fn, ddp=ddp, backend=backend, cell=cell)
+    return run_prepared(prep, nprocs, tuple(args), kwargs, **ranch_options)
