@@ -39,12 +39,22 @@ def _host_store(addr: str, port: int, world_size: int) -> tuple[Any, int]:
 def _destroy_leftover_group():
     import torch.distributed as dist
 
-    was = dist.is_available() and dist.is_initialized()
+    if not dist.is_available():
+        yield
+        return
+    world = dist.distributed_c10d._world
+    was = dist.is_initialized()
+    count = getattr(world, "group_count", None)
     try:
         yield
     finally:
-        if not was and dist.is_available() and dist.is_initialized():
+        if not was and dist.is_initialized():
             dist.destroy_process_group()
+        elif not was and count is not None:
+            # torch names process groups by a per-process counter that a failed
+            # init_process_group has already bumped; fresh ranks count from 0, so a caller whose
+            # init failed once would wait forever for keys no rank writes on the next launch.
+            world.group_count = count
 
 
 rendezvous.register_torch_hooks(_host_store, _destroy_leftover_group)

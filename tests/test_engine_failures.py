@@ -86,11 +86,22 @@ def die_before_init():
     dist.init_process_group("gloo")  # rank 0 (the caller) waits here for rank 1, which never comes
 
 
+def allreduce_sum():
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return t.item()
+
+
 def test_dead_rank_while_caller_waits_in_init_process_group(no_strays):
     start = time.monotonic()
     with pytest.raises(RankDiedError, match="exit code 7"):
         ranch(2, die_before_init)
     assert time.monotonic() - start < 10
+    # The caller's failed init left nothing that breaks the next launch (torch's group counter).
+    assert ranch(2, allreduce_sum, timeout=60) == 2.0
 
 
 def test_child_failure_interrupts_caller_rank_in_python_code(no_strays):
