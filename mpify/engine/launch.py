@@ -59,7 +59,7 @@ class Child:
     proc: Any
     result_r: Any
     alive_w: Any
-    streams: dict = field(default_factory=dict)  # fd -> LineForwarder
+    streams: dict = field(default_factory=dict)  # output pipe (Connection) -> LineForwarder
     outcome: tuple | None = None  # the message it sent
     exited: bool = False
 
@@ -102,7 +102,6 @@ class Launch:
         self._control_r, self._control_w = os.pipe()
         self._supervisor: threading.Thread | None = None
         self._stopper: threading.Thread | None = None
-        self._finishing = False
 
     # ---- starting -------------------------------------------------------------------------
     def start(self, launch: bytes | None, stdout, stderr) -> None:
@@ -123,7 +122,7 @@ class Launch:
                 out_r, out_w = mpctx.Pipe(duplex=False)
                 err_r, err_w = mpctx.Pipe(duplex=False)
                 proc = Process(target=rank_main, name=f"mpify-rank{rank}",
-                                     args=(spec, launch, result_w, alive_r, out_w, err_w))
+                               args=(spec, launch, result_w, alive_r, out_w, err_w))
                 child = Child(rank, local, proc, result_r, alive_w)
                 child.streams = {out_r: LineForwarder(rank, stdout, self.show(rank)),
                                  err_r: LineForwarder(rank, stderr, self.show(rank))}
@@ -267,7 +266,7 @@ class Launch:
             self.guard.interrupted.set()
             self.begin_stop("interrupt")
         except BaseException as exc:
-            if self.stop_reason is None:
+            if self.stop_reason is None and self.children:
                 # A child's failure may be the cause and be a moment away from being seen.
                 self._child_failed.wait(SETTLE)
             self.record(Failure(self._caller_global_rank(), time.monotonic(), exc))
