@@ -142,6 +142,9 @@ def test_grandchildren_are_gone_when_ranch_returns(no_strays, outcome, tmp_path)
         pids = spawn_grandchildren()
         record.open("a").write(" ".join(map(str, pids)) + "\n")
         if outcome == "raise":
+            deadline = time.monotonic() + 30
+            while len(record.read_text().splitlines()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)  # both ranks have started their workers before one fails
             raise RuntimeError("after starting workers")
         return pids
 

@@ -29,7 +29,7 @@ import multiprocess.connection as mpc
 from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.child import RankSpec, rank_main, run_rank
 from mpify.engine.env import Topology, patched_environ, rank_env
-from mpify.engine.errors import LaunchTimeoutError, RankDiedError, RankRaisedError, RemoteTraceback
+from mpify.engine.errors import LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError, RemoteTraceback
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.output import LineForwarder, rank_filter
 
@@ -102,6 +102,7 @@ class Launch:
         self._control_r, self._control_w = os.pipe()
         self._supervisor: threading.Thread | None = None
         self._stopper: threading.Thread | None = None
+        self.internal_error: BaseException | None = None
 
     # ---- starting -------------------------------------------------------------------------
     def start(self, launch: bytes | None, stdout, stderr) -> None:
@@ -151,6 +152,14 @@ class Launch:
         return table
 
     def _supervise(self) -> None:
+        try:
+            self._supervise_loop()
+        except BaseException as exc:  # a bug here must not leave the caller waiting forever
+            self.internal_error = exc
+            self.begin_stop("internal error")
+            raise
+
+    def _supervise_loop(self) -> None:
         self._drain_until = None
         while True:
             if self._drain_until is not None:
@@ -200,6 +209,8 @@ class Launch:
                 child.outcome = serialize.loads(child.result_r.recv_bytes())
         except (EOFError, OSError):
             child.result_r.close()
+            return
+        if child.outcome is None:  # nothing sent (a grandchild may still hold the pipe open)
             return
         if child.outcome[0] == "err":
             self.record(Failure(child.rank, child.outcome[2], _rebuild(child.outcome)))
@@ -310,6 +321,8 @@ class Launch:
     def outcome(self) -> Any:
         if self.guard.interrupted.is_set():
             raise KeyboardInterrupt()
+        if self.internal_error is not None:
+            raise MpifyError("mpify's launch supervisor failed; every rank was stopped") from self.internal_error
         causes = sorted((f for f in self.failures if f.when <= self.stop_time), key=lambda f: f.when)
         if causes:
             first = causes[0]
