@@ -125,6 +125,28 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tmpdir_, no_strays, case, arg
     assert "Traceback" not in r.stderr
 
 
+def test_two_nodes_of_two_ranks(tmpdir_, no_strays):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [MPIFY, "run", HELLO, "--fn", "rank_sum", "--ddp", "-n", "2", "--nnodes", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "--node-rank"]
+    nodes = [subprocess.Popen(cmd + [str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env_with_tmp(tmpdir_), start_new_session=True) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    assert outs[0][0] == repr({"world_size": 4, "sum": 10.0}) + "\n"  # 1 + 2 + 3 + 4
+    assert outs[1][0] == ""  # only global rank 0 prints the value
+    assert [wait_session_gone(p.pid) for p in nodes] == [[], []]
+
+
 def test_target_help_lists_its_options(tmpdir_, no_strays):
     r = mpify("run", DDP, "--fn", "train", "--", "--help", tmpdir=tmpdir_)
     assert r.returncode == 0

@@ -116,6 +116,8 @@ def run(
         print("mpify: interrupted", file=sys.stderr)
         raise typer.Exit(130)
     sys.stdout.flush()
+    if node_rank != 0:  # the value printed is global rank 0's, as the exported script does
+        return
     if as_json:
         print(json.dumps(value, default=to_jsonable))
     else:
