@@ -103,6 +103,12 @@ class Launch:
         self._supervisor: threading.Thread | None = None
         self._stopper: threading.Thread | None = None
         self.internal_error: BaseException | None = None
+        # An exception that interrupted the caller's rank is kept (with its frames) until the
+        # launch is over: its frames may hold the last reference to a DDP model, and freeing that
+        # while gloo's worker thread still finishes an aborted all-reduce deadlocks in torch (the
+        # ProcessGroupGloo destructor joins that thread holding the GIL, and the thread needs the
+        # GIL to let go of its work). After teardown the workers are idle and freeing is safe.
+        self.kept_alive: BaseException | None = None
 
     # ---- starting -------------------------------------------------------------------------
     def start(self, launch: bytes | None, stdout, stderr) -> None:
@@ -271,9 +277,10 @@ class Launch:
         try:
             with patched_environ(env), rendezvous.caller_group_guard():
                 self.caller_value = run_rank(fn, args, kwargs, ctx, imports, need)
-        except RankAborted:
-            pass
-        except KeyboardInterrupt:
+        except RankAborted as exc:
+            self.kept_alive = exc
+        except KeyboardInterrupt as exc:
+            self.kept_alive = exc
             self.guard.interrupted.set()
             self.begin_stop("interrupt")
         except BaseException as exc:
