@@ -31,7 +31,7 @@ SAMPLE_CALLS = {
 OWN = {
     "mutations_magics": ([
         "md:# mutations, magics, star import",
-        "import random, math\n%matplotlib inline\nfrom collections import *",
+        "import random, math\n%load_ext autoreload\nfrom collections import *",
         "random.seed(1)\nCONFIG = {'scale': 2}\nitems = []",
         "%%time\nfor i in range(5):\n    items.append(random.randint(0, 100))",
         "# scale, then shift\ndef helper(v):\n    return v * CONFIG['scale'] + OFFSET",

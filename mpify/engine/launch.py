@@ -99,6 +99,7 @@ class Launch:
         self._lock = threading.Lock()
         self._done = threading.Event()  # every child finished, or the stop began
         self._child_failed = threading.Event()
+        self._exits = threading.Condition()  # notified by the supervisor as each child exits
         self._control_r, self._control_w = os.pipe()
         self._supervisor: threading.Thread | None = None
         self._stopper: threading.Thread | None = None
@@ -109,6 +110,7 @@ class Launch:
         # ProcessGroupGloo destructor joins that thread holding the GIL, and the thread needs the
         # GIL to let go of its work). After teardown the workers are idle and freeing is safe.
         self.kept_alive: BaseException | None = None
+        self.signals_sent: dict[int, set] = {}  # pid -> signals the stop sent it
 
     # ---- starting -------------------------------------------------------------------------
     def start(self, launch: bytes | None, stdout, stderr) -> None:
@@ -223,16 +225,20 @@ class Launch:
         self._check_done()
 
     def _on_exit(self, child: Child) -> None:
-        child.proc.join(1.0)
-        child.exited = True
+        child.proc.join(1.0)  # only this thread reads exit codes (see teardown.rank_alive)
+        with self._exits:
+            child.exited = True
+            self._exits.notify_all()
         if child.outcome is None and not child.result_r.closed:
             self._read_result(child, block=False)
         if child.outcome is None:
-            code = child.proc.exitcode
+            code = child.proc.exitcode if child.proc.exitcode is not None else -signal.SIGKILL
             now = time.monotonic()
-            # Backdated only if the stop had not begun: a rank dying after it is our doing.
-            when = now if now >= self.stop_time else now - DEATH_SLACK
-            self.record(Failure(child.rank, when, RankDiedError(child.rank, code if code is not None else -9)))
+            # A death by a signal that the stop sent is our doing (dated now, after the stop:
+            # not a cause); any other death is backdated (see DEATH_SLACK).
+            ours = code < 0 and -code in self.signals_sent.get(child.proc.pid, ())
+            when = now if ours else now - DEATH_SLACK
+            self.record(Failure(child.rank, when, RankDiedError(child.rank, code)))
         self._check_done()
 
     def _check_done(self) -> None:
@@ -265,8 +271,8 @@ class Launch:
             # (on an interrupt the caller's own SIGINT handler raises KeyboardInterrupt already)
             self.guard.abort_caller_rank()
         first = signal.SIGINT if reason in ("interrupt", "timeout") else signal.SIGTERM
-        procs = [c.proc for c in self.children]
-        self._stopper = threading.Thread(target=teardown.stop_ranks, args=(procs, first),
+        pids = [c.proc.pid for c in self.children]
+        self._stopper = threading.Thread(target=teardown.stop_ranks, args=(pids, first, self.signals_sent),
                                          name="mpify-stopper", daemon=True)
         self._stopper.start()
         self._done.set()
@@ -299,15 +305,15 @@ class Launch:
     # ---- teardown --------------------------------------------------------------------------
     def teardown(self) -> None:
         """Nothing this launch started outlives this call."""
-        procs = [c.proc for c in self.children if c.proc.pid is not None]
+        pids = [c.proc.pid for c in self.children if c.proc.pid is not None]
         if self.stop_reason is None:
-            deadline = time.monotonic() + EXIT_GRACE
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-            teardown.stop_ranks(procs, first=signal.SIGTERM)
+            # Ranks that sent their outcome are exiting by themselves; the supervisor sees them go.
+            with self._exits:
+                self._exits.wait_for(lambda: all(c.exited for c in self.children), EXIT_GRACE)
+            teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self.signals_sent)
         elif self._stopper is not None:
             self._stopper.join()
-        teardown.sweep_groups(procs)
+        teardown.sweep_groups(pids)
         for c in self.children:
             c.alive_w.close()
         if self._supervisor is not None:

@@ -31,26 +31,41 @@ def group_alive(pid: int) -> bool:
         return False
 
 
-def stop_ranks(procs: Iterable, first: int = signal.SIGINT) -> None:
-    """Bring every rank process and its group down, escalating from `first` to SIGKILL."""
-    procs = [p for p in procs if p.pid is not None]
+def rank_alive(pid: int) -> bool:
+    """The rank or anything in its group still runs. Checked by signal 0 only: the supervisor
+    thread alone reads the processes' exit codes (two readers of one multiprocess sentinel race,
+    and the loser sees exit code 255)."""
+    if group_alive(pid):
+        return True
+    try:
+        os.kill(pid, 0)  # a rank that has not yet made its own group
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | None = None) -> None:
+    """Bring every rank process and its group down, escalating from `first` to SIGKILL.
+    `sent` (pid -> set of signals) records what was sent, so a death can be told apart from
+    one this teardown caused."""
+    pids = [pid for pid in pids if pid is not None]
     ladder = [(signal.SIGINT, GRACE_SIGINT), (signal.SIGTERM, GRACE_SIGTERM), (signal.SIGKILL, 5.0)]
     start = [sig for sig, _ in ladder].index(first)
     for sig, grace in ladder[start:]:
-        live = [p for p in procs if p.exitcode is None or group_alive(p.pid)]
+        live = [pid for pid in pids if rank_alive(pid)]
         if not live:
             break
-        for p in live:
-            _signal_rank(p.pid, sig)
+        for pid in live:
+            if sent is not None:
+                sent.setdefault(pid, set()).add(sig)
+            _signal_rank(pid, sig)
         deadline = time.monotonic() + grace
-        for p in live:
-            p.join(max(0.0, deadline - time.monotonic()))
-        while time.monotonic() < deadline and any(group_alive(p.pid) for p in live):
-            time.sleep(0.02)
+        while time.monotonic() < deadline and any(rank_alive(pid) for pid in live):
+            time.sleep(0.01)
 
 
-def sweep_groups(procs: Iterable) -> None:
+def sweep_groups(pids: Iterable[int]) -> None:
     """After ranks have exited by themselves, kill whatever their groups still hold."""
-    for p in procs:
-        if p.pid is not None and group_alive(p.pid):
-            _signal_rank(p.pid, signal.SIGKILL)
+    for pid in pids:
+        if pid is not None and group_alive(pid):
+            _signal_rank(pid, signal.SIGKILL)
