@@ -8,6 +8,10 @@ The text imported is the one `mpify export` writes (payload + main(); main() is 
 The temp dir is made by mkdtemp (mode 0700, under $TMPDIR), the file is 0600, and both go in every
 outcome: result, error, timeout, Ctrl-C. sys.path and sys.modules are put back as well.
 
+The notebook runs as Jupyter runs it: in the notebook's own directory (a data file it opens by a
+relative path is the one next to it) with that directory on sys.path (a module next to it imports).
+The working directory is put back afterwards; the ranks inherit it, as they inherit the caller's.
+
 This is what `mpify run` calls, and what a notebook cell calls to run another notebook's function:
 `mpify.run_notebook("other.ipynb", "train", 2, ddp=True, kwargs={"epochs": 1})`.
 """
@@ -25,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from mpify.analysis import slice_notebook
+from mpify.engine.errors import MpifyError, RemoteTraceback
 from mpify.export.errors import ExportError
 from mpify.export.payload import Payload
 from mpify.export.script import render_script
@@ -62,10 +67,27 @@ def _module_name(notebook: str) -> str:
 
 
 @contextmanager
+def _in_notebook_dir(notebook: str) -> Iterator[None]:
+    """cwd = the notebook's directory, which is also on sys.path (as in its Jupyter kernel)."""
+    nb_dir = os.path.dirname(os.path.abspath(notebook))
+    old_cwd = os.getcwd()
+    added = nb_dir not in sys.path
+    if added:
+        sys.path.insert(0, nb_dir)
+    os.chdir(nb_dir)
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if added and nb_dir in sys.path:
+            sys.path.remove(nb_dir)
+
+
+@contextmanager
 def loaded_payload(payload: Payload) -> Iterator[tuple[Any, str]]:
     """Write the payload to a private temp dir, import it, yield (module, file path); remove it all
     afterwards. An exception in the notebook's module-level code is re-raised with a mapped
-    traceback (see tracebacks.py)."""
+    traceback (see tracebacks.py). Runs in the notebook's directory (see above)."""
     tmp = tempfile.mkdtemp(prefix="mpify-run-")
     name = _module_name(payload.notebook)
     path = os.path.join(tmp, name + ".py")
@@ -74,21 +96,22 @@ def loaded_payload(payload: Payload) -> Iterator[tuple[Any, str]]:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(payload.text)
         keep_source(path, payload.text)  # frames stay readable once the file is gone
-        sys.path.insert(0, tmp)
-        try:
-            importlib.invalidate_caches()
+        with _in_notebook_dir(payload.notebook):
+            sys.path.insert(0, tmp)
             try:
-                module = importlib.import_module(name)  # runs the slice's top level in this process
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:
-                attach_mapped_traceback(exc, path, payload.line_map, payload.notebook)
-                raise
-            yield module, path
-        finally:
-            if tmp in sys.path:
-                sys.path.remove(tmp)
-            sys.modules.pop(name, None)
+                importlib.invalidate_caches()
+                try:
+                    module = importlib.import_module(name)  # runs the slice's top level in this process
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
+                    attach_mapped_traceback(exc, path, payload.line_map, payload.notebook)
+                    raise
+                yield module, path
+            finally:
+                if tmp in sys.path:
+                    sys.path.remove(tmp)
+                sys.modules.pop(name, None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -116,7 +139,10 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
-            attach_mapped_traceback(exc, path, prep.payload.line_map, prep.payload.notebook)
+            # mpify's own account of a launch (a timeout, a rank that died, a result that cannot
+            # come back) has no frames of the user's: it keeps its one line.
+            if not isinstance(exc, MpifyError) or isinstance(exc.__cause__, RemoteTraceback):
+                attach_mapped_traceback(exc, path, prep.payload.line_map, prep.payload.notebook)
             raise
 
 
