@@ -237,3 +237,27 @@ def test_show_ranks_filters_output(no_strays, monkeypatch):
     monkeypatch.setattr(sys, "stdout", sink)
     ranch(3, lambda: print("hi from", os.environ["RANK"]), caller_rank=None, show_ranks=[2])
     assert sink.getvalue().splitlines() == ["[rank 2] hi from 2"]
+
+
+def test_rank_lines_never_split_the_callers_own_lines(no_strays, monkeypatch):
+    sink = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", sink)
+
+    def chatter():
+        rank = int(os.environ["RANK"])
+        for i in range(100):
+            if rank == 0:  # the caller: like print(), text and newline in separate writes
+                sys.stdout.write(f"caller {i}")
+                time.sleep(0.002)
+                sys.stdout.write("\n")
+            else:
+                print(f"child {i}", flush=True)
+        return rank
+
+    assert ranch(3, chatter) == 0
+    lines = sink.getvalue().splitlines()
+    import re
+    bad = [line for line in lines if not re.fullmatch(r"caller \d+|\[rank [12]\] child \d+", line)]
+    assert not bad, bad[:5]
+    assert len(lines) == 300
+    assert sys.stdout is sink  # the caller's stream is put back

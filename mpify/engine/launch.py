@@ -31,7 +31,7 @@ from mpify.engine.child import RankSpec, rank_main, run_rank
 from mpify.engine.env import Topology, patched_environ, rank_env
 from mpify.engine.errors import LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError, RemoteTraceback
 from mpify.engine.interrupts import InterruptGuard, RankAborted
-from mpify.engine.output import LineForwarder, rank_filter
+from mpify.engine.output import LineForwarder, LineGate, rank_filter
 
 # A death is only seen after it happened, while a rank blocked on the dead one may raise
 # (e.g. gloo's "Connection closed by peer") a moment before the supervisor notices. Deaths are
@@ -356,6 +356,25 @@ class Launch:
 
 
 @contextmanager
+def _gated(out: LineGate, err: LineGate, caller_prints: bool) -> Iterator[None]:
+    """While the caller runs a rank, its sys.stdout/sys.stderr go through the gates (whose
+    `write_lines` the ranks' forwarders use); afterwards they are put back, unless fn itself
+    replaced them meanwhile."""
+    if not caller_prints:
+        yield
+        return
+    before = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield
+    finally:
+        if sys.stdout is out:
+            sys.stdout = before[0]
+        if sys.stderr is err:
+            sys.stderr = before[1]
+
+
+@contextmanager
 def _removing(writer: shm.ShmWriter) -> Iterator[None]:
     try:
         yield
@@ -436,8 +455,8 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     blob = None
     writer = shm.ShmWriter()
     want_store = bool(getattr(ctx, "mpify_hosts_store", False))
-    stdout, stderr = sys.stdout, sys.stderr
-    with InterruptGuard() as guard, _removing(writer):
+    stdout, stderr = LineGate(sys.stdout), LineGate(sys.stderr)
+    with InterruptGuard() as guard, _removing(writer), _gated(stdout, stderr, caller_rank is not None):
         if has_children:
             shm.sweep_stale()
             blob = serialize.dumps_launch(fn, args, kwargs, {"ctx": ctx, "need": needed, "imports": imports}, writer)

@@ -7,7 +7,62 @@ cell that started it), one whole line at a time, never interleaved mid-line betw
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterable, TextIO
+
+# How long a rank's line waits for the caller's rank to finish the line it is printing (print()
+# writes the text and the newline separately); a line left open longer (a progress bar redrawn
+# with '\r') is not waited for.
+PATIENCE = 0.2
+
+
+class LineGate:
+    """Stands in for the caller's sys.stdout / sys.stderr during a launch, so that the ranks'
+    lines are written between the caller's own lines, never into the middle of one.
+
+    Everything but `write` is the wrapped stream's (fileno, encoding, isatty, getvalue...)."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._cond = threading.Condition()
+        self._at_line_start = True
+        self._waiting = 0  # ranks' forwarders waiting for the caller's line to end
+        self._lines = 0  # line ends the caller has written
+        self._gave_up_on = -1  # the caller's line a forwarder stopped waiting for
+
+    def write(self, text: str) -> int:
+        with self._cond:
+            if text and self._at_line_start and self._waiting:
+                # A rank's lines are waiting for this line break: let them in before a new line.
+                self._cond.wait_for(lambda: not self._waiting, timeout=PATIENCE)
+            n = self._stream.write(text)
+            if text:
+                self._at_line_start = text.endswith("\n")
+                if self._at_line_start:
+                    self._lines += 1
+                    self._cond.notify_all()
+            return n
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def write_lines(self, text: str) -> None:
+        """Whole lines from a rank: after the caller's current line, if it ends soon."""
+        with self._cond:
+            self._waiting += 1
+            try:
+                if self._gave_up_on != self._lines:  # waited in vain on this very line already
+                    if not self._cond.wait_for(lambda: self._at_line_start, timeout=PATIENCE):
+                        self._gave_up_on = self._lines
+                self._stream.write(text)
+                self._stream.flush()
+            finally:
+                self._waiting -= 1
+                self._cond.notify_all()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def rank_filter(show_ranks: None | int | Iterable[int]) -> Callable[[int], bool]:
@@ -48,8 +103,11 @@ class LineForwarder:
     def _emit(self, lines: list[bytes]) -> None:
         text = "".join(self.prefix + self._last_frame(line) + "\n" for line in lines)
         try:
-            self.sink.write(text)
-            self.sink.flush()
+            if isinstance(self.sink, LineGate):
+                self.sink.write_lines(text)
+            else:
+                self.sink.write(text)
+                self.sink.flush()
         except (OSError, ValueError):  # the caller's stream was closed; nothing left to show it on
             pass
 
