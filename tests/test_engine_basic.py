@@ -178,6 +178,8 @@ def test_original_mpify_keywords(no_strays):
     (lambda: ranch(2, print, timeout=0), ValueError, "timeout"),
     (lambda: ranch(2, print, nnodes=2, node_rank=2), ValueError, "node_rank"),
     (lambda: ranch(2, print, show_ranks=True), TypeError, "show_ranks"),
+    (lambda: ranch(2, print, show_ranks="x"), TypeError, "show_ranks"),
+    (lambda: ranch(2, print, show_ranks=[1.5]), TypeError, "show_ranks"),
 ])
 def test_bad_arguments_fail_before_anything_starts(no_strays, call, exc, text):
     with pytest.raises(exc, match=text):

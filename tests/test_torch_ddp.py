@@ -192,3 +192,33 @@ def test_twenty_launches_from_one_kernel(kernel_name, tmp_path):
     run_notebook(nb, kernel_name, cwd=tmp_path)
     out = [o for o in nb.cells[0].outputs if o.output_type == "execute_result"]
     assert out and out[0]["data"]["text/plain"] == "(True, False)", nb.cells[0].outputs
+
+
+def rank1_fails_others_wait():
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 fails")
+    dist.barrier()
+
+
+@pytest.mark.parametrize("caller_rank", [0, None])
+def test_the_rank_that_raised_is_the_cause_not_its_peers(no_strays, caller_rank):
+    # Leaving TorchDDPCtx destroys the group and the waiting ranks fail with "Connection closed
+    # by peer"; the rank that raised first must be the one reported. Several launches in a row
+    # also cover a rank failing while a peer is still inside init_process_group.
+    for _ in range(5):
+        with pytest.raises(ValueError, match="rank 1 fails") as info:
+            torchddp_launch(3, rank1_fails_others_wait, caller_rank=caller_rank, timeout=60)
+        assert info.value.mpify_rank == 1 and info.value.mpify_failed_ranks == [1]
+
+
+def caller_fails_holding_the_group():
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        raise KeyError("rank 0 fails while holding the process group")
+    dist.barrier()
+
+
+def test_callers_own_failure_is_the_cause(no_strays):
+    with pytest.raises(KeyError, match="rank 0 fails") as info:
+        ranch(2, caller_fails_holding_the_group, timeout=60)
+    assert info.value.mpify_rank == 0 and info.value.mpify_failed_ranks == [0]

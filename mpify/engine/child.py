@@ -53,9 +53,10 @@ def enter_ctx(ctx: Any):
 
 
 def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "",
-             need: dict | None = None) -> Any:
+             need: dict | None = None, on_raise: Callable[[BaseException], None] | None = None) -> Any:
     """Run `fn(*args, **kwargs)` inside ctx. `need` and `imports` are the original mpify's way
-    of naming globals and import lines that fn needs; they land in fn's globals."""
+    of naming globals and import lines that fn needs; they land in fn's globals. `on_raise` is
+    called with fn's exception before ctx exits."""
     glb = getattr(fn, "__globals__", None)
     if glb is None:
         import __main__
@@ -68,18 +69,39 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
         _in_fn.set()
         try:
             return fn(*args, **kwargs)
+        except BaseException as exc:
+            # Dated here, before ctx's exit runs: TorchDDPCtx's destroy_process_group is what
+            # makes the other ranks fail, and the rank that raised first must stay the earliest.
+            stamp_failure(exc)
+            if on_raise is not None:
+                on_raise(exc)
+            raise
         finally:
             _in_fn.clear()
 
 
+def stamp_failure(exc: BaseException) -> float:
+    """When `exc` was raised in fn (CLOCK_MONOTONIC, comparable across the machine's processes)."""
+    when = getattr(exc, "__mpify_when__", None)
+    if when is None:
+        when = time.monotonic()
+        try:
+            exc.__mpify_when__ = when
+        except (AttributeError, TypeError):  # exceptions with __slots__
+            pass
+    return when
+
+
 def error_message(rank: int, exc: BaseException) -> tuple:
-    """("err", rank, when, pickled exception or None, type name, message, traceback text)."""
-    when = time.monotonic()
+    """("err", rank, when, pickled exception or None, type name, message, traceback text).
+
+    The traceback travels as text (shown by the caller as the exception's cause), not as
+    rebuilt frames: IPython draws a rebuilt frame's source from a stub code object and points at
+    the wrong line."""
+    when = stamp_failure(exc)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        from tblib import pickling_support
-        pickling_support.install(exc)
-        blob = serialize.dumps(exc)
+        blob = serialize.dumps(exc.with_traceback(None))
         serialize.loads(blob)  # what cannot be rebuilt here cannot be rebuilt in the caller either
     except Exception:
         blob = None
@@ -116,14 +138,24 @@ def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) ->
     os.environ.update(spec.environ)
     os.chdir(spec.cwd)
     sys.path[:] = spec.sys_path
+    sent = []
+
+    def report(message: tuple) -> None:
+        """Send this rank's one message (the first outcome wins)."""
+        if not sent:
+            sent.append(message)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            result_w.send_bytes(serialize.dumps(message))
+
     try:
         fn, args, kwargs, extra = serialize.loads(launch)
-        value = run_rank(fn, args, kwargs, extra.get("ctx"), extra.get("imports", ""), extra.get("need"))
+        # fn's exception is reported before ctx exits: leaving TorchDDPCtx destroys the process
+        # group, the other ranks fail at once, and the stop that follows may not wait for us.
+        value = run_rank(fn, args, kwargs, extra.get("ctx"), extra.get("imports", ""), extra.get("need"),
+                         on_raise=lambda exc: report(error_message(spec.rank, exc)))
         blob = serialize.dumps_result(spec.rank, value) if spec.send_result else None
-        message = ("ok", spec.rank, time.monotonic(), blob)
+        report(("ok", spec.rank, time.monotonic(), blob))
     except BaseException as exc:  # KeyboardInterrupt and SystemExit are a rank's outcome too
-        message = error_message(spec.rank, exc)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    result_w.send_bytes(serialize.dumps(message))
+        report(error_message(spec.rank, exc))
     result_w.close()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import multiprocess.connection as mpc
 
 from mpify.engine import rendezvous, serialize, shm, starter, teardown
-from mpify.engine.child import RankSpec, rank_main, run_rank
+from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, patched_environ, rank_env
 from mpify.engine.errors import LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError, RemoteTraceback
 from mpify.engine.interrupts import InterruptGuard, RankAborted
@@ -37,12 +37,18 @@ from mpify.engine.output import LineForwarder, LineGate, rank_filter
 # (e.g. gloo's "Connection closed by peer") a moment before the supervisor notices. Deaths are
 # dated this much earlier so that the dead rank, the cause, is reported rather than its victim.
 DEATH_SLACK = 0.5
-# When the caller's rank fails, how long to wait for a child's earlier failure to arrive.
-SETTLE = 0.3
 # How long ranks that returned may take to exit before they are stopped.
 EXIT_GRACE = 5.0
 # How long to keep reading output once every rank is gone (an escaped grandchild may hold a pipe).
 DRAIN_GRACE = 1.0
+# MPIFY_DEBUG=1: the supervisor's events on the caller's real stderr, for bug reports.
+DEBUG = os.environ.get("MPIFY_DEBUG", "") not in ("", "0")
+
+
+def _debug(*parts: Any) -> None:
+    if DEBUG:
+        sys.__stderr__.write(f"[mpify {time.monotonic():.3f}] " + " ".join(map(str, parts)) + "\n")
+        sys.__stderr__.flush()
 
 
 @dataclass
@@ -71,7 +77,7 @@ def _rebuild(message: tuple) -> BaseException:
         try:
             exc = serialize.loads(blob)
             if isinstance(exc, BaseException):
-                exc.__cause__ = exc.__cause__ or RemoteTraceback(tb_text)
+                exc.__cause__ = RemoteTraceback(tb_text)  # the rank's whole traceback, chain included
                 return exc
         except Exception:  # the type exists only in the rank: report it by name below
             pass
@@ -98,7 +104,6 @@ class Launch:
         self.stop_time = float("inf")
         self._lock = threading.Lock()
         self._done = threading.Event()  # every child finished, or the stop began
-        self._child_failed = threading.Event()
         self._exits = threading.Condition()  # notified by the supervisor as each child exits
         self._control_r, self._control_w = os.pipe()
         self._supervisor: threading.Thread | None = None
@@ -139,6 +144,7 @@ class Launch:
                 proc.start()
                 for end in (result_w, alive_r, out_w, err_w):
                     end.close()
+        _debug("started", [(c.rank, c.proc.pid) for c in self.children], "port", self.meeting.port)
         self._supervisor = threading.Thread(target=self._supervise, name="mpify-supervisor", daemon=True)
         self._supervisor.start()
         if not self.children:
@@ -218,6 +224,7 @@ class Launch:
         except (EOFError, OSError):
             child.result_r.close()
             return
+        _debug("message from rank", child.rank, child.outcome and child.outcome[0])
         if child.outcome is None:  # nothing sent (a grandchild may still hold the pipe open)
             return
         if child.outcome[0] == "err":
@@ -226,6 +233,7 @@ class Launch:
 
     def _on_exit(self, child: Child) -> None:
         child.proc.join(1.0)  # only this thread reads exit codes (see teardown.rank_alive)
+        _debug("rank", child.rank, "exited with", child.proc.exitcode)
         with self._exits:
             child.exited = True
             self._exits.notify_all()
@@ -249,10 +257,9 @@ class Launch:
 
     # ---- failures and stopping -----------------------------------------------------------
     def record(self, failure: Failure) -> None:
+        _debug("failure of rank", failure.rank, type(failure.error).__name__, "at", f"{failure.when:.3f}")
         with self._lock:
             self.failures.append(failure)
-        if failure.rank != self._caller_global_rank():
-            self._child_failed.set()
         if failure.when < self.stop_time:
             self.begin_stop("failure")
 
@@ -266,6 +273,7 @@ class Launch:
                 return
             self.stop_reason = reason
             self.stop_time = time.monotonic()
+        _debug("stop:", reason)
         self.meeting.close()
         if self.caller_rank is not None and reason != "interrupt":
             # (on an interrupt the caller's own SIGINT handler raises KeyboardInterrupt already)
@@ -280,9 +288,18 @@ class Launch:
     # ---- the caller's rank -----------------------------------------------------------------
     def run_caller(self, fn, args, kwargs, ctx, imports, need) -> None:
         env = rank_env(self.topo, self.caller_rank, self.meeting.addr, self.meeting.port, self.meeting.env)
+        recorded = []
+
+        def on_raise(exc: BaseException) -> None:
+            # Recorded before ctx exits, as a child reports: the stop starts before this rank's
+            # TorchDDPCtx destroys the group, so the ranks failing from that are not causes.
+            if not isinstance(exc, (RankAborted, KeyboardInterrupt)):
+                recorded.append(exc)
+                self.record(Failure(self._caller_global_rank(), stamp_failure(exc), exc))
+
         try:
             with patched_environ(env), rendezvous.caller_group_guard():
-                self.caller_value = run_rank(fn, args, kwargs, ctx, imports, need)
+                self.caller_value = run_rank(fn, args, kwargs, ctx, imports, need, on_raise=on_raise)
         except RankAborted as exc:
             self.kept_alive = exc
         except KeyboardInterrupt as exc:
@@ -290,10 +307,8 @@ class Launch:
             self.guard.interrupted.set()
             self.begin_stop("interrupt")
         except BaseException as exc:
-            if self.stop_reason is None and self.children:
-                # A child's failure may be the cause and be a moment away from being seen.
-                self._child_failed.wait(SETTLE)
-            self.record(Failure(self._caller_global_rank(), time.monotonic(), exc))
+            if not recorded:  # raised by ctx itself (enter or exit), not by fn
+                self.record(Failure(self._caller_global_rank(), stamp_failure(exc), exc))
 
     def wait(self) -> None:
         try:

@@ -69,11 +69,18 @@ def rank_filter(show_ranks: None | int | Iterable[int]) -> Callable[[int], bool]
     """show_ranks: None shows every rank, an int or an iterable of ints shows only those."""
     if show_ranks is None:
         return lambda rank: True
-    if isinstance(show_ranks, bool):
-        raise TypeError("show_ranks must be None, a rank number or a collection of rank numbers")
+    problem = TypeError("show_ranks must be None, a rank number or a collection of rank numbers, "
+                        f"not {show_ranks!r}")
+    if isinstance(show_ranks, (bool, str, bytes)):
+        raise problem
     if isinstance(show_ranks, int):
         show_ranks = (show_ranks,)
-    wanted = frozenset(int(r) for r in show_ranks)
+    try:
+        wanted = frozenset(show_ranks)
+    except TypeError:
+        raise problem from None
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in wanted):
+        raise problem
     return wanted.__contains__
 
 

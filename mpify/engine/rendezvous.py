@@ -61,6 +61,17 @@ class Meeting:
         self.store = None
 
 
+def _agent_env() -> dict:
+    """What the ranks need to join a store the launcher hosts, as under torchrun's agent.
+
+    TORCH_DIST_INIT_BARRIER=1 (unless the user set it): init_process_group ends with a barrier
+    on the store. Without it a rank can finish init, fail and die while another is still
+    connecting to it inside gloo's init, which retries a refused connection for the whole
+    timeout (30 min by default) where no signal and no closed store can reach it."""
+    return {"TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCH_DIST_INIT_BARRIER": os.environ.get("TORCH_DIST_INIT_BARRIER", "1")}
+
+
 def free_port(addr: str = "") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
@@ -88,12 +99,12 @@ def meet(master_addr: str | None, master_port: int | None, world_size: int, node
     host = _store_host if (want_store or nnodes > 1 or "torch" in sys.modules) else None
     if host is not None and node_rank == 0:
         store, port = host(addr, port, world_size)
-        return Meeting(addr, port, store, {"TORCHELASTIC_USE_AGENT_STORE": "True"})
+        return Meeting(addr, port, store, _agent_env())
     if nnodes > 1:
         if not port:
             raise ValueError("a multi-node launch needs master_port (or MASTER_PORT) on every node")
         # Node 0's launcher hosts the store (torch is required for multi-node launches).
-        return Meeting(addr, port, None, {"TORCHELASTIC_USE_AGENT_STORE": "True"})
+        return Meeting(addr, port, None, _agent_env())
     if port:
         _check_port_free(port)
         return Meeting(addr, port)

@@ -23,7 +23,7 @@ import multiprocess as mp
 # each rank is what makes spawn slow. Order matters: numpy before torch, as torch imports it.
 HEAVY_MODULES = ("numpy", "torch")
 # Always preloaded: what every rank runs before the user's function.
-BASE_MODULES = ("dill", "tblib", "mpify.engine.child")
+BASE_MODULES = ("dill", "mpify.engine.child")
 # Variables read once when those modules are imported (thread pools, library paths).
 _IMPORT_TIME_ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "LD_", "PYTHON", "TORCH_", "KMP_")
 
