@@ -48,3 +48,14 @@ def run_notebook(nb, kernel_name, cwd=None, timeout=300):
                             resources={"metadata": {"path": str(cwd or os.getcwd())}})
     client.execute()
     return nb
+
+
+@pytest.fixture
+def tmpdir_(tmp_path):
+    """A TMPDIR of the test's own for `mpify run`/`export`: nothing may be left in it."""
+    from export_helpers import leftovers
+
+    d = tmp_path / "tmproot"
+    d.mkdir()
+    yield d
+    assert leftovers(d) == [], "mpify run left files in the temp root"

@@ -13,19 +13,12 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from export_helpers import MPIFY, SAMPLES, env_with_tmp, leftovers, mpify, wait_session_gone
+from export_helpers import MPIFY, SAMPLES, env_with_tmp, mpify, wait_session_gone
 
 HELLO = str(SAMPLES / "hello_ranks.ipynb")
 LOADER = str(SAMPLES / "dataloader_workers.ipynb")
 DDP = str(SAMPLES / "ddp_train.ipynb")
 
-
-@pytest.fixture
-def tmpdir_(tmp_path):
-    d = tmp_path / "tmproot"
-    d.mkdir()
-    yield d
-    assert leftovers(d) == [], "mpify run left files in the temp root"
 
 
 def test_rank0_value_printed_and_every_rank_runs(tmpdir_, no_strays):

@@ -6,18 +6,10 @@ import os
 import sys
 
 import nbformat
-import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from export_helpers import leftovers, mpify
+from export_helpers import mpify
 
-
-@pytest.fixture
-def tmpdir_(tmp_path):
-    d = tmp_path / "tmproot"
-    d.mkdir()
-    yield d
-    assert leftovers(d) == [], "mpify run left files in the temp root"
 
 
 def _write_nb(path, *cells):
