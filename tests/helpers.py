@@ -64,3 +64,12 @@ def python_script(tmp_path, text: str, name: str = "launcher.py"):
     path = tmp_path / name
     path.write_text(text)
     return [sys.executable, "-u", str(path)]
+
+
+def die_with_parent() -> None:
+    """preexec_fn for launcher subprocesses: if the test process is killed (a timeout), the
+    launcher gets SIGKILL too, and its ranks follow it (their watchdogs), so nothing is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG

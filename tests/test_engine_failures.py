@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import alive, python_script, wait_gone
+from helpers import alive, die_with_parent, python_script, wait_gone
 from mpify import LaunchTimeoutError, RankDiedError, RankRaisedError, RemoteTraceback, ranch
 
 torch = pytest.importorskip("torch")
@@ -187,7 +187,7 @@ except KeyboardInterrupt:
 
 def _start_launcher(tmp_path):
     proc = subprocess.Popen(python_script(tmp_path, LAUNCHER), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=die_with_parent)
     pids, lines = set(), []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
