@@ -97,3 +97,18 @@ def test_files_of_a_killed_caller_are_swept(tmp_path):
     open(path, "wb").write(b"x")
     ranch(2, int, 1)  # any launch with children sweeps
     assert not os.path.exists(path)
+
+
+def test_shutdown_stops_the_warm_forkserver_and_the_next_launch_starts_one():
+    import psutil
+    from mpify import shutdown
+    first = ranch(2, where_am_i, caller_rank=None, gather=True)[0][1]
+    assert psutil.pid_exists(first)
+    shutdown()
+    try:
+        psutil.Process(first).wait(5)
+    except psutil.NoSuchProcess:  # already reaped by shutdown()
+        pass
+    assert not psutil.pid_exists(first)
+    second = ranch(2, where_am_i, caller_rank=None, gather=True)[0][1]
+    assert second != first
