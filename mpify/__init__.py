@@ -6,9 +6,8 @@ This module is the whole public surface.
 """
 from mpify.engine.errors import (LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError,
                                  RemoteTraceback, ResultError, ShipError)
-from mpify.engine.launch import ranch
+from mpify.engine.launch import ranch, shutdown
 from mpify.engine.rendezvous import PortInUseError
-from mpify.engine.starter import shutdown
 from mpify.export import ExportError, run_notebook
 from mpify.imports import import_star
 from mpify.torch_ddp import TorchDDPCtx, in_torchddp, torchddp_launch

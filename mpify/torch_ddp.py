@@ -72,7 +72,10 @@ def _dump_tensor(t):
     import torch
     data = t.detach().resolve_conj().resolve_neg().contiguous()
     meta = (t.dtype, tuple(t.shape), t.requires_grad, type(t) is torch.nn.Parameter)
-    return data.reshape(-1).view(torch.uint8).numpy(), meta
+    # No copy was needed: the buffer is t's own memory, owned by its storage (kept between
+    # launches as a snapshot, see engine/resident.py).
+    alias = (t.untyped_storage(), t.data_ptr()) if data.data_ptr() == t.data_ptr() and t.numel() else None
+    return data.reshape(-1).view(torch.uint8).numpy(), meta, alias
 
 
 def _load_tensor(buf, meta):

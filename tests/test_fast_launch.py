@@ -1,5 +1,6 @@
 """The fast paths: a warm forkserver that keeps torch imported, and large arguments through
-shared memory (copy-on-write in each rank, nothing left in /dev/shm)."""
+shared memory (copy-on-write in each rank, nothing left in /dev/shm). Snapshots kept between
+launches are tested in test_resident.py."""
 import glob
 import os
 import sys
@@ -75,16 +76,37 @@ def test_parameters_and_bfloat16_travel_by_shared_memory():
                                                                     "torch.bfloat16", 1024.0 ** 2)
 
 
-def test_shared_memory_is_released_when_a_rank_crashes(no_strays):
-    big = np.ones(8 * 1024 * 1024, dtype=np.uint8)
+def crash(*arrays):
+    if os.environ["RANK"] == "1":
+        os._exit(9)
+    return [int(a.sum()) for a in arrays]
 
-    def crash(a):
-        if os.environ["RANK"] == "1":
-            os._exit(9)
-        return int(a.sum())
-    from mpify import RankDiedError
+
+def test_shared_memory_is_released_when_a_rank_crashes(no_strays):
+    from mpify import RankDiedError, shutdown
+    shutdown()
+    fds = set(os.listdir("/proc/self/fd"))
+    kept = np.ones(8 * 1024 * 1024, dtype=np.uint8)  # its snapshot stays while it lives
+    strided = np.ones(16 * 1024 * 1024, dtype=np.uint8)[::2]  # copied for this launch only
     with pytest.raises(RankDiedError):
-        ranch(3, crash, big)
+        ranch(3, crash, kept, strided)
+    assert not shm_files()
+    del kept
+    import gc
+    gc.collect()
+    shutdown()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+
+
+def test_without_memfds_files_in_dev_shm_are_used_and_removed(monkeypatch, no_strays):
+    # Not Linux, or a caller that is not dumpable: ranks cannot open /proc/<pid>/fd/<n>.
+    from mpify import RankDiedError
+    monkeypatch.setattr(shm, "_memfd_ok", False)
+    arr = np.arange(4 * 1024 * 1024, dtype=np.float32)
+    assert ranch(2, lambda a: float(a[-1]), arr, gather=True) == [float(arr[-1])] * 2
+    assert shm.last_launch == {"shared": arr.nbytes, "copied": arr.nbytes}
+    with pytest.raises(RankDiedError):
+        ranch(3, crash, arr)
     assert not shm_files()
 
 

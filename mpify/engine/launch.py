@@ -433,6 +433,13 @@ def _needed_globals(need: str | Iterable[str], frame_globals: dict) -> dict:
     return {n: frame_globals[n] for n in names}
 
 
+def shutdown() -> None:
+    """Stop the warm forkserver and free the argument snapshots kept between launches; the
+    next launch starts afresh."""
+    starter.shutdown()
+    shm.release()
+
+
 def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: int | None = 0,
           gather: bool = False, timeout: float | None = None, show_ranks: None | int | Iterable[int] = None,
           nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None, master_port: int | None = None,

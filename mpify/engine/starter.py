@@ -119,3 +119,29 @@ def shutdown() -> None:
     with _lock:
         forkserver._forkserver._stop()
         _signature = None
+
+
+def _forget_inherited_forkserver() -> None:
+    """In a child forked from a caller: start its own forkserver when it launches.
+
+    The parent's forkserver is not this process's child (waitpid on it fails, so multiprocess
+    would raise ChildProcessError) and its socket belongs to the parent. Its alive pipe is closed
+    here so that it still stops when the parent goes."""
+    global _signature, _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _signature = None
+    module = sys.modules.get("multiprocess.forkserver")
+    server = getattr(module, "_forkserver", None)
+    if server is None or server._forkserver_pid is None:
+        return
+    alive = server._forkserver_alive_fd
+    server._forkserver_alive_fd = server._forkserver_pid = server._forkserver_address = None
+    server._lock = threading.Lock()
+    try:
+        os.close(alive)
+    except (OSError, TypeError):
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_forkserver)

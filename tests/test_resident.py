@@ -1,0 +1,208 @@
+"""Big arguments kept in shared memory between launches: a warm launch copies only the pages the
+caller wrote since the last one, and the ranks always see the caller's data as it was at the call,
+whichever way it was written."""
+import gc
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from helpers import python_script
+from mpify import ranch, shutdown
+from mpify.engine import shm
+from mpify.engine.resident import resident
+from mpify.engine.writewatch import PAGE, WriteWatch
+
+np = pytest.importorskip("numpy")
+torch = pytest.importorskip("torch")
+
+_probe = WriteWatch.open()
+watching = pytest.mark.skipif(_probe is None, reason="no userfaultfd async write-protect on this kernel")
+if _probe is not None:
+    _probe.close()
+MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    shm.release()
+    yield
+    shm.release()
+
+
+def ends(*arrays):
+    """What a rank sees: a few chosen elements of each argument."""
+    return [[float(a[i]) for i in (0, 1, 12345, -1)] for a in arrays]
+
+
+def expect(*arrays):
+    return [ends(*arrays)] * 2
+
+
+def launch(*arrays):
+    return ranch(2, ends, *arrays, caller_rank=None, gather=True)
+
+
+@watching
+def test_a_second_launch_copies_nothing_and_a_write_copies_its_page():
+    arr = np.arange(4 * MB, dtype=np.float32)  # 16 MB
+    ten = torch.arange(4 * MB, dtype=torch.float32)
+    assert launch(arr, ten) == expect(arr, ten)
+    assert shm.last_launch["copied"] >= 32 * MB
+    assert launch(arr, ten) == expect(arr, ten)
+    assert shm.last_launch == {"shared": 32 * MB, "copied": 0}
+    arr[12345] = -7.0
+    ten[-1] = -8.0
+    assert launch(arr, ten) == expect(arr, ten)
+    assert shm.last_launch["copied"] == 2 * PAGE
+
+
+@watching
+def test_every_way_of_writing_reaches_the_ranks():
+    arr = np.zeros(4 * MB, dtype=np.float32)
+    ten = torch.zeros(4 * MB, dtype=torch.float32)
+    writes = [
+        ("numpy item", lambda: arr.__setitem__(1, 1.0)),
+        ("torch in-place op", lambda: ten.add_(2.0)),
+        ("through .data (its own version counter)", lambda: ten.data.__setitem__(12345, 3.0)),
+        ("through a numpy view of the tensor", lambda: ten.numpy().__setitem__(-1, 4.0)),
+        ("through torch.from_numpy", lambda: torch.from_numpy(arr).mul_(5.0)),
+        ("np.copyto", lambda: np.copyto(arr, np.full_like(arr, 6.0))),
+        ("the kernel, by read() into the buffer", lambda: _readinto(arr)),
+        ("another thread", lambda: _in_thread(lambda: ten.__setitem__(0, 9.0))),
+        ("a slice assignment", lambda: arr.__setitem__(slice(0, 2), 11.0)),
+    ]
+    for what, write in writes:
+        write()
+        assert launch(arr, ten) == expect(arr, ten), what
+
+
+def _readinto(arr):
+    with open("/dev/urandom", "rb") as f:
+        f.readinto(memoryview(arr).cast("B")[:16 * PAGE])
+    np.nan_to_num(arr[:4 * PAGE], copy=False)  # random bytes may be NaN, which never compares equal
+
+
+def _in_thread(fn):
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join()
+
+
+def grow_in_rank_0(a):
+    """Rank 0 is the caller and works on the caller's own array; the others must not see it."""
+    if os.environ["RANK"] == "0":
+        a += 1.0
+        return float(a[0])
+    time.sleep(0.5)
+    return float(a[0])
+
+
+@watching
+def test_ranks_get_the_data_as_it_was_at_the_call_and_rank_0s_writes_reach_the_next_launch():
+    arr = np.zeros(4 * MB, dtype=np.float64)
+    assert ranch(3, grow_in_rank_0, arr, gather=True) == [1.0, 0.0, 0.0]
+    assert arr[0] == 1.0  # the caller's rank 0 really changed it
+    assert ranch(3, grow_in_rank_0, arr, gather=True) == [2.0, 1.0, 1.0]
+
+
+@watching
+def test_a_freed_argument_frees_its_snapshot_and_new_data_at_its_address_is_seen():
+    launch(np.ones(4 * MB))  # opens the write watch, which stays
+    gc.collect()
+    fds = sorted(os.listdir("/proc/self/fd"))
+    arr = np.full(4 * MB, 1.0, dtype=np.float32)
+    assert launch(arr) == expect(arr)
+    assert resident.held() >= 16 * MB
+    del arr
+    gc.collect()
+    assert resident.held() == 0
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    for value in (2.0, 3.0):  # a new array, likely at the freed one's address
+        arr = np.full(4 * MB, value, dtype=np.float32)
+        assert launch(arr) == [[[value] * 4]] * 2
+        del arr
+
+
+@watching
+def test_views_sharing_pages_are_all_refreshed():
+    base = np.zeros(4 * MB + 3, dtype=np.float32)
+    a, b = base[:-3], base[3:]  # the same pages, shifted by 12 bytes
+    tail = torch.from_numpy(base[1:-2])  # and a tensor over them too
+    for value in (1.0, 2.0):
+        base[12348] = value
+        base[12345] = value + 10
+        assert launch(a, b, tail) == expect(a, b, tail)
+
+
+def test_file_backed_memory_is_copied_every_launch(tmp_path):
+    # Another process can write a file's pages behind our back: never kept.
+    path = tmp_path / "data.bin"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(4 * MB,))
+    assert launch(mm.view(np.ndarray)) == [[[0.0] * 4]] * 2
+    with open(path, "r+b") as f:  # not through mm
+        f.seek(12345 * 4)
+        f.write(np.float32(5.0).tobytes())
+    assert launch(mm.view(np.ndarray))[0][0][2] == 5.0
+    assert shm.last_launch["copied"] == shm.last_launch["shared"] == 16 * MB
+
+
+def test_the_cache_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("MPIFY_SHM_CACHE_MB", "0")
+    arr = np.arange(4 * MB, dtype=np.float32)
+    for _ in range(2):
+        assert launch(arr) == expect(arr)
+        assert shm.last_launch["copied"] == 16 * MB
+    assert resident.held() == 0
+
+
+@watching
+def test_the_cache_stays_under_its_limit(monkeypatch):
+    monkeypatch.setenv("MPIFY_SHM_CACHE_MB", "20")
+    first = np.full(4 * MB, 1.0, dtype=np.float32)
+    second = np.full(4 * MB, 2.0, dtype=np.float32)
+    for arr in (first, second, first):
+        assert launch(arr) == expect(arr)
+        assert resident.held() <= 20 * MB
+    assert launch(first, second) == expect(first, second)  # one is kept, one copied
+    assert resident.held() <= 20 * MB
+
+
+@watching
+def test_shutdown_frees_the_snapshots():
+    fds = sorted(os.listdir("/proc/self/fd"))
+    arr = np.ones(4 * MB, dtype=np.float32)
+    launch(arr)
+    assert resident.held() > 0
+    shutdown()
+    assert resident.held() == 0
+    assert set(os.listdir("/proc/self/fd")) <= set(fds)  # the forkserver's went too
+    arr[5] = 3.0
+    assert launch(arr) == expect(arr)
+
+
+FORKED = """
+import os, numpy as np
+from mpify import ranch
+def ends(a):
+    return float(a[0]), float(a[-1])
+arr = np.zeros(1 << 22, dtype=np.float32)
+assert ranch(2, ends, arr, caller_rank=None) == (0.0, 0.0)
+pid = os.fork()
+if pid == 0:  # a forked caller: its own memory, its own snapshots
+    arr[0] = 1.0
+    ok = ranch(2, ends, arr, caller_rank=None) == (1.0, 0.0)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+arr[-1] = 2.0
+assert ranch(2, ends, arr, caller_rank=None) == (0.0, 2.0)
+print("OK")
+"""
+
+
+def test_a_caller_that_forks_keeps_correct_data_on_both_sides(tmp_path):
+    out = subprocess.run(python_script(tmp_path, FORKED), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
