@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import textwrap
+
+from _machine import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,17 +84,6 @@ def measure(name: str, n: int, fn: str, repeat: int) -> list[float] | str:
             return json.loads(line[6:])
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return "skipped: " + tail[:70]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main() -> None:

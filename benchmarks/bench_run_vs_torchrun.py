@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+from _machine import machine
 import statistics
 import subprocess
 import sys
@@ -26,19 +26,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 NB = os.path.join("sample_notebooks", "ddp_train.ipynb")
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:  # not Linux
-        pass
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}"
 
 
 def timed(cmd: list[str]) -> float | None:

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import textwrap
 
-from bench_launch import HERE, RUNNERS, machine
+from _machine import machine
+from bench_launch import HERE, RUNNERS
 
 PROBE = """
 import json, os, sys, time, traceback

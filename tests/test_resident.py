@@ -3,6 +3,8 @@ caller wrote since the last one, and the ranks always see the caller's data as i
 whichever way it was written."""
 import gc
 import os
+import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -51,12 +53,15 @@ def test_a_second_launch_copies_nothing_and_a_write_copies_its_page():
     ten = torch.arange(4 * MB, dtype=torch.float32)
     assert launch(arr, ten) == expect(arr, ten)
     assert shm.last_launch["copied"] >= 32 * MB
+    # At most the two edge pages of each buffer, which it may share with other allocations of the
+    # heap (malloc writes its neighbours' headers there): they count as written, and are copied.
+    edges = 4 * PAGE
     assert launch(arr, ten) == expect(arr, ten)
-    assert shm.last_launch == {"shared": 32 * MB, "copied": 0}
+    assert shm.last_launch["shared"] == 32 * MB and shm.last_launch["copied"] <= edges
     arr[12345] = -7.0
     ten[-1] = -8.0
     assert launch(arr, ten) == expect(arr, ten)
-    assert shm.last_launch["copied"] == 2 * PAGE
+    assert 2 * PAGE <= shm.last_launch["copied"] <= 2 * PAGE + edges
 
 
 @watching
@@ -116,7 +121,9 @@ def test_a_freed_argument_frees_its_snapshot_and_new_data_at_its_address_is_seen
     arr = np.full(4 * MB, 1.0, dtype=np.float32)
     assert launch(arr) == expect(arr)
     assert resident.held() >= 16 * MB
-    del arr
+    ten = torch.full((4 * MB,), 1.0)
+    assert launch(ten) == expect(ten)
+    del arr, ten
     gc.collect()
     assert resident.held() == 0
     assert sorted(os.listdir("/proc/self/fd")) == fds
@@ -206,3 +213,54 @@ print("OK")
 def test_a_caller_that_forks_keeps_correct_data_on_both_sides(tmp_path):
     out = subprocess.run(python_script(tmp_path, FORKED), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
+
+
+DOCKER_SHM = """
+import numpy as np
+from mpify import ranch
+arr = np.arange(64 << 20, dtype=np.float32)  # 256 MB
+assert ranch(2, lambda a: float(a[-1]), arr, gather=True) == [float(arr[-1])] * 2
+print("OK")
+"""
+
+
+FULL_DEV_SHM = """
+import glob, numpy as np
+from mpify import ranch, ShipError
+from mpify.engine import shm
+shm._memfd_ok = False  # as off Linux: the arguments must go through files in /dev/shm
+arr = np.arange(64 << 20, dtype=np.float32)  # 256 MB
+try:
+    ranch(2, lambda a: float(a[-1]), arr)
+except ShipError as exc:
+    print(exc)
+print(glob.glob("/dev/shm/*"))
+"""
+
+
+def in_small_dev_shm(tmp_path, text):
+    """Run a script where /dev/shm is 64 MB, as in a Docker container."""
+    cmd = " ".join(shlex.quote(part) for part in python_script(tmp_path, text))
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64m tmpfs /dev/shm && {cmd}"],
+                          capture_output=True, text=True, timeout=120)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                reason="needs root to mount a small /dev/shm")
+
+
+@needs_root
+def test_a_small_dev_shm_does_not_limit_arguments(tmp_path):
+    # The memfds do not live in /dev/shm.
+    out = in_small_dev_shm(tmp_path, DOCKER_SHM)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
+
+
+@needs_root
+def test_a_full_dev_shm_is_one_clear_error_and_leaves_nothing(tmp_path):
+    out = in_small_dev_shm(tmp_path, FULL_DEV_SHM)
+    assert out.returncode == 0, out.stderr[-3000:]
+    message, leftovers = out.stdout.strip().splitlines()
+    assert message.startswith("a large argument could not be put in shared memory for the ranks: ")
+    assert "No space left on device" in message
+    assert leftovers == "[]"

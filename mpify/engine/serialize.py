@@ -75,6 +75,8 @@ def dumps_launch(fn: Callable, args: tuple, kwargs: dict, extra: dict, writer: s
         blob = dumps((fn, args, kwargs, extra), writer.persistent_id)
         writer.finish()
         return blob
+    except OSError as exc:  # from shm: no memory, or a full /dev/shm
+        raise ShipError(f"a large argument could not be put in shared memory for the ranks: {exc}") from exc
     except Exception:  # find out which part is at fault below
         pass
     err = _fails(fn)

@@ -94,13 +94,16 @@ class ShmWriter:
         self._keep: list[Any] = []  # the objects whose memory the writer threads read
         self.shared = self.copied = 0
         self._count_lock = threading.Lock()
+        self._errors: list[OSError] = []
 
     def finish(self) -> None:
-        """Wait until every buffer is in shared memory."""
+        """Wait until every buffer is in shared memory; raise the first copy's OSError."""
         for writer in self._writers:
             writer.join()
         self._writers.clear()
         self._keep.clear()
+        if self._errors:
+            raise self._errors[0]
 
     def persistent_id(self, obj: Any):
         if id(obj) in self._seen:
@@ -144,12 +147,19 @@ class ShmWriter:
         self._writers.append(thread)
 
     def _count(self, write: Callable, args: tuple) -> None:
-        n = write(*args)
+        try:
+            n = write(*args)
+        except OSError as exc:  # ENOSPC in a full /dev/shm, ENOMEM: reported by `finish`
+            self._errors.append(exc)
+            return
         with self._count_lock:
             self.copied += n
 
     def cleanup(self) -> None:
-        self.finish()
+        try:
+            self.finish()
+        except OSError:  # reported already, by dumps_launch
+            pass
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
