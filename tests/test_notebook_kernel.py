@@ -44,3 +44,25 @@ def test_notebook_cells_run_on_three_ranks(kernel_name, tmp_path):
     assert again and again[0]["data"]["text/plain"] == "11"
     assert "[rank 1] hello from 1" in texts(nb.cells[6])
     assert not strays()
+
+
+BIG_CELLS = [
+    "import os, numpy as np, torch\nfrom mpify import ranch\nfrom mpify.engine import shm",
+    "data = torch.arange(8 << 20, dtype=torch.float32)  # 32 MB\nlabels = np.zeros(8 << 20, dtype=np.int64)  # 64 MB",
+    "def peek(x, y):\n    return float(x[-1]), int(y[123456])",
+    "first = ranch(3, peek, data, labels, gather=True)",
+    "data[-1] = -1.0\nlabels[123456] = 7\nsecond = ranch(3, peek, data, labels, gather=True)",
+    "from mpify.engine.writewatch import WriteWatch  # where the kernel cannot watch, all is copied\n"
+    "print(first, second, WriteWatch.open() is None or shm.last_launch['copied'] < (1 << 20))",
+]
+
+
+def test_big_arguments_passed_again_from_a_kernel(kernel_name, tmp_path):
+    # The kernel is rank 0 and changes its data between launches: the ranks follow, and the
+    # second launch copies only the written pages.
+    nb = new_notebook(cells=[new_code_cell(src) for src in BIG_CELLS])
+    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
+    run_notebook(nb, kernel_name, cwd=tmp_path)
+    want = [(float((8 << 20) - 1), 0)] * 3, [(-1.0, 7)] * 3
+    assert texts(nb.cells[5]).strip() == f"{want[0]} {want[1]} True"
+    assert not strays()
