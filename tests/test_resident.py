@@ -264,3 +264,33 @@ def test_a_full_dev_shm_is_one_clear_error_and_leaves_nothing(tmp_path):
     assert message.startswith("a large argument could not be put in shared memory for the ranks: ")
     assert "No space left on device" in message
     assert leftovers == "[]"
+
+
+def digest(a):
+    import hashlib
+    return hashlib.sha1(memoryview(a).cast("B")).hexdigest()
+
+
+@watching
+def test_writes_racing_the_launches_are_never_lost():
+    # A thread scribbles all over the array while launches go on. A launch may see any mix of
+    # old and new (as with any copy of data being written), but once the writes stop, the next
+    # launch must see exactly the caller's data: no write was lost between scan and copy.
+    arr = np.zeros(4 * MB, dtype=np.uint32)
+    stop = threading.Event()
+
+    def scribble():
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            idx = rng.integers(0, arr.size, 64)
+            arr[idx] = rng.integers(1, 1 << 31, 64, dtype=np.uint32)
+
+    writer = threading.Thread(target=scribble)
+    writer.start()
+    try:
+        for _ in range(8):
+            ranch(2, digest, arr, caller_rank=None)
+    finally:
+        stop.set()
+        writer.join()
+    assert ranch(2, digest, arr, caller_rank=None, gather=True) == [digest(arr)] * 2
