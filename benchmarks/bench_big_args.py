@@ -14,7 +14,6 @@ are installed get the same two arguments, each in its own fresh process, warm ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from _fresh import fresh_times
 from _machine import machine
 from mpify import ranch
 from mpify.engine import shm
@@ -99,17 +99,8 @@ def launch(args):
 
 
 def peer(name, n, count, repeat):
-    code = PEER.format(here=os.path.dirname(os.path.abspath(__file__)), n=n, count=count, repeat=repeat,
-                       launch=PEERS[name])
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    except subprocess.TimeoutExpired:
-        return "timed out"
-    for line in proc.stdout.splitlines():
-        if line.startswith("TIMES "):
-            return json.loads(line[6:])
-    return "skipped: " + ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:70]
+    return fresh_times(PEER.format(here=os.path.dirname(os.path.abspath(__file__)), n=n, count=count,
+                                   repeat=repeat, launch=PEERS[name]), timeout=900)
 
 
 def warm(n, args, repeat, between=None):

@@ -11,13 +11,11 @@ notebook_launcher (fork). Prints a table of medians and ratios to mpify; `--png 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import textwrap
 
+from _fresh import fresh_times
 from _machine import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,18 +70,7 @@ print("TIMES", json.dumps(times))
 
 
 def measure(name: str, n: int, fn: str, repeat: int) -> list[float] | str:
-    code = PRELUDE.format(here=HERE, n=n, fn=fn, repeat=repeat) + textwrap.dedent(RUNNERS[name]) + MAIN
-    env = dict(os.environ)
-    env.pop("MASTER_PORT", None)
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    except subprocess.TimeoutExpired:
-        return "timed out"
-    for line in proc.stdout.splitlines():
-        if line.startswith("TIMES "):
-            return json.loads(line[6:])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return "skipped: " + tail[:70]
+    return fresh_times(PRELUDE.format(here=HERE, n=n, fn=fn, repeat=repeat) + textwrap.dedent(RUNNERS[name]) + MAIN)
 
 
 def main() -> None:
