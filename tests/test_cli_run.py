@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import nbformat
@@ -186,3 +187,24 @@ def test_run_notebook_from_python(tmp_path, monkeypatch, no_strays):
     monkeypatch.setattr("tempfile.tempdir", None)
     # The payload's dir is gone (a forkserver this test may have started keeps its socket dir).
     assert [n for n in os.listdir(tmpdir_) if not n.startswith("pymp-")] == []
+
+
+ASYNC_LISTS = ("import asyncio\nfrom typing import Optional\n\n"
+               "async def total(sizes: list[int], limit: Optional[int] = 3, names: list[str] = ()):\n"
+               "    await asyncio.sleep(0.01)\n"
+               "    return [sum(sizes), limit, list(names)]")
+
+
+def test_list_none_and_async_targets_from_run_and_from_the_export(tmp_path, no_strays):
+    nb = tmp_path / "opts.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(ASYNC_LISTS)]), str(nb))
+    opts = ["--sizes", "3", "4", "--limit", "None", "--names", "a", "b"]
+    r = mpify("run", nb, "--fn", "total", "-n", "2", "--json", "--", *opts, tmpdir=tmp_path / "tmp")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == [7, None, ["a", "b"]]
+    r = mpify("export", nb, "--fn", "total", "-o", tmp_path / "total.py", tmpdir=tmp_path / "tmp")
+    assert r.returncode == 0, r.stderr
+    script = subprocess.run([sys.executable, str(tmp_path / "total.py"), *opts], capture_output=True, text=True,
+                            timeout=120)
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.strip() == repr([7, None, ["a", "b"]])

@@ -100,6 +100,25 @@ def test_keyword_arguments_reach_fn(no_strays):
     assert ranch(2, f, 1, b=2, c=3, gather=True) == [6, 6]
 
 
+async def waits_then_answers(x):
+    import asyncio
+    await asyncio.sleep(0.05)
+    if x < 0:
+        raise ValueError(f"async rank {os.environ['RANK']} refuses {x}")
+    return x * int(os.environ["RANK"])
+
+
+def test_async_functions_run_to_the_end_in_every_rank(no_strays):
+    import asyncio
+    assert ranch(3, waits_then_answers, 2, gather=True) == [0, 2, 4]
+    with pytest.raises(ValueError, match="async rank 0 refuses -1"):
+        ranch(2, waits_then_answers, -1)
+
+    async def from_a_running_loop():  # as in a Jupyter kernel, whose thread runs a loop
+        return ranch(2, waits_then_answers, 5, gather=True)
+    assert asyncio.run(from_a_running_loop()) == [0, 5]
+
+
 def test_import_star_in_ranks(no_strays):
     def uses_star():
         import_star(["json", "os.path"])

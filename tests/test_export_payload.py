@@ -102,6 +102,29 @@ def test_options_from_the_signature(tmp_path):
     assert "--epochs EPOCHS" in helptext and "(default: LR)" in helptext and "--fast, --no-fast" in helptext
 
 
+def test_list_and_optional_options(tmp_path):
+    p = write_nb(tmp_path, "from typing import List, Optional, Sequence\nfrom pathlib import Path",
+                 "def f(sizes: list[int], tags: List[str] = (), scales: 'tuple[float, ...]' = (1.0,),\n"
+                 "      limit: Optional[int] = 3, out: Path | None = None, pair: tuple[int, str] = (1, 'a'),\n"
+                 "      flags: Sequence[bool] = ()):\n    return locals()")
+    params = target_params(slice_notebook(p, "f"))
+    assert [(q.name, q.kind, q.many, q.optional) for q in params] == [
+        ("sizes", "int", True, False), ("tags", "str", True, False), ("scales", "float", True, False),
+        ("limit", "int", False, True), ("out", "path", False, True), ("pair", "literal", False, False),
+        ("flags", "literal", False, False)]
+    parser = build_parser(params, "prog", target="f")
+    got = vars(parser.parse_args(["--sizes", "3", "4", "--tags", "a", "b", "--scales", "0.5", "--limit", "None",
+                                  "--out", "None", "--pair", "(2, 'b')"]))
+    assert got == {"sizes": [3, 4], "tags": ["a", "b"], "scales": [0.5], "limit": None, "out": None,
+                   "pair": (2, "b")}
+    got = vars(parser.parse_args(["--sizes", "1", "--limit", "7", "--out", "o.pt", "--tags"]))
+    assert got == {"sizes": [1], "limit": 7, "out": __import__("pathlib").Path("o.pt"), "tags": []}
+    with pytest.raises(TargetArgsError, match="invalid int value: 'x'"):
+        parser.parse_args(["--sizes", "1", "--limit", "x"])
+    with pytest.raises(TargetArgsError, match="expected at least one argument"):
+        parser.parse_args(["--sizes"])
+
+
 def test_positional_only_parameters_are_a_user_error(tmp_path):
     p = write_nb(tmp_path, "def f(a, /, b=1):\n    return a")
     with pytest.raises(ExportError, match="positional-only parameters"):

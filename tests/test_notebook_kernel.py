@@ -66,3 +66,19 @@ def test_big_arguments_passed_again_from_a_kernel(kernel_name, tmp_path):
     want = [(float((8 << 20) - 1), 0)] * 3, [(-1.0, 7)] * 3
     assert texts(nb.cells[5]).strip() == f"{want[0]} {want[1]} True"
     assert not strays()
+
+
+ASYNC_CELLS = [
+    "import asyncio, os\nfrom mpify import ranch",
+    "async def rank_later():\n    await asyncio.sleep(0.05)\n    return int(os.environ['RANK'])",
+    "print(ranch(3, rank_later, gather=True))",
+]
+
+
+def test_async_function_from_a_kernel(kernel_name, tmp_path):
+    # The kernel's thread runs an event loop already: rank 0's coroutine gets a loop of its own.
+    nb = new_notebook(cells=[new_code_cell(src) for src in ASYNC_CELLS])
+    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
+    run_notebook(nb, kernel_name, cwd=tmp_path)
+    assert texts(nb.cells[2]).strip() == "[0, 1, 2]"
+    assert not strays()

@@ -9,6 +9,7 @@ runs ctx + fn, and sends back a result or an error.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -68,7 +69,10 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
     with enter_ctx(ctx):
         _in_fn.set()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if inspect.iscoroutine(result):  # an `async def` fn: every rank runs it to the end
+                result = run_coroutine(result)
+            return result
         except BaseException as exc:
             # Dated here, before ctx's exit runs: TorchDDPCtx's destroy_process_group is what
             # makes the other ranks fail, and the rank that raised first must stay the earliest.
@@ -78,6 +82,34 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
             raise
         finally:
             _in_fn.clear()
+
+
+def run_coroutine(coro) -> Any:
+    """Run an `async def` fn's coroutine on an event loop of its own.
+
+    A child has no loop running, so asyncio.run. A Jupyter kernel's thread already runs one (it
+    executes cells from its loop), where asyncio.run refuses: the coroutine then gets its own loop
+    in a helper thread, and this thread waits for it."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as exc:  # handed to the rank's thread below, traceback and all
+            outcome["error"] = exc
+
+    helper = threading.Thread(target=run, name="mpify-async-fn", daemon=True)
+    helper.start()
+    helper.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def stamp_failure(exc: BaseException) -> float:

@@ -17,14 +17,14 @@ So main() spells out, in a dozen lines, what mpify does for them:
 from __future__ import annotations
 
 from mpify.export.payload import Payload, render_payload
-from mpify.export.signature import parser_code, target_description, target_params
+from mpify.export.signature import parser_code, target_description, target_is_async, target_params
 
 __all__ = ["render_script", "MAIN_LOCALS"]
 
 # Names main() binds locally; a target with one of these names is called through globals().
 MAIN_LOCALS = frozenset({"argparse", "ast", "pathlib", "os", "parser", "kwargs", "result", "torch",
                          "dist", "timedelta", "socket", "sock", "backend", "use_cuda", "key", "value",
-                         "literal"})
+                         "literal", "or_none", "asyncio"})
 
 _DDP_SETUP = '''\
     import socket
@@ -90,6 +90,9 @@ def render_script(sl, ddp: bool = False, backend: str | None = None, script: str
     fn = sl.target if sl.target not in MAIN_LOCALS else f"globals()[{sl.target!r}]"
     call = f"{fn}(**kwargs)" if params is not None else f"{fn}()"
     imports, opt_lines = parser_code(params or [])
+    if target_is_async(sl):  # an `async def` target runs to the end on its own event loop
+        call = f"asyncio.run({call})"
+        imports.append("asyncio")
     desc = target_description(sl)
     out = ["", "", f"def {main}():",
            f'    """Parse the options of `{sl.target}`, run it'

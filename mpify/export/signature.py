@@ -8,8 +8,10 @@ turned into `parser.add_argument(...)` lines. The exported script's main() conta
 
 Rules (a PyTorch user's expectations):
 - every parameter is an option `--name` (`--batch-size` and `--batch_size` both work);
-- the type comes from the annotation (int, float, str, bool, Path, `X | None`, `Optional[X]`), else
-  from the default's literal type, else a Python literal (`[1, 2]`, `None`) or plain text;
+- the type comes from the annotation (int, float, str, bool, Path), else from the default's literal
+  type, else a Python literal (`[1, 2]`, `None`) or plain text;
+- `X | None` and `Optional[X]` take the word `None` too;
+- `list[X]`, `List[X]`, `Sequence[X]` and `tuple[X, ...]` take several values: `--sizes 3 4`;
 - bool parameters are `--flag/--no-flag`;
 - a parameter without a default is a required option;
 - defaults are never copied: an option left out is not passed, so the function's own default (which
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from mpify.export.errors import ExportError, TargetArgsError
 
 __all__ = ["Param", "target_params", "parser_code", "build_parser", "parse_target_args",
-           "target_description"]
+           "target_description", "target_is_async"]
 
 _SIMPLE = {"int": "int", "float": "float", "str": "str", "bool": "bool", "Path": "path",
            "pathlib.Path": "path"}
@@ -46,6 +48,8 @@ class Param:
     kind: str
     default_src: str | None
     annotation_src: str | None = None
+    many: bool = False  # list[X]: several values after the option
+    optional: bool = False  # X | None: the word None gives None
 
     @property
     def required(self) -> bool:
@@ -76,32 +80,68 @@ def _find_def(sl):
     return None
 
 
-def _kind(annotation, default) -> str:
+_SEQUENCES = {"list", "List", "typing.List", "Sequence", "typing.Sequence", "collections.abc.Sequence",
+              "tuple", "Tuple", "typing.Tuple"}
+
+
+def _unwrap_optional(ann):
+    """`X | None` / `Optional[X]` -> (X, True); anything else -> (ann, False)."""
+    if isinstance(ann, ast.BinOp) and isinstance(ann.op, ast.BitOr):
+        parts = [p for p in (ann.left, ann.right) if not (isinstance(p, ast.Constant) and p.value is None)]
+        if len(parts) == 1:
+            return parts[0], True
+    elif isinstance(ann, ast.Subscript) and ast.unparse(ann.value) in ("Optional", "typing.Optional"):
+        return ann.slice, True
+    return ann, False
+
+
+def _element(ann):
+    """`list[X]`, `Sequence[X]`, `tuple[X, ...]` -> X; anything else -> None."""
+    if not (isinstance(ann, ast.Subscript) and ast.unparse(ann.value) in _SEQUENCES):
+        return None
+    item = ann.slice
+    if isinstance(item, ast.Tuple):  # only tuple[X, ...]: a fixed tuple[int, str] stays a literal
+        if len(item.elts) == 2 and isinstance(item.elts[1], ast.Constant) and item.elts[1].value is Ellipsis:
+            return item.elts[0]
+        return None
+    return item
+
+
+def _simple(ann) -> str | None:
+    if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # a string annotation
+        try:
+            ann = ast.parse(ann.value, mode="eval").body
+        except SyntaxError:
+            return None
+    return _SIMPLE.get(ast.unparse(ann))
+
+
+def _kind(annotation, default) -> tuple[str, bool, bool]:
+    """(kind, many, optional) for one parameter."""
     if annotation is not None:
         ann = annotation
-        # `X | None` and `Optional[X]`: the option's type is X (None is the default's business).
-        if isinstance(ann, ast.BinOp) and isinstance(ann.op, ast.BitOr):
-            parts = [p for p in (ann.left, ann.right)
-                     if not (isinstance(p, ast.Constant) and p.value is None)]
-            ann = parts[0] if len(parts) == 1 else ann
-        elif (isinstance(ann, ast.Subscript) and ast.unparse(ann.value) in ("Optional", "typing.Optional")):
-            ann = ann.slice
-        if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # a string annotation
-            text = ann.value
-        else:
-            text = ast.unparse(ann)
-        if text in _SIMPLE:
-            return _SIMPLE[text]
-        return "literal"
+        if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # `x: "list[int]"`
+            try:
+                ann = ast.parse(ann.value, mode="eval").body
+            except SyntaxError:
+                return "literal", False, False
+        ann, optional = _unwrap_optional(ann)
+        element = _element(ann)
+        if element is not None and _simple(element) not in (None, "bool"):
+            return _simple(element), True, False  # leave it out to keep a None default
+        kind = _simple(ann)
+        if kind is None:
+            return "literal", False, False
+        return kind, False, optional and kind != "bool"
     if default is not None:
         try:
             value = ast.literal_eval(default)
         except (ValueError, SyntaxError, TypeError):
-            return "literal"
+            return "literal", False, False
         for t in (bool, int, float, str):  # bool first: True is an int too
             if type(value) is t:
-                return t.__name__
-    return "literal"
+                return t.__name__, False, False
+    return "literal", False, False
 
 
 def target_params(sl) -> list[Param] | None:
@@ -130,9 +170,9 @@ def target_params(sl) -> list[Param] | None:
     out = []
     for arg, default in pairs:
         ann = getattr(arg, "annotation", None)
-        out.append(Param(arg.arg, _kind(ann, default),
-                         None if default is None else ast.unparse(default),
-                         None if ann is None else ast.unparse(ann)))
+        kind, many, optional = _kind(ann, default)
+        out.append(Param(arg.arg, kind, None if default is None else ast.unparse(default),
+                         None if ann is None else ast.unparse(ann), many, optional))
     return out
 
 
@@ -155,6 +195,14 @@ def parser_code(params: list[Param]) -> tuple[list[str], list[str]]:
                   "    except (ValueError, SyntaxError):",
                   "        return text",
                   ""]
+    if any(p.optional for p in params):
+        lines += ["def or_none(kind):",
+                  "    # An `X | None` parameter: the word None gives None, anything else goes to X.",
+                  "    def parse(text):",
+                  "        return None if text == 'None' else kind(text)",
+                  "    parse.__name__ = kind.__name__  # argparse names the type in its errors",
+                  "    return parse",
+                  ""]
     if any(p.kind == "path" for p in params):
         imports.append("pathlib")
     for p in params:
@@ -165,7 +213,10 @@ def parser_code(params: list[Param]) -> tuple[list[str], list[str]]:
         if p.kind == "bool":
             parts.append("action=argparse.BooleanOptionalAction")
         else:
-            parts.append(f"type={_TYPE_CODE[p.kind]}")
+            kind = _TYPE_CODE[p.kind]
+            parts.append(f"type=or_none({kind})" if p.optional else f"type={kind}")
+        if p.many:
+            parts.append("nargs='+'" if p.required else "nargs='*'")
         parts.append("required=True" if p.required else "default=argparse.SUPPRESS")
         parts.append(f"help={_help(p)!r}")
         lines.append(f"parser.add_argument({', '.join(parts)})")
@@ -212,3 +263,8 @@ def target_description(sl) -> str | None:
         if doc:
             return doc.strip().splitlines()[0]
     return None
+
+
+def target_is_async(sl) -> bool:
+    """Is the target an `async def`? The script then runs it with asyncio.run."""
+    return isinstance(_find_def(sl), ast.AsyncFunctionDef)
