@@ -291,6 +291,26 @@ def test_27_star_imports(tmp_path):
     assert srcs(s) == ["def f():\n    return 1"]
 
 
+def test_27b_calls_of_star_supplied_functions(tmp_path):
+    # `from torch import *` then `manual_seed(0)`: a seed call the star import may supply is kept,
+    # as `torch.manual_seed(0)` would be; `numel(data)` is read like `torch.numel(data)` (no
+    # mutation), and `relu_(data)` like `torch.relu_(data)` (mutates it); builtins like `next`
+    # stay conservative.
+    cells = ["from torch import *", "manual_seed(0)\ndata = randn(8, 2)\nit = iter([1, 2])",
+             "print(numel(data))\nisfinite(data)", "relu_(data)\nnext(it)",
+             "def f():\n    return data, it"]
+    s = sl(tmp_path, cells, "f")
+    assert srcs(s) == ["from torch import *", "manual_seed(0)", "data = randn(8, 2)", "it = iter([1, 2])",
+                       "relu_(data)", "next(it)", "def f():\n    return data, it"]
+    seed = next(i for i in s.items if i.source.strip() == "manual_seed(0)")
+    assert seed.reasons == ["calls `manual_seed`, which star import `torch` may supply: it changes that "
+                            "module's state"]
+    # A notebook function named like a seed call is the notebook's: no star reason.
+    s = sl(tmp_path, ["from math import *", "def seed(n):\n    return n", "seed(3)",
+                      "def f():\n    return sqrt(2)"], "f")
+    assert srcs(s) == ["from math import *", "def f():\n    return sqrt(2)"]
+
+
 def test_28_dotted_imports(tmp_path):
     cells = ["import os.path", "import xml.dom\nimport xml.sax", "import collections.abc as cabc",
              "def f():\n    return os.path.sep, xml.dom, xml.sax, cabc"]

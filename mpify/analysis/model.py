@@ -15,12 +15,13 @@ the slicer fails only if the slice needs one of them.
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 from dataclasses import dataclass, field
 
 from mpify.analysis.magics import translate_cell
 from mpify.analysis.notebook import Notebook
-from mpify.analysis.visitor import StatementFacts, analyse_statement
+from mpify.analysis.visitor import ARG_MUTATORS, StatementFacts, analyse_statement
 
 __all__ = ["Statement", "BrokenCell", "Model", "build_model"]
 
@@ -286,6 +287,14 @@ def _resolve_calls(statements) -> None:
                     _add_mutation(f, g, "direct")
                 for g in summ.global_writes:
                     f.defs.setdefault(g, False)  # the call may (re)define g: a weak definition
+                continue
+            if callee not in latest and not hasattr(builtins, callee):
+                # Nothing in the notebook binds it before: a star import's function (an unknown
+                # name is an error later). Read it as a call on that module (`np.zeros(x)`): only
+                # known mutators and `name_` functions change their first argument, so that
+                # `numel(data)` does not drag its cell into the slice.
+                if pos and pos[0] and (callee in ARG_MUTATORS or (callee.endswith("_") and not callee.startswith("_"))):
+                    _add_mutation(f, pos[0], "direct")
                 continue
             for arg in list(pos) + list(kws.values()):
                 if arg:

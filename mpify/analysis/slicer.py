@@ -39,6 +39,7 @@ from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTarg
                                    UnresolvedNameError)
 from mpify.analysis.model import Model, Statement, build_model
 from mpify.analysis.notebook import Notebook, load_notebook
+from mpify.analysis.visitor import BARE_STATE_CALLS
 
 __all__ = ["Slice", "SliceItem", "slice_notebook", "render_source"]
 
@@ -375,6 +376,29 @@ class _Slicer:
                 *(where or (None, None)))
         return added
 
+    def _star_state_calls(self) -> bool:
+        """`manual_seed(0)` after `from torch import *`: when the slice keeps a star import, it
+        also keeps the later bare calls of seed/config functions that nothing in the notebook
+        defines, as the star import may supply them and they change its module's state (the
+        `torch.manual_seed(0)` rule, for names without their module). True if work was added."""
+        stars = sorted(j for j in self.reasons if self.st[j].facts.star_import is not None)
+        if not stars:
+            return False
+        added = False
+        for s in self.st[stars[0] + 1:self.point]:
+            if s.index in self.excluded or s.index in self.reasons:
+                continue
+            for callee, _pos, _kws, _line in s.facts.calls:
+                if callee not in BARE_STATE_CALLS or any(i < s.index and callee in self.st[i].facts.defs
+                                                         for i in self.m.events.get(callee, ())):
+                    continue
+                mods = ", ".join(_q(self.st[j].facts.star_import) for j in stars if j < s.index)
+                self._include(s.index, f"calls {_q(callee)}, which star import {mods} may supply: it changes "
+                                       "that module's state", self.point)
+                added = True
+                break
+        return added
+
     # ---- driver -----------------------------------------------------------------------------
     def _check_target(self):
         t = self.target
@@ -405,7 +429,9 @@ class _Slicer:
         while True:
             while self.work:
                 self._process(*self.work.popleft())
-            if not self._settle_unresolved() and not self.work:
+            added = self._settle_unresolved()
+            added = self._star_state_calls() or added
+            if not added and not self.work:
                 break
         for s in self.st[:self.point]:
             node = s.node

@@ -68,6 +68,11 @@ putenv use use_deterministic_algorithms set_float32_matmul_precision set_grad_en
 set_style set_theme set_context set_palette rc rcParams update append insert extend remove
 setdefault enable_eager_execution set_visible_devices set_memory_growth register seterr
 """.split())
+# STATE_CALLS that a star import may supply as bare functions (`from torch import *`, then
+# `manual_seed(0)`): the module-specific ones, not generic method names like `update`.
+BARE_STATE_CALLS = STATE_CALLS - frozenset("""
+update append insert extend remove setdefault register disable rc rcParams use setLevel putenv
+""".split())
 # Module functions that mutate their first argument (besides STATE_CALLS on the module itself).
 ARG_MUTATORS = frozenset({"shuffle", "heappush", "heappop", "heapify", "heapreplace", "heappushpop",
                           "insort", "insort_left", "insort_right", "copyto", "fill_diagonal", "put",
