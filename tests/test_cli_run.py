@@ -107,6 +107,11 @@ def _notebooks(tmp_path):
     ("hello", ["--fn", "greet", "--show-ranks", "some"], "--show-ranks takes all, none or rank numbers"),
     ("hello", ["--fn", "greet", "-n", "0"], "-n must be at least 1, got 0"),
     ("hello", ["--fn", "greet", "--cell", "99"], "--cell 99 is out of range"),
+    # click's own parse errors: one line too, not a usage box
+    ("hello", ["--fn", "greet", "--name", "Ada"],
+     "No such option: --name (Possible options: --fn); the target's own options go after `--`"),
+    ("hello", ["--fn", "greet", "-n", "x"], "Invalid value for '-n' / '--nprocs': "),
+    ("hello", ["--fn"], "Option '--fn' requires an argument; `mpify"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, tmpdir_, no_strays, case, args, message):
     nb = str(_notebooks(tmp_path).get(case, HELLO))

@@ -23,7 +23,30 @@ def _root() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Click's own parse errors (an unknown option, a missing
+    argument, a bad number) become one line too, instead of a usage box."""
+    import sys
+
+    try:  # typer >= 0.23 carries its own copy of click; older ones use click itself
+        from typer._click.exceptions import NoSuchOption, UsageError
+    except ImportError:
+        from click.exceptions import NoSuchOption, UsageError
+
     from mpify.cli import commands  # noqa: F401  (registers the commands on `app`)
 
-    app()
+    if len(sys.argv) < 2:  # bare `mpify`: the help, as typer prints it
+        app()
+        return
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "mpify"
+        hint = f"`{command} --help` lists its options"
+        if isinstance(exc, NoSuchOption) and command.endswith(" run"):
+            hint = f"the target's own options go after `--` ({command} NB --fn F -- --lr 0.1)"
+        print(f"mpify: error: {exc.format_message().rstrip('.')}; {hint}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C while click itself was parsing
+        print("mpify: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
