@@ -82,6 +82,7 @@ def main():
     kwargs = vars(parser.parse_args())
 
     import socket
+    import time
     from datetime import timedelta
 
     import torch
@@ -107,6 +108,10 @@ def main():
         result = train(**kwargs)
     finally:
         dist.destroy_process_group()
+        # DDP keeps gloo's worker threads alive past destroy_process_group. One of them may still
+        # wait for the GIL to free the last collective's tensors: let it, before the interpreter
+        # shuts down, or it is killed inside C++ and this rank aborts (SIGABRT) after its work.
+        time.sleep(0.05)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only global rank 0 prints
         print(repr(result))
 

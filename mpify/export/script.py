@@ -24,10 +24,11 @@ __all__ = ["render_script", "MAIN_LOCALS"]
 # Names main() binds locally; a target with one of these names is called through globals().
 MAIN_LOCALS = frozenset({"argparse", "ast", "pathlib", "os", "parser", "kwargs", "result", "torch",
                          "dist", "timedelta", "socket", "sock", "backend", "use_cuda", "key", "value",
-                         "literal", "or_none", "asyncio"})
+                         "literal", "or_none", "asyncio", "time"})
 
 _DDP_SETUP = '''\
     import socket
+    import time
     from datetime import timedelta
 
     import torch
@@ -53,6 +54,10 @@ _DDP_SETUP = '''\
         result = {call}
     finally:
         dist.destroy_process_group()
+        # DDP keeps gloo's worker threads alive past destroy_process_group. One of them may still
+        # wait for the GIL to free the last collective's tensors: let it, before the interpreter
+        # shuts down, or it is killed inside C++ and this rank aborts (SIGABRT) after its work.
+        time.sleep(0.05)
 '''
 
 
