@@ -294,3 +294,39 @@ def test_writes_racing_the_launches_are_never_lost():
         stop.set()
         writer.join()
     assert ranch(2, digest, arr, caller_rank=None, gather=True) == [digest(arr)] * 2
+
+
+NO_USERFAULTFD = """
+import ctypes, os, struct
+import numpy as np
+from mpify import ranch
+from mpify.engine import shm
+from mpify.engine.writewatch import WriteWatch
+
+# A seccomp filter that refuses userfaultfd with EPERM, as Docker's default profile does.
+ops = [(0x20, 0, 0, 0),                 # load the syscall number
+       (0x15, 0, 1, 323),               # userfaultfd?
+       (0x06, 0, 0, 0x00050000 | 1),    # then fail with EPERM
+       (0x06, 0, 0, 0x7fff0000)]        # else allow
+code = b"".join(struct.pack("HBBI", *op) for op in ops)
+buf = ctypes.create_string_buffer(code)
+prog = struct.pack("HxxxxxxQ", len(ops), ctypes.addressof(buf))
+prog_buf = ctypes.create_string_buffer(prog)
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(prog_buf)), 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+assert WriteWatch.open() is None
+
+arr = np.arange(4 << 20, dtype=np.float32)
+for value in (1.0, 2.0):
+    arr[12345] = value
+    assert ranch(2, lambda a: float(a[12345]), arr, gather=True) == [value] * 2
+    assert shm.last_launch == {"shared": arr.nbytes, "copied": arr.nbytes}  # a full copy each launch
+print("OK")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter names x86_64's syscall number")
+def test_where_userfaultfd_is_refused_every_launch_copies(tmp_path):
+    out = subprocess.run(python_script(tmp_path, NO_USERFAULTFD), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
