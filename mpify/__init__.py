@@ -4,8 +4,8 @@
 
 This module is the whole public surface.
 """
-from mpify.engine.errors import (LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError,
-                                 RemoteTraceback, ResultError, ShipError)
+from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError,
+                                 RankRaisedError, RemoteTraceback, ResultError, ShipError)
 from mpify.engine.launch import ranch, shutdown
 from mpify.engine.rendezvous import PortInUseError
 from mpify.export import ExportError, run_notebook
@@ -16,6 +16,6 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ranch", "import_star", "TorchDDPCtx", "torchddp_launch", "in_torchddp", "shutdown",
-    "MpifyError", "RankRaisedError", "RankDiedError", "LaunchTimeoutError", "ShipError",
+    "MpifyError", "RankRaisedError", "RankDiedError", "LaunchTimeoutError", "LaunchBusyError", "ShipError",
     "ResultError", "RemoteTraceback", "PortInUseError", "run_notebook", "ExportError",
 ]

@@ -282,3 +282,30 @@ def test_rank_lines_never_split_the_callers_own_lines(no_strays, monkeypatch):
     assert not bad, bad[:5]
     assert len(lines) == 300
     assert sys.stdout is sink  # the caller's stream is put back
+
+
+def slow_rank():
+    import time
+    time.sleep(1.0)
+    return int(os.environ["RANK"])
+
+
+def test_a_launch_from_a_second_thread_is_refused_and_nested_launches_work(no_strays):
+    import threading
+    from mpify import LaunchBusyError
+    started, out = threading.Event(), {}
+
+    def background():
+        started.set()
+        out["bg"] = ranch(2, slow_rank, gather=True)
+
+    t = threading.Thread(target=background, name="trainer")
+    t.start()
+    started.wait()
+    import time
+    time.sleep(0.3)
+    with pytest.raises(LaunchBusyError, match="from thread 'trainer'"):
+        ranch(2, slow_rank)
+    t.join()
+    assert out["bg"] == [0, 1]
+    assert ranch(2, lambda: ranch(2, slow_rank, gather=True), gather=True) == [[0, 1], [0, 1]]  # nested

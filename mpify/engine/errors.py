@@ -71,3 +71,9 @@ class ShipError(MpifyError, TypeError):
 
 class ResultError(MpifyError, TypeError):
     """A rank's return value could not be pickled back to the caller."""
+
+
+class LaunchBusyError(MpifyError, RuntimeError):
+    """Another thread of this process is in the middle of a launch. Launches share the process's
+    os.environ, working directory, signal handlers and standard streams, so two at once from two
+    threads would step on each other; a launch from inside fn (nested) is fine."""

@@ -29,7 +29,8 @@ import multiprocess.connection as mpc
 from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, patched_environ, rank_env
-from mpify.engine.errors import LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError, RemoteTraceback
+from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError,
+                                 RemoteTraceback)
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.output import LineForwarder, LineGate, rank_filter
 
@@ -433,6 +434,31 @@ def _needed_globals(need: str | Iterable[str], frame_globals: dict) -> dict:
     return {n: frame_globals[n] for n in names}
 
 
+_launching: dict[int, int] = {}  # thread ident -> how many launches it is inside (nested ones count)
+_launching_lock = threading.Lock()
+
+
+@contextmanager
+def _only_this_thread() -> Iterator[None]:
+    """Refuse a launch while another thread is inside one (see LaunchBusyError)."""
+    me = threading.get_ident()
+    with _launching_lock:
+        other = next((t for t in _launching if t != me), None)
+        if other is not None:
+            name = next((t.name for t in threading.enumerate() if t.ident == other), f"thread {other}")
+            raise LaunchBusyError(f"a launch is already running in this process, from thread {name!r}; "
+                                  "launches share os.environ, the working directory and the signal "
+                                  "handlers, so wait for it to return")
+        _launching[me] = _launching.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _launching_lock:
+            _launching[me] -= 1
+            if not _launching[me]:
+                del _launching[me]
+
+
 def shutdown() -> None:
     """Stop the warm forkserver and free the argument snapshots kept between launches; the
     next launch starts afresh."""
@@ -478,7 +504,8 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     writer = shm.ShmWriter()
     want_store = bool(getattr(ctx, "mpify_hosts_store", False))
     stdout, stderr = LineGate(sys.stdout), LineGate(sys.stderr)
-    with InterruptGuard() as guard, _removing(writer), _gated(stdout, stderr, caller_rank is not None):
+    with _only_this_thread(), InterruptGuard() as guard, _removing(writer), \
+            _gated(stdout, stderr, caller_rank is not None):
         if has_children:
             shm.sweep_stale()
             blob = serialize.dumps_launch(fn, args, kwargs, {"ctx": ctx, "need": needed, "imports": imports}, writer)
