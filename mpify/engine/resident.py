@@ -100,7 +100,7 @@ class Resident:
             entry.launch = launch
             return entry.fd, addr - start, [(lo - start, hi - lo, lo) for lo, hi in dirty]
 
-    def trim(self, launch: int) -> None:
+    def trim(self) -> None:
         """After a launch: drop dead owners' entries and evict down to the limit."""
         with self._lock:
             self._reap()

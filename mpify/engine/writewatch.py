@@ -124,9 +124,12 @@ class WriteWatch:
             return None
 
     def _self_test(self) -> bool:
+        """Watch two fresh pages, write one: exactly that one must be reported."""
         probe = mmap.mmap(-1, 2 * PAGE)
+        view = ctypes.c_char.from_buffer(probe)
+        start = ctypes.addressof(view)
+        del view  # an exported pointer would keep the mapping from closing
         try:
-            start = ctypes.addressof(ctypes.c_char.from_buffer(probe))
             self.watch(start, start + 2 * PAGE)
             clean = self.written(start, start + 2 * PAGE)
             probe[PAGE] = 1
@@ -136,7 +139,6 @@ class WriteWatch:
         except (OSError, NotWatched):
             return False
         finally:
-            del start  # the exported pointer must go before the mapping can close
             probe.close()
 
     def watch(self, start: int, end: int) -> None:
