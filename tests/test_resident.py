@@ -330,3 +330,18 @@ print("OK")
 def test_where_userfaultfd_is_refused_every_launch_copies(tmp_path):
     out = subprocess.run(python_script(tmp_path, NO_USERFAULTFD), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
+
+
+def test_many_launches_with_fresh_arguments_leave_no_fd_or_snapshot_behind():
+    # A notebook loop: a new batch every launch (the old one dies), the same dataset each time.
+    dataset = np.arange(4 * MB, dtype=np.float32)
+    launch(dataset, np.ones(MB, dtype=np.float32))  # warm up: forkserver, write watch
+    gc.collect()
+    fds = sorted(os.listdir("/proc/self/fd"))
+    for i in range(30):
+        batch = np.full(MB + i, float(i), dtype=np.float32)  # 4 MB, a new owner each time
+        assert launch(dataset, batch) == expect(dataset, batch)
+        del batch
+    gc.collect()
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert resident.held() <= dataset.nbytes + 2 * PAGE
