@@ -87,6 +87,15 @@ from accelerate import notebook_launcher
 def launch(args):
     notebook_launcher(_workers.touch, args, num_processes=N)
 """,
+    "torchrun engine (elastic_launch, spawn)": """
+import uuid
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+def launch(args):
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=N, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                       monitor_interval=0.1, start_method="spawn")
+    elastic_launch(cfg, _workers.touch)(*args)
+""",
     "torch.multiprocessing.spawn": """
 import torch.multiprocessing as tmp
 def launch(args):
