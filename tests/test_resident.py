@@ -144,7 +144,7 @@ def test_views_sharing_pages_are_all_refreshed():
         assert launch(a, b, tail) == expect(a, b, tail)
 
 
-def test_file_backed_memory_is_copied_every_launch(tmp_path):
+def test_file_backed_and_shared_memory_is_copied_every_launch(tmp_path):
     # Another process can write a file's pages behind our back: never kept.
     path = tmp_path / "data.bin"
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(4 * MB,))
@@ -154,6 +154,11 @@ def test_file_backed_memory_is_copied_every_launch(tmp_path):
         f.write(np.float32(5.0).tobytes())
     assert launch(mm.view(np.ndarray))[0][0][2] == 5.0
     assert shm.last_launch["copied"] == shm.last_launch["shared"] == 16 * MB
+    import mmap
+    shared = np.frombuffer(mmap.mmap(-1, 16 * MB), dtype=np.float32)  # MAP_SHARED: a child could write it
+    for _ in range(2):
+        assert launch(shared) == expect(shared)
+        assert shm.last_launch["copied"] == 16 * MB
 
 
 def test_the_cache_can_be_turned_off(monkeypatch):
