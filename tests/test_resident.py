@@ -350,3 +350,26 @@ def test_many_launches_with_fresh_arguments_leave_no_fd_or_snapshot_behind():
     gc.collect()
     assert sorted(os.listdir("/proc/self/fd")) == fds
     assert resident.held() <= dataset.nbytes + 2 * PAGE
+
+
+def nested_inner(x):
+    return digest(x)
+
+
+def nested_outer(x):
+    if os.environ["RANK"] == "0":
+        x[:] = 1.0  # rank 0 works on the caller's own array...
+        ranch(1, nested_inner, x, caller_rank=None)  # ...and launches again with it
+        return digest(x)
+    time.sleep(1.0)  # reads after the nested launch
+    return digest(x)
+
+
+def test_a_nested_launch_leaves_the_outer_ranks_data_as_it_was():
+    # Found by user testing: the nested launch refreshed the snapshot that the outer ranks map
+    # copy-on-write, and rank 1 saw rank 0's later writes.
+    arr = np.zeros(1 << 18)  # 2 MB
+    launch(arr)  # a snapshot exists before the outer launch
+    at_call = digest(arr)
+    assert ranch(2, nested_outer, arr, gather=True)[1] == at_call
+    assert launch(arr) == expect(arr)  # and the next launch sees the writes

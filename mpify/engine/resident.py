@@ -55,7 +55,10 @@ class Entry:
     owner: weakref.ref
     fd: int
     used: float = 0.0
-    launch: int = -1  # the launch that last placed it: never evicted during that launch
+    # Launches still running that gave it to their ranks. Their ranks map the memfd copy-on-write,
+    # and a page they have not written follows the file: while any of them runs, the memfd is
+    # never written, dropped or evicted (a nested launch copies for itself instead).
+    launches: set = field(default_factory=set)
     pending: list = field(default_factory=list)  # pages to copy, handed over by other entries
 
 
@@ -81,6 +84,8 @@ class Resident:
             start, end = page_range(addr, nbytes)
             key = (start, end)
             entry = self._entries.get(key)
+            if entry is not None and entry.launches - {launch}:
+                return None  # an outer launch's ranks map it: leave it as they got it
             if entry is not None and entry.owner() is not owner:
                 self._drop(key)  # the old owner died and another one got its address
                 entry = None
@@ -97,23 +102,28 @@ class Resident:
                     return None
                 dirty = [(start, end)]
             entry.used = time.monotonic()
-            entry.launch = launch
+            entry.launches.add(launch)
             return entry.fd, addr - start, [(lo - start, hi - lo, lo) for lo, hi in dirty]
 
-    def trim(self) -> None:
-        """After a launch: drop dead owners' entries and evict down to the limit."""
+    def done(self, launch: int) -> None:
+        """After a launch, its ranks gone: release its entries, drop dead owners' entries and
+        evict down to the limit."""
         with self._lock:
+            for entry in self._entries.values():
+                entry.launches.discard(launch)
             self._reap()
-            self._evict(limit(), keep=-1)
+            self._evict(limit())
 
     def clear(self) -> None:
+        """Free every snapshot that no running launch holds (mpify.shutdown)."""
         with self._lock:
-            for key in list(self._entries):
-                self._drop(key)
+            for key, entry in list(self._entries.items()):
+                if not entry.launches:
+                    self._drop(key)
             self._dead.clear()
-            if self._watch is not None:
+            if self._watch is not None and not self._entries:
                 self._watch.close()
-            self._watch, self._opened = None, False
+                self._watch, self._opened = None, False
 
     def held(self) -> int:
         """Bytes of snapshots kept now."""
@@ -130,7 +140,7 @@ class Resident:
         size = end - start
         if size > limit() or not writewatch.watchable(start, end):
             return None
-        self._evict(limit() - size, keep=launch)
+        self._evict(limit() - size)
         if self.held() + size > limit():
             return None
         try:
@@ -178,17 +188,21 @@ class Resident:
                 self._lock.release()
 
     def _reap(self) -> None:
-        while self._dead:
-            key = self._dead.pop()
+        dead, self._dead = self._dead, []
+        for key in dead:
             entry = self._entries.get(key)
             if entry is not None and entry.owner() is None:
-                self._drop(key)
+                if entry.launches:  # not while a launch's ranks may still open it
+                    self._dead.append(key)
+                else:
+                    self._drop(key)
 
-    def _evict(self, room: int, keep: int) -> None:
+    def _evict(self, room: int) -> None:
+        """Drop the least recently used entries that no running launch holds until `room`."""
         for entry in sorted(self._entries.values(), key=lambda e: e.used):
             if self.held() <= room:
                 return
-            if entry.launch != keep or keep < 0:
+            if not entry.launches:
                 self._drop((entry.start, entry.end))
 
     def _drop(self, key: tuple[int, int]) -> None:

@@ -169,7 +169,7 @@ class ShmWriter:
             except FileNotFoundError:
                 pass
         self.paths.clear()
-        resident.trim()
+        resident.done(self.launch)
         last_launch.update(shared=self.shared, copied=self.copied)
 
 
