@@ -6,6 +6,7 @@ that is how a caller blocked as rank 0 in `init_process_group` learns of a dead 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from contextlib import ExitStack, contextmanager
@@ -65,7 +66,8 @@ def _is_plain_cpu_tensor(obj: Any) -> bool:
     if torch is None or type(obj) not in (torch.Tensor, torch.nn.Parameter):
         return False
     # Only dense CPU tensors are a plain buffer; CUDA, sparse, quantized ones keep torch's pickling.
-    return obj.device.type == "cpu" and obj.layout == torch.strided and not obj.is_quantized
+    return (obj.device.type == "cpu" and obj.layout == torch.strided and not obj.is_quantized
+            and obj.nbytes >= shm.THRESHOLD)
 
 
 def _dump_tensor(t):
@@ -75,7 +77,11 @@ def _dump_tensor(t):
     # No copy was needed: the buffer is t's own memory, owned by its storage (kept between
     # launches as a snapshot, see engine/resident.py).
     alias = (t.untyped_storage(), t.data_ptr()) if data.data_ptr() == t.data_ptr() and t.numel() else None
-    return data.reshape(-1).view(torch.uint8).numpy(), meta, alias
+    # The bytes by address, not through data.numpy(): a numpy view marks the storage
+    # non-resizable for good, and the caller's `t.resize_()` would fail after the launch.
+    buf = (ctypes.c_char * data.nbytes).from_address(data.data_ptr())
+    buf.keep = data  # a contiguous copy must live while the buffer is read
+    return buf, meta, alias
 
 
 def _load_tensor(buf, meta):

@@ -148,11 +148,11 @@ def test_file_backed_and_shared_memory_is_copied_every_launch(tmp_path):
     # Another process can write a file's pages behind our back: never kept.
     path = tmp_path / "data.bin"
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(4 * MB,))
-    assert launch(mm.view(np.ndarray)) == [[[0.0] * 4]] * 2
+    assert launch(mm) == [[[0.0] * 4]] * 2  # a memmap itself travels too (its file cannot)
     with open(path, "r+b") as f:  # not through mm
         f.seek(12345 * 4)
         f.write(np.float32(5.0).tobytes())
-    assert launch(mm.view(np.ndarray))[0][0][2] == 5.0
+    assert launch(mm)[0][0][2] == 5.0
     assert shm.last_launch["copied"] == shm.last_launch["shared"] == 16 * MB
     import mmap
     shared = np.frombuffer(mmap.mmap(-1, 16 * MB), dtype=np.float32)  # MAP_SHARED: a child could write it
@@ -373,3 +373,13 @@ def test_a_nested_launch_leaves_the_outer_ranks_data_as_it_was():
     at_call = digest(arr)
     assert ranch(2, nested_outer, arr, gather=True)[1] == at_call
     assert launch(arr) == expect(arr)  # and the next launch sees the writes
+
+
+def test_a_tensor_passed_to_a_launch_can_still_be_resized():
+    # Found by user testing: the bytes were read through .numpy(), which makes a storage
+    # non-resizable for good, so `t.resize_()` failed after any launch (small tensors too).
+    for n in (4 * MB, 16):
+        t = torch.zeros(n)
+        ranch(2, torch.sum, t)
+        t.resize_(2 * n)
+        assert t.shape == (2 * n,)

@@ -110,12 +110,10 @@ class ShmWriter:
             return self._seen[id(obj)]
         for name, (match, dump, _) in _kinds.items():
             if match(obj):
-                buf, meta, alias = dump(obj)
+                buf, meta, alias = dump(obj)  # match() said it is large enough to be worth it
                 view = memoryview(buf).cast("B")
-                if view.nbytes < THRESHOLD:
-                    return None
                 path, offset = self._place(view, alias)
-                self._keep.append(obj)
+                self._keep.append((obj, buf))
                 self.shared += view.nbytes
                 pid = self._seen[id(obj)] = ("mpify-shm", name, path, offset, view.nbytes, meta)
                 return pid
@@ -209,14 +207,18 @@ def persistent_load(pid: Any) -> Any:
 def _is_ndarray(obj: Any) -> bool:
     np = sys.modules.get("numpy")
     # Exactly ndarray: subclasses (masked arrays, matrices) carry more state than the buffer.
-    return np is not None and type(obj) is np.ndarray and not obj.dtype.hasobject
+    # np.memmap is the exception: its state is an open file that cannot travel, and a rank
+    # wants its data, so it travels as a plain ndarray copy.
+    if np is None or obj.__class__ is not np.ndarray and not isinstance(obj, np.memmap):
+        return False
+    return not obj.dtype.hasobject and (obj.nbytes >= THRESHOLD or isinstance(obj, np.memmap) and obj.nbytes > 0)
 
 
 def _dump_ndarray(arr):
     import numpy as np
     flat = np.ascontiguousarray(arr)
     alias = None
-    if flat is arr:  # no copy: the buffer is arr's own memory, owned by the root of its bases
+    if flat is arr and type(arr) is np.ndarray:  # no copy: the buffer is arr's own memory, owned by the root of its bases
         owner = arr
         while isinstance(owner.base, np.ndarray):
             owner = owner.base
