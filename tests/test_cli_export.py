@@ -201,3 +201,15 @@ def test_exported_ddp_script_exits_cleanly_under_torchrun(tmp_path):
     for _ in range(6):
         tr = run_cmd([TORCHRUN, "--nproc-per-node", "2", script], tmp_path / "tmp", cwd=tmp_path)
         assert tr.returncode == 0, tr.stderr[-2000:]
+
+
+def test_a_plain_export_run_with_python_is_a_world_of_one(tmp_path):
+    # Found by user testing: without --ddp the script set no RANK, unlike `mpify run -n 1`.
+    nb = tmp_path / "env.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(
+        "import os\ndef where():\n    return os.environ['RANK'], os.environ['WORLD_SIZE']")]), str(nb))
+    script = tmp_path / "where.py"
+    assert mpify("export", nb, "--fn", "where", "-o", script, tmpdir=tmp_path / "tmp").returncode == 0
+    one = run_cmd([sys.executable, script], tmp_path / "tmp", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip() == repr(("0", "1"))

@@ -111,7 +111,7 @@ def _notebooks(tmp_path):
     ("hello", ["--fn", "greet", "--name", "Ada"],
      "No such option: --name (Possible options: --fn); the target's own options go after `--`"),
     ("hello", ["--fn", "greet", "-n", "x"], "Invalid value for '-n' / '--nprocs': "),
-    ("hello", ["--fn"], "Option '--fn' requires an argument; `mpify"),
+    ("hello", ["--fn"], "Option '--fn' requires an argument; `mpify run --help` lists its options"),
 ])
 def test_user_errors_are_one_line_exit_2(tmp_path, tmpdir_, no_strays, case, args, message):
     nb = str(_notebooks(tmp_path).get(case, HELLO))

@@ -106,17 +106,21 @@ def test_list_and_optional_options(tmp_path):
     p = write_nb(tmp_path, "from typing import List, Optional, Sequence\nfrom pathlib import Path",
                  "def f(sizes: list[int], tags: List[str] = (), scales: 'tuple[float, ...]' = (1.0,),\n"
                  "      limit: Optional[int] = 3, out: Path | None = None, pair: tuple[int, str] = (1, 'a'),\n"
-                 "      flags: Sequence[bool] = ()):\n    return locals()")
+                 "      flags: Sequence[bool] = (), maybe: Optional[List[int]] = None):\n    return locals()")
     params = target_params(slice_notebook(p, "f"))
     assert [(q.name, q.kind, q.many, q.optional) for q in params] == [
-        ("sizes", "int", True, False), ("tags", "str", True, False), ("scales", "float", True, False),
-        ("limit", "int", False, True), ("out", "path", False, True), ("pair", "literal", False, False),
-        ("flags", "literal", False, False)]
+        ("sizes", "int", "list", False), ("tags", "str", "list", False), ("scales", "float", "tuple", False),
+        ("limit", "int", "", True), ("out", "path", "", True), ("pair", "literal", "", False),
+        ("flags", "literal", "", False), ("maybe", "int", "list", True)]
     parser = build_parser(params, "prog", target="f")
     got = vars(parser.parse_args(["--sizes", "3", "4", "--tags", "a", "b", "--scales", "0.5", "--limit", "None",
                                   "--out", "None", "--pair", "(2, 'b')"]))
-    assert got == {"sizes": [3, 4], "tags": ["a", "b"], "scales": [0.5], "limit": None, "out": None,
+    assert got == {"sizes": [3, 4], "tags": ["a", "b"], "scales": (0.5,), "limit": None, "out": None,
                    "pair": (2, "b")}
+    assert vars(parser.parse_args(["--sizes", "1", "--maybe", "None"])) == {"sizes": [1], "maybe": None}
+    assert vars(parser.parse_args(["--sizes", "1", "--maybe", "2", "3"])) == {"sizes": [1], "maybe": [2, 3]}
+    with pytest.raises(TargetArgsError, match="None cannot be one of several values"):
+        parser.parse_args(["--sizes", "1", "--maybe", "2", "None"])
     got = vars(parser.parse_args(["--sizes", "1", "--limit", "7", "--out", "o.pt", "--tags"]))
     assert got == {"sizes": [1], "limit": 7, "out": __import__("pathlib").Path("o.pt"), "tags": []}
     with pytest.raises(TargetArgsError, match="invalid int value: 'x'"):

@@ -41,6 +41,8 @@ def main() -> None:
         code = app(standalone_mode=False)
     except UsageError as exc:
         command = exc.ctx.command_path if exc.ctx is not None else "mpify"
+        if command == "mpify" and sys.argv[1] in typer.main.get_command(app).commands:
+            command = f"mpify {sys.argv[1]}"  # an option's missing value is reported by the root
         hint = f"`{command} --help` lists its options"
         if isinstance(exc, NoSuchOption) and command.endswith(" run"):
             hint = f"the target's own options go after `--` ({command} NB --fn F -- --lr 0.1)"

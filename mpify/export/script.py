@@ -24,7 +24,7 @@ __all__ = ["render_script", "MAIN_LOCALS"]
 # Names main() binds locally; a target with one of these names is called through globals().
 MAIN_LOCALS = frozenset({"argparse", "ast", "pathlib", "os", "parser", "kwargs", "result", "torch",
                          "dist", "timedelta", "socket", "sock", "backend", "use_cuda", "key", "value",
-                         "literal", "or_none", "asyncio", "time"})
+                         "literal", "or_none", "asyncio", "time", "several"})
 
 _DDP_SETUP = '''\
     import socket
@@ -34,11 +34,7 @@ _DDP_SETUP = '''\
     import torch
     import torch.distributed as dist
 
-    # Under torchrun these are set; `python {script}` is a world of one.
-    for key, value in {{"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1"}}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
+{world_of_one}    if "MASTER_PORT" not in os.environ:
         with socket.socket() as sock:  # a free port for the single rank's rendezvous
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
@@ -58,6 +54,16 @@ _DDP_SETUP = '''\
         # wait for the GIL to free the last collective's tensors: let it, before the interpreter
         # shuts down, or it is killed inside C++ and this rank aborts (SIGABRT) after its work.
         time.sleep(0.05)
+'''
+
+
+# Both kinds of script set torchrun's variables when run with plain python, as `mpify run -n 1`
+# does, so a target that reads RANK works either way.
+_WORLD_OF_ONE = '''\
+    # Under torchrun these are set; `python {script}` is a world of one.
+    for key, value in {{"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"}}.items():
+        os.environ.setdefault(key, value)
 '''
 
 
@@ -112,8 +118,10 @@ def render_script(sl, ddp: bool = False, backend: str | None = None, script: str
     out.append("")
     if ddp:
         be = repr(backend) if backend else '"nccl" if use_cuda and dist.is_nccl_available() else "gloo"'
-        out += _DDP_SETUP.format(script=script, backend=be, call=call).rstrip("\n").split("\n")
+        world = _WORLD_OF_ONE.format(script=script)
+        out += _DDP_SETUP.format(script=script, backend=be, call=call, world_of_one=world).rstrip("\n").split("\n")
     else:
+        out += _WORLD_OF_ONE.format(script=script).rstrip("\n").split("\n")
         out.append(f"    result = {call}")
     out += ['    if os.environ.get("RANK", "0") == "0":  # under torchrun, only global rank 0 prints',
             "        print(repr(result))",

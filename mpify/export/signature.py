@@ -48,7 +48,7 @@ class Param:
     kind: str
     default_src: str | None
     annotation_src: str | None = None
-    many: bool = False  # list[X]: several values after the option
+    many: str = ""  # "list" or "tuple": several values after the option (list[X], tuple[X, ...])
     optional: bool = False  # X | None: the word None gives None
 
     @property
@@ -96,15 +96,16 @@ def _unwrap_optional(ann):
 
 
 def _element(ann):
-    """`list[X]`, `Sequence[X]`, `tuple[X, ...]` -> X; anything else -> None."""
+    """`list[X]`, `Sequence[X]` -> (X, "list"); `tuple[X, ...]` -> (X, "tuple"); else (None, "")."""
     if not (isinstance(ann, ast.Subscript) and ast.unparse(ann.value) in _SEQUENCES):
-        return None
+        return None, ""
+    container = "tuple" if ast.unparse(ann.value).split(".")[-1] in ("tuple", "Tuple") else "list"
     item = ann.slice
     if isinstance(item, ast.Tuple):  # only tuple[X, ...]: a fixed tuple[int, str] stays a literal
         if len(item.elts) == 2 and isinstance(item.elts[1], ast.Constant) and item.elts[1].value is Ellipsis:
-            return item.elts[0]
-        return None
-    return item
+            return item.elts[0], container
+        return None, ""
+    return item, container
 
 
 def _simple(ann) -> str | None:
@@ -116,7 +117,7 @@ def _simple(ann) -> str | None:
     return _SIMPLE.get(ast.unparse(ann))
 
 
-def _kind(annotation, default) -> tuple[str, bool, bool]:
+def _kind(annotation, default) -> tuple[str, str, bool]:
     """(kind, many, optional) for one parameter."""
     if annotation is not None:
         ann = annotation
@@ -124,24 +125,24 @@ def _kind(annotation, default) -> tuple[str, bool, bool]:
             try:
                 ann = ast.parse(ann.value, mode="eval").body
             except SyntaxError:
-                return "literal", False, False
+                return "literal", "", False
         ann, optional = _unwrap_optional(ann)
-        element = _element(ann)
+        element, container = _element(ann)
         if element is not None and _simple(element) not in (None, "bool"):
-            return _simple(element), True, False  # leave it out to keep a None default
+            return _simple(element), container, optional
         kind = _simple(ann)
         if kind is None:
-            return "literal", False, False
-        return kind, False, optional and kind != "bool"
+            return "literal", "", False
+        return kind, "", optional and kind != "bool"
     if default is not None:
         try:
             value = ast.literal_eval(default)
         except (ValueError, SyntaxError, TypeError):
-            return "literal", False, False
+            return "literal", "", False
         for t in (bool, int, float, str):  # bool first: True is an int too
             if type(value) is t:
-                return t.__name__, False, False
-    return "literal", False, False
+                return t.__name__, "", False
+    return "literal", "", False
 
 
 def target_params(sl) -> list[Param] | None:
@@ -203,6 +204,19 @@ def parser_code(params: list[Param]) -> tuple[list[str], list[str]]:
                   "    parse.__name__ = kind.__name__  # argparse names the type in its errors",
                   "    return parse",
                   ""]
+    if any(p.many for p in params):
+        lines += ["class several(argparse.Action):",
+                  "    # Several values after one option: a list, or a tuple for `tuple[X, ...]`;",
+                  "    # the word None alone gives None where the parameter may be None.",
+                  "    def __call__(self, parser, namespace, values, option_string=None):",
+                  "        if values == [None]:",
+                  "            values = None",
+                  "        elif None in values:",
+                  "            parser.error(f'argument {option_string}: None cannot be one of several values')",
+                  "        else:",
+                  "            values = tuple(values) if self.const == 'tuple' else list(values)",
+                  "        setattr(namespace, self.dest, values)",
+                  ""]
     if any(p.kind == "path" for p in params):
         imports.append("pathlib")
     for p in params:
@@ -216,7 +230,7 @@ def parser_code(params: list[Param]) -> tuple[list[str], list[str]]:
             kind = _TYPE_CODE[p.kind]
             parts.append(f"type=or_none({kind})" if p.optional else f"type={kind}")
         if p.many:
-            parts.append("nargs='+'" if p.required else "nargs='*'")
+            parts += ["nargs='+'" if p.required else "nargs='*'", "action=several", f"const={p.many!r}"]
         parts.append("required=True" if p.required else "default=argparse.SUPPRESS")
         parts.append(f"help={_help(p)!r}")
         lines.append(f"parser.add_argument({', '.join(parts)})")
