@@ -383,3 +383,15 @@ def test_a_tensor_passed_to_a_launch_can_still_be_resized():
         ranch(2, torch.sum, t)
         t.resize_(2 * n)
         assert t.shape == (2 * n,)
+
+
+@watching
+def test_an_array_kept_between_launches_resizes_after_shutdown():
+    # As the README says: numpy refuses an in-place resize while mpify's weak reference exists.
+    arr = np.zeros(4 * MB, dtype=np.float32)
+    launch(arr)
+    with pytest.raises(ValueError, match="cannot resize"):
+        arr.resize(8 * MB)
+    shutdown()
+    arr.resize(8 * MB)
+    assert arr.shape == (8 * MB,)
