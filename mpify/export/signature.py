@@ -183,40 +183,49 @@ def _help(p: Param) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
+# Helpers the generated lines call, each written once when some parameter needs it:
+# (needed by a parameter?, module it imports, source).
+_HELPERS = [
+    (lambda p: p.kind == "literal", "ast", """\
+def literal(text):
+    # A Python literal ([1, 2], None, {'a': 1}) where one parses, else the text.
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+"""),
+    (lambda p: p.optional, None, """\
+def or_none(kind):
+    # An `X | None` parameter: the word None gives None, anything else goes to X.
+    def parse(text):
+        return None if text == 'None' else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+"""),
+    (lambda p: bool(p.many), None, """\
+class several(argparse.Action):
+    # Several values after one option: a list, or a tuple for `tuple[X, ...]`;
+    # the word None alone gives None where the parameter may be None.
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values == [None]:
+            values = None
+        elif None in values:
+            parser.error(f'argument {option_string}: None cannot be one of several values')
+        else:
+            values = tuple(values) if self.const == 'tuple' else list(values)
+        setattr(namespace, self.dest, values)
+"""),
+]
+
+
 def parser_code(params: list[Param]) -> tuple[list[str], list[str]]:
     """(imports, lines): the modules the lines need besides argparse, and the statements that add
     one option per parameter to a `parser` variable (plus the `literal` helper when needed)."""
     imports, lines = [], []
-    if any(p.kind == "literal" for p in params):
-        imports.append("ast")
-        lines += ["def literal(text):",
-                  "    # A Python literal ([1, 2], None, {'a': 1}) where one parses, else the text.",
-                  "    try:",
-                  "        return ast.literal_eval(text)",
-                  "    except (ValueError, SyntaxError):",
-                  "        return text",
-                  ""]
-    if any(p.optional for p in params):
-        lines += ["def or_none(kind):",
-                  "    # An `X | None` parameter: the word None gives None, anything else goes to X.",
-                  "    def parse(text):",
-                  "        return None if text == 'None' else kind(text)",
-                  "    parse.__name__ = kind.__name__  # argparse names the type in its errors",
-                  "    return parse",
-                  ""]
-    if any(p.many for p in params):
-        lines += ["class several(argparse.Action):",
-                  "    # Several values after one option: a list, or a tuple for `tuple[X, ...]`;",
-                  "    # the word None alone gives None where the parameter may be None.",
-                  "    def __call__(self, parser, namespace, values, option_string=None):",
-                  "        if values == [None]:",
-                  "            values = None",
-                  "        elif None in values:",
-                  "            parser.error(f'argument {option_string}: None cannot be one of several values')",
-                  "        else:",
-                  "            values = tuple(values) if self.const == 'tuple' else list(values)",
-                  "        setattr(namespace, self.dest, values)",
-                  ""]
+    for wanted, module, source in _HELPERS:
+        if any(wanted(p) for p in params):
+            imports += [module] if module else []
+            lines += source.split("\n")  # the trailing newline leaves a blank line after it
     if any(p.kind == "path" for p in params):
         imports.append("pathlib")
     for p in params:
