@@ -12,7 +12,7 @@ from mpify.export import ExportError, run_notebook
 from mpify.imports import import_star
 from mpify.torch_ddp import TorchDDPCtx, in_torchddp, torchddp_launch
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ranch", "import_star", "TorchDDPCtx", "torchddp_launch", "in_torchddp", "shutdown",
