@@ -108,24 +108,28 @@ def _element(ann):
     return item, container
 
 
-def _simple(ann) -> str | None:
-    if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # a string annotation
+def _parsed(ann):
+    """A string annotation (`x: "list[int]"`, `list["int"]`) as the expression it spells; None
+    when it does not parse. Any other annotation as it is."""
+    if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
         try:
-            ann = ast.parse(ann.value, mode="eval").body
+            return ast.parse(ann.value, mode="eval").body
         except SyntaxError:
             return None
-    return _SIMPLE.get(ast.unparse(ann))
+    return ann
+
+
+def _simple(ann) -> str | None:
+    ann = _parsed(ann)
+    return None if ann is None else _SIMPLE.get(ast.unparse(ann))
 
 
 def _kind(annotation, default) -> tuple[str, str, bool]:
     """(kind, many, optional) for one parameter."""
     if annotation is not None:
-        ann = annotation
-        if isinstance(ann, ast.Constant) and isinstance(ann.value, str):  # `x: "list[int]"`
-            try:
-                ann = ast.parse(ann.value, mode="eval").body
-            except SyntaxError:
-                return "literal", "", False
+        ann = _parsed(annotation)
+        if ann is None:
+            return "literal", "", False
         ann, optional = _unwrap_optional(ann)
         element, container = _element(ann)
         if element is not None and _simple(element) not in (None, "bool"):
