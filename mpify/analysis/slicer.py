@@ -128,9 +128,10 @@ def render_source(sl: Slice) -> str:
     return "\n".join(out) + "\n"
 
 
-def slice_notebook(nb, target: str, upto_cell: int | None = None) -> Slice:
+def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots=()) -> Slice:
     """Slice what `target` needs out of `nb` (a path or a `Notebook`), as of the end of cell
-    `upto_cell` (1-based, all cells counted) or of the notebook.
+    `upto_cell` (1-based, all cells counted) or of the notebook. `extra_roots`: names read at that
+    point besides the target (the arguments of a `--call`), sliced in as the target's own are.
 
     Raises UnknownTargetError, UnresolvedNameError, SliceSyntaxError, CellRangeError, NotebookError.
     """
@@ -144,7 +145,10 @@ def slice_notebook(nb, target: str, upto_cell: int | None = None) -> Slice:
         point = model.cell_end[upto_cell]
     else:
         point = len(model.statements)
-    return _Slicer(model, target, point, upto_cell).run()
+    slicer = _Slicer(model, target, point, upto_cell)
+    for name in extra_roots:
+        slicer._push(name, point, "the --call expression")
+    return slicer.run()
 
 
 def _q(name: str) -> str:
