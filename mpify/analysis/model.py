@@ -7,7 +7,12 @@ lines right above it included, trailing comments kept), runs the scope visitor o
 the one cross-statement pass the visitor cannot: a call `f(x)` is resolved against the latest
 definition of `f` before it, so a notebook function that mutates its parameter (or assigns a global
 through `global`) makes the call a mutation (or a definition) of the right names. Unknown callees
-are assumed to mutate their arguments (conservative); notebook classes are assumed not to.
+are assumed to mutate their arguments (conservative); notebook classes are assumed not to;
+imported and star-supplied functions change only what effects.py lists.
+
+What each global name is (a module, an imported object, a notebook function or class, or a value)
+is decided here once for the whole notebook (`_name_kinds`), with the star imports resolved from
+their modules' source (stars.py), and handed to the visitor, which applies effects.py's tables.
 
 Cells that do not parse are recorded in `Model.broken` with a guess of the names they would define;
 the slicer fails only if the slice needs one of them.
@@ -21,7 +26,9 @@ from dataclasses import dataclass, field
 
 from mpify.analysis.magics import translate_cell
 from mpify.analysis.notebook import Notebook
-from mpify.analysis.visitor import ARG_MUTATORS, StatementFacts, analyse_statement
+from mpify.analysis.effects import changes_first_arg
+from mpify.analysis.stars import StarExports, resolve_star
+from mpify.analysis.visitor import _MUTATION_RANK, StatementFacts, analyse_statement
 
 __all__ = ["Statement", "BrokenCell", "Model", "build_model"]
 
@@ -83,6 +90,9 @@ class Model:
     broken: list
     cell_end: dict  # cell index -> number of statements in cells 1..index
     events: dict  # name -> indices of statements that define, delete, mutate or alias it
+    stars: dict = field(default_factory=dict)  # statement index -> StarExports of its star import
+    faithful: bool = False  # the conservative reading (no star resolution, draws kept)
+    kinds: dict = field(default_factory=dict)  # global name -> 'module' | 'object' | 'notebook'
 
 
 def _kind(node) -> str:
@@ -102,7 +112,8 @@ def _kind(node) -> str:
 
 
 def _module_names(trees) -> set:
-    """Names bound by imports anywhere at top level (also inside top-level if/try blocks)."""
+    """Faithful mode's (the 0.3 reading's) modules: names bound by `import` anywhere at top level
+    (also inside top-level if/try blocks), and `from pkg import sub` for usual submodule names."""
     out = set()
     stack = [n for t in trees for n in t.body]
     while stack:
@@ -150,7 +161,71 @@ def _parse(text: str, cell: int):
                    ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
 
 
-def build_model(nb: Notebook) -> Model:
+def _name_kinds(trees, stars: list) -> dict:
+    """name -> 'module' | 'object' | 'notebook' for the global names whose every top-level binding
+    is an `import` ('module'), a `from m import name` ('object'), or a `def`/`class` ('notebook');
+    a name the notebook also assigns is a value (absent). Names only a resolved star import binds
+    take the kind it gives them. `x = None` beside an import (`except ImportError: np = None`)
+    does not make the name a value: it is the fallback of an optional import."""
+    kinds: dict = {}
+    values: set = set()
+
+    def block(body):
+        for n in body:
+            if isinstance(n, ast.Import):
+                for a in n.names:
+                    kinds.setdefault(a.asname or a.name.split(".")[0], set()).add("module")
+            elif isinstance(n, ast.ImportFrom):
+                for a in n.names:
+                    if a.name != "*":
+                        name = a.asname or a.name
+                        sub = name in _SUBMODULE_NAMES or a.name in _SUBMODULE_NAMES
+                        kinds.setdefault(name, set()).add("module" if sub else "object")
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                kinds.setdefault(n.name, set()).add("notebook")
+            elif isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and n.value.value is None:
+                continue
+            elif isinstance(n, (ast.If, ast.Try, ast.With, ast.AsyncWith, ast.For, ast.AsyncFor,
+                                ast.While)) or type(n).__name__ == "TryStar":
+                for part in (getattr(n, "target", None), getattr(n, "test", None),
+                             *[i.optional_vars for i in getattr(n, "items", [])]):
+                    if part is not None:
+                        stores(part)
+                block(getattr(n, "body", []) + getattr(n, "orelse", []) + getattr(n, "finalbody", []))
+                for h in getattr(n, "handlers", []):
+                    if h.name:
+                        values.add(h.name)
+                    block(h.body)
+            else:
+                stores(n)
+
+    def stores(n):
+        for b in ast.walk(n):
+            if isinstance(b, ast.Name) and not isinstance(b.ctx, ast.Load):
+                values.add(b.id)
+
+    for t in trees:
+        block(t.body)
+    out = {}
+    for name, ks in kinds.items():
+        if name in values:
+            continue
+        out[name] = "module" if ks == {"module"} else ("notebook" if ks == {"notebook"} else "object")
+    bound = set(kinds) | values
+    for exp in stars:
+        for name, k in exp.names.items():
+            if name not in bound:
+                out[name] = "module" if k == "module" else "object"
+    return out
+
+
+def _star_nodes(trees) -> list:
+    """Top-level `from X import *` nodes, in order."""
+    return [n for t in trees for n in t.body if isinstance(n, ast.ImportFrom)
+            and any(a.name == "*" for a in n.names)]
+
+
+def build_model(nb: Notebook, faithful: bool = False) -> Model:
     parsed = []  # (cell, pycell, tree | None)
     broken_raw = []
     for cell in nb.cells:
@@ -164,7 +239,17 @@ def build_model(nb: Notebook) -> Model:
             parsed.append((cell, pyc, None))
             continue
         parsed.append((cell, pyc, tree))
-    module_names = _module_names([t for _, _, t in parsed if t is not None])
+    trees = [t for _, _, t in parsed if t is not None]
+    exports: dict = {}  # id(ImportFrom node) -> StarExports
+    if faithful:
+        kinds = dict.fromkeys(_module_names(trees), "module")
+    else:
+        import os
+
+        search_dir = os.path.dirname(os.path.abspath(nb.path)) if nb.path else None
+        for node in _star_nodes(trees):
+            exports[id(node)] = resolve_star(node.module or "", node.level or 0, search_dir)
+        kinds = _name_kinds(trees, list(exports.values()))
 
     statements: list[Statement] = []
     broken: list[BrokenCell] = []
@@ -180,9 +265,10 @@ def build_model(nb: Notebook) -> Model:
                 broken.append(BrokenCell(cell.index, e.lineno, e.msg, _guess_names(cell.source),
                                          len(statements)))
             else:
-                future = _add_cell(statements, cell, pyc, tree, module_names, future)
+                future = _add_cell(statements, cell, pyc, tree, kinds, future, faithful)
         cell_end[cell.index] = len(statements)
-    _resolve_calls(statements)
+    _resolve_calls(statements, kinds)
+    stars = {st.index: exports[id(st.node)] for st in statements if id(st.node) in exports}
     events: dict = {}
     for st in statements:
         f = st.facts
@@ -192,10 +278,10 @@ def build_model(nb: Notebook) -> Model:
             lst = events.setdefault(src, [])
             if not lst or lst[-1] != st.index:
                 lst.append(st.index)
-    return Model(nb, statements, broken, cell_end, events)
+    return Model(nb, statements, broken, cell_end, events, stars, faithful, kinds)
 
 
-def _add_cell(statements, cell, pyc, tree, module_names, future) -> bool:
+def _add_cell(statements, cell, pyc, tree, kinds, future, faithful) -> bool:
     lines = pyc.text.split("\n")
     body = tree.body
     if pyc.file_write is not None:
@@ -240,7 +326,7 @@ def _add_cell(statements, cell, pyc, tree, module_names, future) -> bool:
             s = start
         src_lines = lines[s - 1:start - 1] + src_lines if s < start else src_lines
         prev_end = end
-        facts = analyse_statement(node, module_names, future)
+        facts = analyse_statement(node, kinds, future, faithful)
         for mod in facts.imports:
             # `import helper` may need the file a `%%writefile helper.py` cell made.
             facts.soft_uses.setdefault(f"<module:{mod}>", node.lineno)
@@ -267,7 +353,7 @@ def _file_pseudo_name(path: str) -> str:
     return f"<file:{path}>"
 
 
-def _resolve_calls(statements) -> None:
+def _resolve_calls(statements, kinds) -> None:
     """Turn `f(x)` calls into mutations/definitions using the latest notebook definition of `f`."""
     latest: dict = {}
     for st in statements:
@@ -293,7 +379,12 @@ def _resolve_calls(statements) -> None:
                 # name is an error later). Read it as a call on that module (`np.zeros(x)`): only
                 # known mutators and `name_` functions change their first argument, so that
                 # `numel(data)` does not drag its cell into the slice.
-                if pos and pos[0] and (callee in ARG_MUTATORS or (callee.endswith("_") and not callee.startswith("_"))):
+                if pos and pos[0] and changes_first_arg(callee):
+                    _add_mutation(f, pos[0], "direct")
+                continue
+            if summ is None and kinds.get(callee) in ("module", "object"):
+                # An imported function (`show_image(img)`, `xavier_uniform_(w)`): listed effects only.
+                if pos and pos[0] and changes_first_arg(callee):
                     _add_mutation(f, pos[0], "direct")
                 continue
             for arg in list(pos) + list(kws.values()):
@@ -304,7 +395,6 @@ def _resolve_calls(statements) -> None:
 
 
 def _add_mutation(f, name, kind):
-    rank = {"call-arg": 0, "state": 1, "direct": 2}
     old = f.mutates.get(name)
-    if old is None or rank[kind] > rank[old]:
+    if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
         f.mutates[name] = kind

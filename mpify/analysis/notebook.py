@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings as warnings_module
 from dataclasses import dataclass, field
 
 from mpify.analysis.errors import NotebookError
@@ -40,10 +41,12 @@ class Cell:
 
 @dataclass
 class Notebook:
-    """A notebook read from `path`; `cells` in document order, `cells[i].index == i + 1`."""
+    """A notebook read from `path`; `cells` in document order, `cells[i].index == i + 1`.
+    warnings: what reading it tolerated (a schema violation Jupyter accepts), one line each."""
 
     path: str
     cells: list[Cell] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def code_cells(self) -> list[Cell]:
@@ -53,8 +56,8 @@ class Notebook:
 def load_notebook(path) -> Notebook:
     """Read an .ipynb (nbformat v4; older versions upgraded) or a `# %%` Python file.
 
-    Raises NotebookError (one line) for a missing file, a file that is not JSON, not a notebook, or
-    an invalid notebook.
+    Raises NotebookError (one line) for a missing file, a file that is not JSON, or JSON that is not
+    a notebook. A notebook that breaks the schema but can be read is read (`Notebook.warnings`).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -82,12 +85,21 @@ def _load_ipynb(path: str) -> Notebook:
     # check the obvious shape first so the user reads what is wrong.
     if not isinstance(raw, dict) or "nbformat" not in raw:
         raise NotebookError(path, "is JSON but not a notebook (no 'nbformat' key)")
+    # Read as Jupyter reads: a schema violation that Jupyter tolerates (stream outputs carrying a
+    # `metadata` key, written by some exporters; issue 11) is one warning line, not a refusal.
+    # `capture_validation_error` takes the error instead of nbformat logging it on stderr.
+    captured: dict = {}
     try:
-        nb = nbformat.reads(text, as_version=4)
-        nbformat.validate(nb)
-    except Exception as e:  # nbformat raises jsonschema errors, KeyError, ValueError...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise NotebookError(path, f"is not a valid notebook ({msg})") from None
+        with warnings_module.catch_warnings():
+            # nbformat warns (Python warning, on stderr) about cells without ids, which it repairs.
+            warnings_module.simplefilter("ignore")
+            nb = nbformat.reads(text, as_version=4, capture_validation_error=captured)
+    except Exception as e:  # nbformat raises KeyError, ValueError... on what it cannot convert
+        raise NotebookError(path, f"is not a valid notebook ({_first_line(e)})") from None
+    warnings = []
+    if "ValidationError" in captured:
+        warnings.append(f"{path}: does not follow the notebook schema ({_first_line(captured['ValidationError'])}); "
+                        "read as Jupyter reads it")
     cells = []
     for i, c in enumerate(nb.cells, start=1):
         kind = c.get("cell_type", "raw")
@@ -96,7 +108,12 @@ def _load_ipynb(path: str) -> Notebook:
             src = "".join(src)
         raised = any(o.get("output_type") == "error" for o in c.get("outputs", []) or [])
         cells.append(Cell(i, kind, src, c.get("execution_count") if kind == "code" else None, raised))
-    return Notebook(path, cells)
+    return Notebook(path, cells, warnings)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 _MARKER = re.compile(r"^#\s*%%(.*)$")

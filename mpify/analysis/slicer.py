@@ -28,6 +28,7 @@ compiles); `render_source` puts them first.
 """
 from __future__ import annotations
 
+import ast
 import builtins
 import difflib
 import re
@@ -39,7 +40,7 @@ from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTarg
                                    UnresolvedNameError)
 from mpify.analysis.model import Model, Statement, build_model
 from mpify.analysis.notebook import Notebook, load_notebook
-from mpify.analysis.visitor import BARE_STATE_CALLS
+from mpify.analysis.effects import BARE_STATE_CALLS
 
 __all__ = ["Slice", "SliceItem", "slice_notebook", "render_source"]
 
@@ -128,16 +129,22 @@ def render_source(sl: Slice) -> str:
     return "\n".join(out) + "\n"
 
 
-def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots=()) -> Slice:
+def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots=(),
+                   faithful: bool = False) -> Slice:
     """Slice what `target` needs out of `nb` (a path or a `Notebook`), as of the end of cell
     `upto_cell` (1-based, all cells counted) or of the notebook. `extra_roots`: names read at that
     point besides the target (the arguments of a `--call`), sliced in as the target's own are.
+
+    faithful: the conservative reading, for bit-exact reproduction: star imports are not resolved
+    (a call on a name one may supply may change it) and every random draw after the last seed is
+    kept. By default a call changes state only if effects.py knows it does, and draws by
+    statements that are otherwise not needed are left out.
 
     Raises UnknownTargetError, UnresolvedNameError, SliceSyntaxError, CellRangeError, NotebookError.
     """
     if not isinstance(nb, Notebook):
         nb = load_notebook(nb)
-    model = build_model(nb)
+    model = build_model(nb, faithful=faithful)
     if upto_cell is not None:
         if not 1 <= upto_cell <= len(nb.cells):
             raise CellRangeError(f"--cell {upto_cell} is out of range: {nb.path} has "
@@ -155,6 +162,33 @@ def _q(name: str) -> str:
     return f"`{name}`"
 
 
+def _import_by_name(s: Statement, needed: set) -> tuple[str, list]:
+    """The source of import statement `s` keeping only the names in `needed` (issue 11: a whole
+    `import pickle, gzip, torch, matplotlib as mpl` kept for `torch` failed with
+    ModuleNotFoundError on a machine without matplotlib). The kept names go on the statement's
+    first line; its other lines become blank, so every line still maps to its cell line. Comment
+    lines above it stay. Returns (source, names it binds)."""
+    node = s.node
+    keep = [a for a in node.names if _bound(node, a) in needed]
+    if len(keep) == len(node.names):
+        return s.source, [_bound(node, a) for a in node.names]
+    names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in keep)
+    text = (f"import {names}" if isinstance(node, ast.Import)
+            else f"from {'.' * (node.level or 0)}{node.module or ''} import {names}")
+    lines = s.source.rstrip("\n").split("\n")
+    lead = s.lineno - s.source_lineno  # comment lines above the statement
+    span = len(lines) - lead
+    out = lines[:lead] + [text] + [""] * (span - 1)
+    return "\n".join(out).rstrip("\n") + "\n", [_bound(node, a) for a in keep]
+
+
+def _bound(node, alias) -> str:
+    """The name an import alias binds: `c` for `b as c`, `a` for `import a.b`."""
+    if alias.asname:
+        return alias.asname
+    return alias.name.split(".")[0] if isinstance(node, ast.Import) else alias.name
+
+
 class _Slicer:
     def __init__(self, model: Model, target: str, point: int, upto_cell):
         self.m = model
@@ -170,9 +204,38 @@ class _Slicer:
         self.warnings: list = []
         self.star_names: set = set()
         self.star_mods: list = []
-        self.excluded = {s.index for s in self.st
-                         if target in s.facts.launches or target in s.facts.called_now}
+        self.excluded, self.downstream = self._exclusions()
         self.excluded_warned: set = set()
+        self.import_names: dict = {}  # import statement index -> the names of it the slice needs
+        self.import_whole: set = set()  # import statements needed for more than a name
+        self.star_supply: dict = {}  # star import index -> {name: who needs it}
+
+    def _exclusions(self):
+        """The statements that run the target (`ranch(4, train)`, `probs = [train(t) for t in
+        ts]`), and those downstream of them: statements that read, when they run, a name one of
+        them defined (`best = max(probs)`). Downstream statements go with the call (issue 11):
+        keeping them would need the call's result, and the slice must not run the target.
+        Returns (all excluded indices, {downstream index: (name read, index of the call)})."""
+        t = self.target
+        direct = {s.index for s in self.st if t in s.facts.launches or t in s.facts.called_now}
+        tainted: dict = {}  # name -> the target-running statement its value comes from
+        down: dict = {}
+        for s in self.st:
+            f = s.facts
+            if s.index in direct:
+                for n in f.defs:
+                    tainted[n] = s.index
+                continue
+            read = next((n for n in f.uses_now if n in tainted), None)
+            if read is not None and t not in f.defs:
+                down[s.index] = (read, tainted[read])
+                for n in f.defs:
+                    tainted[n] = tainted[read]
+                continue
+            for n, strong in f.defs.items():
+                if strong:
+                    tainted.pop(n, None)
+        return direct | set(down), down
 
     # ---- helpers ----------------------------------------------------------------------------
     def _desc(self, j: int) -> str:
@@ -191,16 +254,23 @@ class _Slicer:
         self.seen.add(key)
         self.work.append((name, p, why, soft, where, p_late))
 
-    def _include(self, j: int, reason: str, p_req: int, name: str | None = None):
+    def _include(self, j: int, reason: str | None, p_req: int, name: str | None = None):
+        """Keep statement j for `reason` (None: the caller writes the reason later, as for star
+        imports); `name`: the name it is kept for (an import statement keeps only those)."""
         new = j not in self.reasons
         rs = self.reasons.setdefault(j, [])
         # One reason per name and statement: the first requester is the informative one.
         key = (j, name)
-        if reason not in rs and (name is None or key not in self.reason_keys):
+        if reason is not None and reason not in rs and (name is None or key not in self.reason_keys):
             rs.append(reason)
             self.reason_keys.add(key)
         s = self.st[j]
         f = s.facts
+        if s.kind == "import" and f.star_import is None:
+            if name is not None and name in f.defs:
+                self.import_names.setdefault(j, set()).add(name)
+            else:
+                self.import_whole.add(j)
         desc = self._desc(j)
         if new:
             for u, ln in f.uses_now.items():
@@ -229,16 +299,28 @@ class _Slicer:
         found = []
         strong = -1
         deleted = None
+        seeded = False  # a later seed of `name` was found: earlier draws from it do not matter
         for i in range(k - 1, -1, -1):
             j = ev[i]
             f = self.st[j].facts
             if j in self.excluded:
                 if (name in f.defs or name in f.mutates) and j not in self.excluded_warned:
                     self.excluded_warned.add(j)
-                    self.warnings.append(
-                        f"{self.st[j].where()}: calls or launches {_q(self.target)} and changes "
-                        f"{_q(name)}; left out of the slice (it would run the target on import)")
+                    if j in self.downstream:
+                        read, call = self.downstream[j]
+                        self.warnings.append(
+                            f"{self.st[j].where()}: reads {_q(read)}, which {self.st[call].where()} "
+                            f"makes by running {_q(self.target)}; left out of the slice with it "
+                            f"(downstream of the target), so {_q(name)} is not changed there")
+                    else:
+                        self.warnings.append(
+                            f"{self.st[j].where()}: calls or launches {_q(self.target)} and changes "
+                            f"{_q(name)}; left out of the slice (it would run the target on import)")
                 continue
+            if f.mutates.get(name) == "draw" and seeded and name not in f.defs:
+                continue  # a draw before a seed: the seed redefines the generator's state
+            if f.mutates.get(name) == "seed":
+                seeded = True
             if f.defs.get(name) is True:
                 found.append((j, "def"))
                 strong = j
@@ -305,6 +387,12 @@ class _Slicer:
             return f"may delete {_q(name)}, needed by {why}"
         if role == "state":
             return f"changes the state of module {_q(name)}, used by {why}"
+        if role == "seed":
+            what = f"the random state of module {_q(name)}" if self.st[j].node is not None and \
+                self.m.kinds.get(name) == "module" else _q(name)
+            return f"seeds {what} (earlier draws no longer matter), used by {why}"
+        if role == "draw":
+            return f"draws from {_q(name)} (kept for exact reproduction), used by {why}"
         if role == "call-arg":
             return f"may mutate {_q(name)} (passes it to a call), needed by {why}"
         if role.startswith("alias-mutation:"):
@@ -354,13 +442,13 @@ class _Slicer:
                     name, f"{_q(name)} ({loc}) is IPython's input/output history, which does not "
                           "exist outside the notebook; assign the value to a named variable instead",
                     *(where or (None, None)))
-            stars = [s for s in self.st[:p] if s.facts.star_import is not None
-                     and s.index not in self.excluded]
+            stars = self._suppliers(name, p)
             if stars:
                 self.star_names.add(name)
                 for s in stars:
                     n0 = len(self.reasons)
-                    self._include(s.index, f"star import may supply {_q(name)}, needed by {why}", p)
+                    self.star_supply.setdefault(s.index, {}).setdefault(name, why)
+                    self._include(s.index, None, p)
                     added |= len(self.reasons) != n0
                     if s.facts.star_import not in self.star_mods:
                         self.star_mods.append(s.facts.star_import)
@@ -379,6 +467,44 @@ class _Slicer:
                 name, f"{_q(name)} is used by {why} ({loc}) but nothing defines it before that{hint}",
                 *(where or (None, None)))
         return added
+
+    def _suppliers(self, name, p) -> list:
+        """The star imports before p that supply `name`: the last one whose module's source
+        lists it (and any later one whose source is unknown or incomplete: it may override),
+        else every one that may supply it. Never an empty list while a star import is there:
+        a source read statically can miss a name (set through `sys.modules`, say), and keeping
+        a star import is cheaper than a false error."""
+        stars = [s for s in self.st[:p] if s.facts.star_import is not None
+                 and s.index not in self.excluded]
+        exp = self.m.stars
+        known = [s for s in stars if s.index in exp and name in exp[s.index].names]
+        if known:
+            last = known[-1]
+            return [last] + [s for s in stars if s.index > last.index
+                             and not (s.index in exp and exp[s.index].found and exp[s.index].complete)]
+        maybe = [s for s in stars if not (s.index in exp and exp[s.index].found and exp[s.index].complete)]
+        return maybe or stars
+
+    def _star_reasons(self) -> None:
+        """One reason per kept star import, listing the names it supplies once."""
+        for j, names in self.star_supply.items():
+            exp = self.m.stars.get(j)
+            whys = []
+            for w in names.values():
+                w = w or _q(self.target)
+                if w not in whys:
+                    whys.append(w)
+            listed = ", ".join(_q(n) for n in sorted(names))
+            verb = "supplies" if exp is not None and all(n in exp.names for n in names) else "may supply"
+            more = f" and {len(whys) - 3} more" if len(whys) > 3 else ""
+            self.reasons[j].insert(0, f"star import {verb} {listed}, needed by {', '.join(whys[:3])}{more}")
+            if exp is None or not exp.found:
+                s = self.st[j]
+                where = "in faithful mode, star imports are not read" if self.m.faithful else (
+                    f"no Python source for `{s.facts.star_import}` found here")
+                self.warnings.append(
+                    f"{s.where()}: `from {s.facts.star_import} import *`: {where}; the names it may "
+                    "supply are read conservatively (a call on one may change it)")
 
     def _star_state_calls(self) -> bool:
         """`manual_seed(0)` after `from torch import *`: when the slice keeps a star import, it
@@ -444,12 +570,16 @@ class _Slicer:
                               self.point)
         while self.work:  # a __future__ import has no uses, but keep the loop honest
             self._process(*self.work.popleft())
+        self._star_reasons()
         items = []
         for j in sorted(self.reasons):
             s = self.st[j]
-            items.append(SliceItem(s.cell, s.lineno, s.end_lineno, s.source_lineno, s.source,
-                                   list(self.reasons[j]), s.kind,
-                                   [n for n in s.facts.defs if not n.startswith("<")], j))
+            source, defines = s.source, [n for n in s.facts.defs if not n.startswith("<")]
+            if j in self.import_names and j not in self.import_whole:
+                source, defines = _import_by_name(s, self.import_names[j])
+            items.append(SliceItem(s.cell, s.lineno, s.end_lineno, s.source_lineno, source,
+                                   list(self.reasons[j]), s.kind, defines, j))
+        self.warnings[:0] = [w for w in self.m.notebook.warnings if w not in self.warnings]
         self._warn(items)
         kind = self._target_kind()
         cells = sorted({i.cell for i in items})

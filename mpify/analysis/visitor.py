@@ -18,69 +18,29 @@ module scope being the statement itself. Python's rules, each handled where it a
 - Bindings inside `if`/`for`/`while`/`try`/`match` (and comprehension walruses) are conditional: they
   may not happen, so they do not hide earlier definitions ("weak"). `with` bodies always run.
 
-Mutation is modelled conservatively but filtered (see `PURE_METHODS`, `PURE_BUILTINS`): a method call
-on a name that is not a module mutates it unless the method is known to be pure; `x[k] = v`,
-`x.a = v`, `del x[k]`, `x += v` mutate `x`; a call `f(x)` may mutate `x` (resolved later against
-`f`'s summary when `f` is a function of the notebook). Calls on modules (`np.zeros(x)`) mutate
-nothing except the module-state calls in `STATE_CALLS` (seeds, sys.path, chdir, options...), which
-count as mutations of the module name, so they are kept when the slice uses the module.
+Mutation follows the effect model of effects.py: `x[k] = v`, `x.a = v`, `del x[k]`, `x += v`
+mutate `x`; a call changes state only if it is known to. What a name is comes from `kinds` (built
+by the model for the whole notebook): 'module' (bound by `import`), 'object' (bound by `from m
+import name`, or supplied by a resolved star import), 'notebook' (a notebook `def`/`class`).
+Calls on those change nothing unless effects.py lists them; a method call on any other name (a
+notebook value, or a name nothing identifies) may mutate it unless it is a query or a draw. A call
+`f(x)` of a notebook function is resolved later against `f`'s summary. In faithful mode every random
+draw counts as a change of its generator (`'draw'`), for bit-exact reproduction; a seed call
+(`'seed'`) makes the draws before it irrelevant.
 """
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass, field
 
+from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
+                                    changes_first_arg, external_method_changes_receiver, is_draw,
+                                    is_query)
+
 __all__ = ["StatementFacts", "FunctionSummary", "analyse_statement"]
 
-# Builtins that neither mutate their arguments nor have effects a slice needs (display included).
-PURE_BUILTINS = frozenset("""
-print len repr str int float bool complex list tuple dict set frozenset bytes bytearray sorted
-reversed enumerate zip map filter range sum min max abs round any all isinstance issubclass type id
-hash hasattr getattr format divmod pow chr ord bin hex oct callable iter dir help super object
-slice property staticmethod classmethod display ascii memoryview issubclass input open
-""".split())
-# Calls that define or read names dynamically: the statement becomes opaque.
-OPAQUE_CALLS = frozenset({"exec", "eval", "globals", "locals", "vars", "get_ipython"})
-# Functions that launch their first function argument on processes; never part of that slice.
-LAUNCHERS = frozenset({"ranch", "notebook_launcher", "torchddp_launch", "in_torchddp", "spawn",
-                       "start_processes", "Process", "launch"})
-# Methods that neither mutate their receiver nor matter to a slice (display-only or returning new values).
-PURE_METHODS = frozenset("""
-copy keys values items get count index head tail describe info sample to_numpy numpy item tolist
-astype reshape view sum mean std var max min argmax argmin prod cumsum abs round all any
-startswith endswith format join split rsplit strip lstrip rstrip lower upper title replace find
-rfind encode decode isdigit isalpha groupby agg aggregate query filter nunique unique value_counts
-isna notna isnull notnull dropna fillna merge to_dict to_string to_list plot hist show size dim
-parameters named_parameters state_dict children modules named_modules detach clone cpu cuda float
-double half long int bool contiguous unsqueeze squeeze permute transpose flatten norm exp log sqrt
-matmul dot sort_values sort_index reset_index set_index rename drop where clip corr cov pivot
-pivot_table melt apply map applymap transform memory_usage equals isin between dtype type shape
-__len__ __getitem__ __repr__ __str__ __contains__ issubset issuperset union intersection difference
-symmetric_difference isdisjoint most_common elements total read_text read_bytes exists is_file
-is_dir glob iterdir stat resolve absolute with_suffix with_name relative_to
-""".split())
-# Module-level calls that change module state read later by other calls (suffix of the dotted name).
-STATE_CALLS = frozenset("""
-seed manual_seed manual_seed_all set_rng_state set_seed chdir filterwarnings simplefilter
-resetwarnings set_option reset_option basicConfig setLevel set_num_threads set_num_interop_threads
-set_printoptions set_default_dtype set_default_device set_default_tensor_type setrecursionlimit
-putenv use use_deterministic_algorithms set_float32_matmul_precision set_grad_enabled disable
-set_style set_theme set_context set_palette rc rcParams update append insert extend remove
-setdefault enable_eager_execution set_visible_devices set_memory_growth register seterr
-""".split())
-# STATE_CALLS that a star import may supply as bare functions (`from torch import *`, then
-# `manual_seed(0)`): the module-specific ones, not generic method names like `update`.
-BARE_STATE_CALLS = STATE_CALLS - frozenset("""
-update append insert extend remove setdefault register disable rc rcParams use setLevel putenv
-""".split())
-# Module functions that mutate their first argument (besides STATE_CALLS on the module itself).
-ARG_MUTATORS = frozenset({"shuffle", "heappush", "heappop", "heapify", "heapreplace", "heappushpop",
-                          "insort", "insort_left", "insort_right", "copyto", "fill_diagonal", "put",
-                          "place", "putmask"})
-# Names whose calls write files (for the file-dependency warning: case 44 of slicing-cases.md).
-WRITE_CALLS = frozenset({"to_csv", "to_parquet", "to_json", "to_pickle", "to_excel", "to_feather",
-                         "to_hdf", "save", "savez", "savez_compressed", "savetxt", "savefig",
-                         "write_text", "write_bytes", "dump", "imwrite", "save_pretrained"})
+# The tables of known effects (which calls change what) live in effects.py; the visitor applies them.
+_MUTATION_RANK = {"call-arg": 0, "draw": 1, "state": 2, "seed": 3, "direct": 4}
 
 
 @dataclass
@@ -107,7 +67,8 @@ class StatementFacts:
     dels: name -> True for an unconditional `del name`, False for a conditional one (or `except as`).
     uses_now / uses_later / soft_uses: name -> first line where it is read (soft: annotations that are
     not evaluated, resolved if possible but never an error).
-    mutates: name -> 'direct' | 'call-arg' | 'state' (how the statement may change the object).
+    mutates: name -> 'direct' | 'call-arg' | 'state' | 'seed' | 'draw' (how the statement may
+    change the object; a seed redefines a generator's state, a draw only moves it).
     aliases: `a = b` records a -> b (a mutation through a changes b).
     calls: (callee, positional arg names, keyword arg names, line) for calls of bare names made now.
     launches: names passed to a launcher call (`ranch(4, train)`).
@@ -222,9 +183,10 @@ def _dotted(node) -> list[str] | None:
 
 
 class _Visitor(ast.NodeVisitor):
-    def __init__(self, module_names, future_annotations):
+    def __init__(self, kinds, future_annotations, faithful=False):
         self.f = StatementFacts()
-        self.module_names = module_names
+        self.kinds = kinds  # global name -> 'module' | 'object' | 'notebook' (see the docstring)
+        self.faithful = faithful
         self.future = future_annotations
         self.stack: list[_Scope] = []
         self.cond = 0  # depth of conditional constructs at module level
@@ -302,14 +264,20 @@ class _Visitor(ast.NodeVisitor):
             if summ is not None:
                 summ.global_mutates.add(name)
             return
-        rank = {"call-arg": 0, "state": 1, "direct": 2}
         old = self.f.mutates.get(name)
-        if old is None or rank[kind] > rank[old]:
+        if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
             self.f.mutates[name] = kind
         self.f.mutate_lines.setdefault(name, lineno)
 
+    def _kind(self, name) -> str | None:
+        """'module', 'object' or 'notebook' for a global name known to be one, else None (a
+        notebook value, a local, or a name nothing identifies)."""
+        if name is None or self._lookup(name) is not None:
+            return None
+        return self.kinds.get(name)
+
     def _is_module(self, name) -> bool:
-        return name in self.module_names and self._lookup(name) is None
+        return self._kind(name) == "module"
 
     def _opaque(self, why):
         if self._later():
@@ -688,38 +656,18 @@ class _Visitor(ast.NodeVisitor):
                 pos = [root_name(a) for a in node.args]
                 kws = {k.arg: root_name(k.value) for k in node.keywords if k.arg}
                 self.f.calls.append((name, pos, kws, node.lineno))
+            elif self._kind(name) == "object" or (self._kind(name) == "module"):
+                # In a function body, a function the notebook imports (`tensor(x)`, `F.relu` is
+                # an attribute): only the listed ones change their argument.
+                if changes_first_arg(name) and node.args:
+                    self._mutate(root_name(node.args[0]), "direct", node.lineno)
             else:
-                # Inside a function body, or a local callable: assume it may mutate its arguments.
+                # A notebook function or a local callable, in a function body: it may mutate its
+                # arguments (notebook functions are resolved precisely only at top level).
                 for a in argnodes:
                     self._mutate(root_name(a), "call-arg", node.lineno)
         elif isinstance(func, ast.Attribute):
-            recv = func.value
-            root = root_name(recv)
-            meth = func.attr
-            if isinstance(recv, ast.Call) and isinstance(recv.func, ast.Name) and recv.func.id == "get_ipython":
-                self._opaque(f"uses get_ipython().{meth}")
-            elif root is not None and self._is_module(root):
-                dotted = _dotted(func)
-                if meth in LAUNCHERS:
-                    self.f.launches.update(n.id for a in argnodes for n in ast.walk(a)
-                                           if isinstance(n, ast.Name))
-                elif meth in STATE_CALLS or (dotted and "environ" in dotted):
-                    self._mutate(root, "state", node.lineno)
-                if meth in ARG_MUTATORS or (meth.endswith("_") and not meth.startswith("_")):
-                    if node.args:
-                        self._mutate(root_name(node.args[0]), "direct", node.lineno)
-                if meth == "import_module":
-                    self._opaque("imports a module by computed name")
-            elif root is not None:
-                inplace = any(k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value
-                              for k in node.keywords)
-                if meth not in PURE_METHODS or inplace:
-                    self._mutate(root, "direct", node.lineno)
-            if meth in WRITE_CALLS and not self._later():
-                for a in argnodes + [recv]:
-                    for n in ast.walk(a):
-                        if isinstance(n, ast.Constant) and isinstance(n.value, str):
-                            self.f.writes_files.add(n.value)
+            self._method_call(node, func, argnodes)
         if isinstance(func, ast.Name) and func.id == "open" and not self._later():
             mode = node.args[1] if len(node.args) > 1 else next(
                 (k.value for k in node.keywords if k.arg == "mode"), None)
@@ -731,6 +679,48 @@ class _Visitor(ast.NodeVisitor):
         for a in argnodes:
             self.visit(a)
 
+    def _method_call(self, node, func, argnodes):
+        """`recv.meth(..)`: what it changes, by the effect model of effects.py."""
+        recv = func.value
+        root = root_name(recv)
+        meth = func.attr
+        dotted = _dotted(func)
+        kind = self._kind(root)
+        if isinstance(recv, ast.Call) and isinstance(recv.func, ast.Name) and recv.func.id == "get_ipython":
+            self._opaque(f"uses get_ipython().{meth}")
+        elif kind is not None:
+            # A module, an imported object, or a notebook function or class: listed calls only.
+            if meth in LAUNCHERS:
+                self.f.launches.update(n.id for a in argnodes for n in ast.walk(a)
+                                       if isinstance(n, ast.Name))
+            elif external_method_changes_receiver(meth, dotted, kind == "module" and recv is not None
+                                                  and isinstance(recv, ast.Name)):
+                self._mutate(root, "seed" if meth in SEED_CALLS else "state", node.lineno)
+            elif self.faithful and is_draw(meth):
+                self._mutate(root, "draw", node.lineno)  # `np.random.rand()` moves numpy's generator
+            if meth == "import_module":
+                self._opaque("imports a module by computed name")
+        elif root is not None:
+            inplace = any(k.arg == "inplace" and isinstance(k.value, ast.Constant) and k.value.value
+                          for k in node.keywords)
+            if meth in SEED_CALLS:
+                self._mutate(root, "seed", node.lineno)  # `g.manual_seed(0)`: a new state
+            elif is_draw(meth) and not inplace:
+                # `rng.normal()` only moves the generator: left out unless faithful.
+                if self.faithful:
+                    self._mutate(root, "draw", node.lineno)
+            elif not is_query(meth) or inplace:
+                self._mutate(root, "direct", node.lineno)
+        if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
+            # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
+            # `rng.shuffle(xs)`: the argument changes (`x.add_(y)` on a notebook object changes x).
+            self._mutate(root_name(node.args[0]), "direct", node.lineno)
+        if meth in WRITE_CALLS and not self._later():
+            for a in argnodes + [recv]:
+                for n in ast.walk(a):
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                        self.f.writes_files.add(n.value)
+
 
 def _is_name_main(test) -> bool:
     return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
@@ -738,9 +728,11 @@ def _is_name_main(test) -> bool:
             and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
 
 
-def analyse_statement(node: ast.stmt, module_names=frozenset(), future_annotations=False) -> StatementFacts:
-    """Facts about one top-level statement. `module_names`: names the notebook binds by `import`."""
-    v = _Visitor(module_names, future_annotations)
+def analyse_statement(node: ast.stmt, kinds=None, future_annotations=False,
+                      faithful=False) -> StatementFacts:
+    """Facts about one top-level statement. `kinds`: what the notebook's global names are (name ->
+    'module' | 'object' | 'notebook'; see the module docstring); `faithful`: draws are changes."""
+    v = _Visitor(kinds if kinds is not None else {}, future_annotations, faithful)
     v.visit(node)
     f = v.f
     # A function body reading a name this same statement defines (recursion, methods naming their

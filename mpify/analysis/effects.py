@@ -1,0 +1,149 @@
+"""Which calls change state: the analyzer's one table of known effects.
+
+Why a module of its own: a slice keeps a statement that is otherwise not needed only when it may
+change something the target reads, and "may change" is the whole question for calls. Reading every
+call on a name the analyzer cannot identify as "changes that name" made real notebooks keep their
+exploration, old training loops and demos (issue 11): `x = torch.stack([a, b]).norm()` was kept as
+"mutates `torch`". The rule here is the other way round: a call changes state only if it is known to.
+
+- A call on a module, a class or a function (imported, star-supplied, or defined by `def`/`class`)
+  changes nothing unless a table below lists it: `SEED_CALLS` and `CONFIG_CALLS` change the state
+  of the module they are called on (`np.random.seed(0)`, `torch.set_num_threads(1)`,
+  `os.chdir(d)`), `RECEIVER_MUTATORS` change the object they are called on (`sys.path.append(p)`,
+  `os.environ.update(..)`), `ARG_MUTATORS` and torch's trailing-underscore ops change their first
+  argument (`random.shuffle(xs)`, `nn.init.zeros_(w)`).
+- A method call on a notebook object (a value the notebook assigned) may change that object unless
+  the method is a known query or display (`QUERY_METHODS`, `QUERY_PREFIXES`: `df.head()`,
+  `learn.show_results()`); `model.to(dev)` and `opt.step()` are mutations either way.
+- Drawing random numbers (`DRAW_CALLS`: `rng.normal()`, `torch.randn(3)`) changes only the
+  generator's position; a statement whose only effect is a draw is left out (the generator's state
+  is what the last seed call made it, see `SEED_CALLS`), except in faithful mode, which keeps every
+  draw on a notebook object for exact reproduction.
+- A notebook function changes what its body changes; that is computed from the body by the visitor
+  (`FunctionSummary`), not listed here.
+
+Assignments, augmented assignments and `del` on an attribute or item (`cfg["lr"] = 0.1`,
+`torch.backends.cudnn.benchmark = True`) are mutations of the root name whatever it is; the visitor
+handles them, this module only names calls.
+"""
+from __future__ import annotations
+
+__all__ = ["SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
+           "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
+           "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
+           "is_query", "is_draw", "external_method_changes_receiver"]
+
+
+def _words(text: str) -> frozenset:
+    return frozenset(text.split())
+
+
+# Seed calls: each one redefines a generator's state, so what was drawn before it no longer matters.
+SEED_CALLS = _words("""
+seed manual_seed manual_seed_all set_rng_state set_seed seed_everything set_random_seed
+""")
+# Global configuration read later by other calls of the same module (or the process).
+CONFIG_CALLS = _words("""
+set_default_dtype set_default_device set_default_tensor_type set_num_threads set_num_interop_threads
+use_deterministic_algorithms set_deterministic_debug_mode set_float32_matmul_precision
+set_grad_enabled set_anomaly_enabled set_flush_denormal set_printoptions filterwarnings simplefilter
+resetwarnings basicConfig setLevel disable use chdir putenv unsetenv set_option reset_option
+setrecursionlimit set_style set_theme set_context set_palette rc rcdefaults seterr
+enable_eager_execution set_visible_devices set_memory_growth register set_verbosity
+set_verbosity_error set_verbosity_warning disable_progress_bar enable_progress_bar
+""")
+# Module-level calls that change module state read later by other calls (suffix of the dotted name).
+STATE_CALLS = SEED_CALLS | CONFIG_CALLS
+# STATE_CALLS a star import may supply as bare functions (`from torch import *`, then
+# `manual_seed(0)`): the module-specific ones, not generic names like `use` or `register`.
+BARE_STATE_CALLS = STATE_CALLS - _words("disable rc use setLevel putenv unsetenv register")
+# Methods known to change the object they are called on. On a notebook object every method but a
+# query is read as a mutation anyway; this table matters for objects reached through a module or an
+# import (`sys.path.append`, `os.environ.setdefault`, `defaults.callbacks.append`).
+RECEIVER_MUTATORS = _words("""
+append extend insert remove pop clear sort reverse update setdefault popitem add discard
+difference_update intersection_update symmetric_difference_update appendleft extendleft popleft rotate
+to train eval load_state_dict register_buffer register_parameter register_module add_module apply
+register_forward_hook register_forward_pre_hook register_full_backward_hook requires_grad_ zero_grad
+step add_param_group set_format set_transform reset_format cast_column rename_column_ set_epoch
+""")
+# Module functions that change their first argument.
+ARG_MUTATORS = _words("""
+shuffle heappush heappop heapify heapreplace heappushpop insort insort_left insort_right copyto
+fill_diagonal put place putmask
+""")
+# Methods that only read their receiver or display it (besides the `QUERY_PREFIXES`).
+QUERY_METHODS = _words("""
+copy keys values items get count index head tail describe info summary ls shape sample to_numpy numpy
+item tolist astype reshape view sum mean std var max min argmax argmin prod cumsum abs round all any
+startswith endswith format join split rsplit strip lstrip rstrip lower upper title replace find
+rfind encode decode isdigit isalpha groupby agg aggregate query filter nunique unique value_counts
+isna notna isnull notnull dropna fillna merge to_dict to_string to_list hist size dim numel
+parameters named_parameters state_dict children modules named_modules buffers named_buffers detach
+clone contiguous unsqueeze squeeze permute transpose flatten norm exp log sqrt matmul dot sort_values
+sort_index reset_index set_index rename drop where clip corr cov pivot pivot_table melt applymap
+memory_usage equals isin between dtype type __len__ __getitem__ __repr__ __str__ __contains__
+issubset issuperset union intersection difference symmetric_difference isdisjoint most_common
+elements total read_text read_bytes exists is_file is_dir glob iterdir stat resolve absolute
+with_suffix with_name relative_to
+""")
+# Method-name prefixes of displays and summaries (`show_batch`, `plot_loss`, `display_df`).
+QUERY_PREFIXES = ("show", "plot", "display", "print", "summar", "describe")
+# Functions and methods that draw random numbers: they move a generator, nothing else.
+DRAW_CALLS = _words("""
+random rand randn randint randrange randbytes getrandbits rand_like randn_like randint_like randperm
+normal normal_ uniform gauss choice choices sample permutation integers standard_normal binomial
+poisson beta gamma exponential multinomial bernoulli lognormal triangular vonmisesvariate
+""")
+# Calls whose string arguments name files they write (for the file-dependency warning: case 44 of
+# slicing-cases.md; files are not names, so nothing links them to their readers).
+WRITE_CALLS = _words("""
+to_csv to_parquet to_json to_pickle to_excel to_feather to_hdf save savez savez_compressed savetxt
+savefig write_text write_bytes dump imwrite save_pretrained
+""")
+# Builtins that neither mutate their arguments nor have effects a slice needs (display included).
+PURE_BUILTINS = _words("""
+print len repr str int float bool complex list tuple dict set frozenset bytes bytearray sorted
+reversed enumerate zip map filter range sum min max abs round any all isinstance issubclass type id
+hash hasattr getattr format divmod pow chr ord bin hex oct callable iter dir help super object
+slice property staticmethod classmethod display ascii memoryview issubclass input open
+""")
+# Calls that define or read names dynamically: the statement becomes opaque.
+OPAQUE_CALLS = frozenset({"exec", "eval", "globals", "locals", "vars", "get_ipython"})
+# Functions that launch their first function argument on processes; never part of that slice.
+LAUNCHERS = frozenset({"ranch", "notebook_launcher", "torchddp_launch", "in_torchddp", "spawn",
+                       "start_processes", "Process", "launch"})
+
+
+def is_inplace(name: str) -> bool:
+    """torch's convention: `add_`, `zero_`, `nn.init.kaiming_normal_` change their tensor in place.
+    Dunders and private names (`__init__`, `_x`) are not in-place ops."""
+    return name.endswith("_") and not name.startswith("_")
+
+
+def changes_first_arg(name: str) -> bool:
+    """A function of a module (or a star-supplied one) that changes its first argument."""
+    return name in ARG_MUTATORS or is_inplace(name)
+
+
+def is_query(method: str) -> bool:
+    """A method that only reads or displays its receiver."""
+    return method in QUERY_METHODS or method.startswith(QUERY_PREFIXES)
+
+
+def is_draw(method: str) -> bool:
+    """A random draw that is not also an in-place fill (`x.normal_()` fills x: a mutation)."""
+    return method in DRAW_CALLS and not is_inplace(method)
+
+
+def external_method_changes_receiver(method: str, dotted: list | None, module_itself: bool) -> bool:
+    """`mod.f(..)` or `mod.attr.f(..)` on a module, class or function: only listed calls change it.
+
+    module_itself: the call is `mod.f(..)` on a module, where only `STATE_CALLS` count: a module
+    function named `train` or `update` (`xgb.train(params, d)`) is a function, not a list method.
+    On an object reached through it (`sys.path.append`, `plt.rcParams.update`) or on an imported
+    object, the receiver mutators count too. `os.environ.<anything but a query>` changes the
+    process environment."""
+    if method in STATE_CALLS or (method in RECEIVER_MUTATORS and not module_itself):
+        return True
+    return bool(dotted) and "environ" in dotted and not is_query(method)
