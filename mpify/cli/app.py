@@ -1,4 +1,4 @@
-"""The typer application. Each command lives in its own module and registers itself here.
+"""The typer application: it registers the command functions listed in commands.py.
 
 The CLI is thin: it parses options, calls the rooms (analysis, export, engine) and prints. User
 mistakes become one line on stderr and exit code 2, never a traceback.
@@ -6,6 +6,8 @@ mistakes become one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import typer
+
+from mpify.cli.commands import COMMANDS
 
 app = typer.Typer(
     name="mpify",
@@ -22,6 +24,10 @@ def _root() -> None:
     # An explicit callback keeps `mpify deps ...` a subcommand even while it is the only one.
 
 
+for _command, _settings in COMMANDS:
+    app.command(**_settings)(_command)
+
+
 def main() -> None:
     """Console-script entry point. Click's own parse errors (an unknown option, a missing
     argument, a bad number) become one line too, instead of a usage box."""
@@ -31,8 +37,6 @@ def main() -> None:
         from typer._click.exceptions import NoSuchOption, UsageError
     except ImportError:
         from click.exceptions import NoSuchOption, UsageError
-
-    from mpify.cli import commands  # noqa: F401  (registers the commands on `app`)
 
     if len(sys.argv) < 2:  # bare `mpify`: the help, as typer prints it
         app()

@@ -13,7 +13,6 @@ from typing import Optional
 import typer
 
 from mpify.analysis import AnalysisError, slice_notebook
-from mpify.cli.app import app
 
 
 def _fail(msg: str) -> None:
@@ -42,7 +41,6 @@ def format_report(sl) -> str:
     return "\n".join(lines)
 
 
-@app.command()
 def deps(
     notebook: str = typer.Argument(..., help="The notebook (.ipynb, or a .py file with `# %%` cells)."),
     fn: str = typer.Option(..., "--fn", help="The function (or class) to slice out."),

@@ -2,8 +2,10 @@
 
 Thin on purpose: it slices, renders the payload plus main() (mpify.export.script), checks it
 compiles, and writes it. It never overwrites a file without --force. The default output is
-`<fn>_ddp.py` (with --ddp) or `<fn>.py` next to the notebook. User errors are one line
-`mpify: error: ...` and exit code 2; translations the script makes are said on stderr as warnings.
+`<fn>_ddp.py` (with --ddp) or `<fn>.py` next to the notebook. `--call "train(model, 3)"` writes a
+main() that makes that call (the names it uses are sliced in). User errors are one line
+`mpify: error: ...` and exit code 2; translations the script makes are said on stderr as warnings,
+and so is the notebook's own call of a target whose required parameters no option can spell.
 """
 from __future__ import annotations
 
@@ -14,19 +16,14 @@ from typing import Optional
 import typer
 
 from mpify.analysis import AnalysisError
-from mpify.cli.app import app
-from mpify.export.errors import ExportError, OutputExistsError
+from mpify.cli.common import CALL_HELP, FAITHFUL_HELP, fail, shell_word
+from mpify.export.errors import ExportError, MissingArgumentsError, OutputExistsError
 
 
-def _fail(msg: str) -> None:
-    print(f"mpify: error: {msg}", file=sys.stderr)
-    raise typer.Exit(2)
-
-
-@app.command()
 def export(
     notebook: str = typer.Argument(..., help="The notebook (.ipynb, or a .py file with `# %%` cells)."),
-    fn: str = typer.Option(..., "--fn", help="The function to export (what it needs is sliced out)."),
+    fn: Optional[str] = typer.Option(None, "--fn", help="The function to export (what it needs is sliced out)."),
+    call: Optional[str] = typer.Option(None, "--call", help=CALL_HELP),
     out: Optional[str] = typer.Option(None, "-o", "--output", help="The script to write (default: "
                                       "FN_ddp.py or FN.py next to the notebook)."),
     ddp: bool = typer.Option(False, "--ddp", help="Set up torch.distributed in main() (torchrun's env)."),
@@ -35,31 +32,31 @@ def export(
     cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
                                        "(1-based, all cells counted, markdown included)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
 ) -> None:
     """Write FN from NOTEBOOK, with what it needs, as a script runnable with python or torchrun."""
     from mpify.export.runner import prepare
 
-    if out is None:
-        out = os.path.join(os.path.dirname(notebook), f"{fn}_ddp.py" if ddp else f"{fn}.py")
     try:
+        prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell, call=call, faithful=faithful)
+        fn = prep.slice.target
+        if out is None:
+            out = os.path.join(os.path.dirname(notebook), f"{fn}_ddp.py" if ddp else f"{fn}.py")
         if os.path.isdir(out):
             raise ExportError(f"{out} is a directory; give a file name with -o")
         if os.path.exists(out) and not force:
             raise OutputExistsError(f"{out} exists; use --force to overwrite it")
-        prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell)
     except (AnalysisError, ExportError) as e:
-        _fail(str(e))
-        return
+        fail(str(e))
     from mpify.export.script import render_script
 
     # Render again with the real file name, so the usage text in the header names it.
-    payload = render_script(prep.slice, ddp=ddp, backend=backend, script=os.path.basename(out))
+    payload = render_script(prep.slice, ddp=ddp, backend=backend, script=os.path.basename(out), call=prep.call)
     try:
         compile(payload.text, out, "exec")
     except SyntaxError as e:  # the analyzer only keeps statements that parse: a bug if it happens
-        _fail(f"the exported script does not compile (line {e.lineno}: {e.msg}); please report it")
-        return
-    for w in prep.warnings:
+        fail(f"the exported script does not compile (line {e.lineno}: {e.msg}); please report it")
+    for w in prep.warnings + _object_parameters(prep):
         print(f"mpify: warning: {w}", file=sys.stderr)
     tmp = f"{out}.mpify-tmp"
     try:
@@ -69,7 +66,24 @@ def export(
     except OSError as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        _fail(f"cannot write {out}: {e.strerror or e}")
-        return
+        fail(f"cannot write {out}: {e.strerror or e}")
     cells = ", ".join(map(str, prep.slice.cells_used))
     print(f"wrote {out}: `{fn}` and what it needs from cell(s) {cells} of {notebook}", file=sys.stderr)
+
+
+def _object_parameters(prep) -> list[str]:
+    """A warning when the script's options cannot replace what the notebook passes: required
+    parameters without a type an option can spell (`model`), while the notebook calls the target."""
+    from mpify.export.replay import check_required
+    from mpify.export.signature import target_params
+
+    if prep.call is not None:
+        return []
+    params = [p for p in target_params(prep.slice) or [] if p.kind == "literal"]
+    try:
+        check_required(prep.slice, params, set())
+    except MissingArgumentsError as e:
+        return [f"`{e.target}` needs {', '.join(f'`{m}`' for m in e.missing)}, which an option can only "
+                f"give as a Python literal; cell {e.site.cell} passes the notebook's own: {e.site.source}; "
+                f"`--call {shell_word(e.site.replay)}` exports that call"]
+    return []

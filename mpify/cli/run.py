@@ -2,9 +2,12 @@
 
 Thin on purpose: it prepares the slice (mpify.export.runner), parses the target's options from its
 signature (mpify.export.signature), runs it with ranch (this process is rank 0) and prints rank 0's
-value (repr, or JSON with --json). Exit codes: 0 done; 1 the target raised (its traceback, frames
+value (repr, or JSON with --json). `--call "train(model, 3)"` gives the whole call instead, with the
+notebook's own objects as arguments. Exit codes: 0 done; 1 the target raised (its traceback, frames
 named by notebook cell and line) or a rank died / timed out; 2 a user error (one line
-`mpify: error: ...`); 130 interrupted. Every outcome removes the temp dir and leaves no process.
+`mpify: error: ...`; a missing parameter that the notebook's own call gives: up to three lines that
+end in the `--call` replaying it); 130 interrupted. Every outcome removes the temp dir and leaves
+no process.
 """
 from __future__ import annotations
 
@@ -15,15 +18,32 @@ from typing import Optional
 import typer
 
 from mpify.analysis import AnalysisError
-from mpify.cli.app import app
-from mpify.export.errors import ExportError
+from mpify.cli.common import CALL_HELP, FAITHFUL_HELP, fail, shell_word
+from mpify.export.errors import ExportError, MissingArgumentsError
 
-_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": False}
+# What follows `--` goes to the target's own parser, so click keeps it as extra arguments.
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": False}
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    print(f"mpify: error: {msg}", file=sys.stderr)
-    raise typer.Exit(code)
+def missing_lines(e: MissingArgumentsError, command: str, ddp: bool) -> list[str]:
+    """The one to three lines for required parameters that the notebook's own call gives: the
+    cell, then the options that replay it (-n the launch's process count; --ddp for mpify's DDP
+    launchers), then a note where the launcher passed the process index."""
+    site = e.site
+    names = ", ".join(f"`{m}`" for m in e.missing)
+    verb = "calls" if site.form == "call" else "launches"
+    lines = [f"mpify: error: `{e.target}` needs {names}, which the command line does not give; "
+             f"cell {site.cell} {verb} it: {site.source}"]
+    options = [f"--call {shell_word(site.replay)}"]
+    if command == "run" and site.nprocs is not None:
+        options.append(f"-n {site.nprocs}" if site.nprocs.isdigit() else f"-n N (the launch used {site.nprocs})")
+    if site.form.split(".")[-1] in ("torchddp_launch", "in_torchddp") and not ddp:
+        options.append("--ddp")  # these launchers run fn under TorchDDPCtx
+    lines.append(f"mpify: to replay that {'call' if site.form == 'call' else 'launch'}, use {' '.join(options)}")
+    if site.rank_first:
+        lines.append(f"mpify: {site.form} passes the process index first; the replay reads it from "
+                     "LOCAL_RANK, which every rank has")
+    return lines
 
 
 def parse_show_ranks(text: str):
@@ -55,11 +75,11 @@ def to_jsonable(obj):
     return repr(obj)
 
 
-@app.command(context_settings=_CONTEXT)
 def run(
     ctx: typer.Context,
     notebook: str = typer.Argument(..., help="The notebook (.ipynb, or a .py file with `# %%` cells)."),
-    fn: str = typer.Option(..., "--fn", help="The function to run (what it needs is sliced out)."),
+    fn: Optional[str] = typer.Option(None, "--fn", help="The function to run (what it needs is sliced out)."),
+    call: Optional[str] = typer.Option(None, "--call", help=CALL_HELP),
     nprocs: int = typer.Option(1, "-n", "--nprocs", help="Ranks on this node."),
     ddp: bool = typer.Option(False, "--ddp", help="Run under torch.distributed (TorchDDPCtx)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="gloo or nccl (default: nccl with "
@@ -74,10 +94,12 @@ def run(
     show_ranks: str = typer.Option("all", "--show-ranks", help="Whose output to show: all, none, "
                                    "or ranks like 0,2."),
     as_json: bool = typer.Option(False, "--json", help="Print rank 0's value as JSON."),
+    faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
 ) -> None:
     """Run FN from NOTEBOOK on N ranks and print rank 0's value. Target options go after `--`
-    (`-- --lr 0.1`; `-- --help` lists them)."""
+    (`-- --lr 0.1`; `-- --help` lists them), or the whole call with --call "train(model, 3)"."""
     from mpify.engine.rendezvous import PortInUseError
+    from mpify.export.replay import check_required, given_options
     from mpify.export.runner import prepare, run_prepared
     from mpify.export.signature import parse_target_args, target_description, target_params
 
@@ -85,28 +107,34 @@ def run(
         try:
             show = parse_show_ranks(show_ranks)
             _check_launch_options(nprocs, nnodes, node_rank, master_port, timeout)
-            prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell)
-            params = target_params(prep.slice)
-            prog = f"mpify run {notebook} --fn {fn} --"
-            try:
-                kwargs = parse_target_args(params, list(ctx.args), prog, target_description(prep.slice), fn)
-            except SystemExit as e:  # `-- --help` printed the options
-                raise typer.Exit(e.code or 0)
+            if call is not None and ctx.args:
+                raise ExportError(f"--call gives all the arguments of the call; drop the options after "
+                                  f"-- ({' '.join(ctx.args)}) or put them in the call")
+            prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell, call=call, faithful=faithful)
+            kwargs = {}
+            if call is None:
+                params = target_params(prep.slice)
+                argv = list(ctx.args)
+                if not {"-h", "--help"} & set(argv):
+                    check_required(prep.slice, params, given_options(params or [], argv))
+                prog = f"mpify run {notebook} --fn {fn} --"
+                try:
+                    kwargs = parse_target_args(params, argv, prog, target_description(prep.slice), fn)
+                except SystemExit as e:  # `-- --help` printed the options
+                    raise typer.Exit(e.code or 0)
+        except MissingArgumentsError as e:
+            print("\n".join(missing_lines(e, "run", ddp)), file=sys.stderr)
+            raise typer.Exit(2)
         except (AnalysisError, ExportError) as e:
-            _fail(str(e))
-            return
+            fail(str(e))
         for w in prep.warnings:
             print(f"mpify: warning: {w}", file=sys.stderr)
         try:
             value = run_prepared(prep, nprocs, kwargs=kwargs, timeout=timeout, show_ranks=show,
                                  nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
                                  master_port=master_port)
-        except (AnalysisError, ExportError) as e:
-            _fail(str(e))
-            return
-        except PortInUseError as e:
-            _fail(str(e))
-            return
+        except (AnalysisError, ExportError, PortInUseError) as e:
+            fail(str(e))
         except typer.Exit:
             raise
         except Exception as e:

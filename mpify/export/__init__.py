@@ -3,19 +3,22 @@
 Public API (used by the CLI and from notebooks):
 
 - `run_notebook(path, fn, nprocs=1, *, ddp=False, backend=None, cell=None, args=(), kwargs=None,
-  **ranch_options)`: run one function of a notebook on N ranks, return rank 0's value.
+  call=None, faithful=False, **ranch_options)`: run one function of a notebook on N ranks, return
+  rank 0's value; `call="train(model, 3)"` calls it with the notebook's own objects.
 - `render_payload(slice) -> Payload` (`.text`, `.line_map`), `render_script(slice, ddp=...)`: the
   payload plus a standalone `main()`.
-- Errors: `ExportError` and its subclasses (user errors, one-line str).
+- Errors: `ExportError` and its subclasses (user errors, one-line str); `MissingArgumentsError`
+  names the notebook's own call of the target when required parameters were not given.
 
 The modules, one idea each: payload (slice -> module text + line map), signature (target's
 parameters -> argparse code), script (payload + main()), tracebacks (payload lines -> notebook
-cells), runner (private module file -> ranch).
+cells), runner (private module file -> ranch), replay (missing parameters -> the notebook's own call).
 """
-from mpify.export.errors import ExportError, OutputExistsError, TargetArgsError, UntranslatableError
+from mpify.export.errors import (ExportError, MissingArgumentsError, OutputExistsError, TargetArgsError,
+                                 UntranslatableError)
 from mpify.export.payload import Payload, render_payload
 from mpify.export.runner import run_notebook
 from mpify.export.script import render_script
 
 __all__ = ["run_notebook", "render_payload", "render_script", "Payload", "ExportError",
-           "UntranslatableError", "TargetArgsError", "OutputExistsError"]
+           "UntranslatableError", "TargetArgsError", "MissingArgumentsError", "OutputExistsError"]

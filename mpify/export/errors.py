@@ -7,7 +7,8 @@ the type. str() is always one line.
 """
 from __future__ import annotations
 
-__all__ = ["ExportError", "UntranslatableError", "TargetArgsError", "OutputExistsError"]
+__all__ = ["ExportError", "UntranslatableError", "TargetArgsError", "MissingArgumentsError",
+           "OutputExistsError"]
 
 
 class ExportError(Exception):
@@ -28,6 +29,24 @@ class UntranslatableError(ExportError):
 
 class TargetArgsError(ExportError):
     """The arguments given to the target (`-- --lr x`) do not fit its signature."""
+
+
+class MissingArgumentsError(TargetArgsError):
+    """Required parameters of the target were not given, and the notebook shows a call of it.
+
+    missing: the parameters' names. site: the notebook's call or launch to replay
+    (`mpify.analysis.calls.TargetCall`: cell, source, replay, nprocs, rank_first). str() is one
+    line in Python's terms (`call=...`); the CLI words it with its own options (see cli/run.py).
+    """
+
+    def __init__(self, target: str, missing: list, site):
+        self.target = target
+        self.missing = list(missing)
+        self.site = site
+        n = f", nprocs={site.nprocs}" if site.nprocs else ""
+        super().__init__(f"`{target}` needs {', '.join(f'`{m}`' for m in missing)}, which were not "
+                         f"given; cell {site.cell} {'calls' if site.form == 'call' else 'launches'} it "
+                         f"as `{site.source}`: replay that with call={site.replay!r}{n}")
 
 
 class OutputExistsError(ExportError):

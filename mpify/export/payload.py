@@ -26,7 +26,8 @@ __all__ = ["Payload", "render_payload", "translation_notes"]
 class Payload:
     """text: the module source. line_map: 1-based payload line -> (cell, 1-based cell line).
     notebook: the notebook's path as the user gave it (what tracebacks show). notes: one line per
-    translated line, "cell K, line L: what was done"."""
+    translated line, "cell K, line L: what was done". call_function: set by render_script when a
+    --call was given: the name of the module-level function that makes that call."""
 
     text: str
     line_map: dict
@@ -34,6 +35,7 @@ class Payload:
     target: str
     cells: list
     notes: list = field(default_factory=list)
+    call_function: str | None = None  # the script's function that makes a --call (script.py)
 
 
 def _docstring_safe(text: str) -> str:

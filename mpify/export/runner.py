@@ -28,11 +28,14 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from mpify.analysis import slice_notebook
+from mpify.analysis import UnresolvedNameError, slice_notebook
+from mpify.analysis.calls import CallExpressionError, parse_call
 from mpify.engine.errors import MpifyError, RemoteTraceback
 from mpify.export.errors import ExportError
 from mpify.export.payload import Payload
+from mpify.export.replay import check_required
 from mpify.export.script import render_script
+from mpify.export.signature import target_params
 from mpify.export.tracebacks import attach_mapped_traceback, keep_source
 
 __all__ = ["run_notebook", "prepare", "loaded_payload", "Prepared"]
@@ -41,23 +44,49 @@ __all__ = ["run_notebook", "prepare", "loaded_payload", "Prepared"]
 class Prepared:
     """A notebook function ready to run: its slice, the script text and the target's parameters."""
 
-    def __init__(self, sl, payload: Payload, ddp: bool, backend: str | None):
+    def __init__(self, sl, payload: Payload, ddp: bool, backend: str | None, call=None):
         self.slice = sl
         self.payload = payload
         self.ddp = ddp
         self.backend = backend
+        self.call = call  # the parsed --call (mpify.analysis.calls.CallSpec), or None
         self.warnings = list(dict.fromkeys(list(sl.warnings) + payload.notes))
 
 
-def prepare(path, fn: str, *, ddp: bool = False, backend: str | None = None, cell: int | None = None) -> Prepared:
-    """Slice `fn` out of notebook `path` and render it. Raises AnalysisError / ExportError."""
+def prepare(path, fn: str | None, *, ddp: bool = False, backend: str | None = None, cell: int | None = None,
+            call: str | None = None, faithful: bool = False) -> Prepared:
+    """Slice `fn` out of notebook `path` and render it. `call`: a call of the target as a cell
+    would write it (`"train(model, 3)"`); the names it reads are sliced in too, `fn` may then be
+    None. `faithful`: the analyzer's conservative reading (every call on a used module, every
+    draw). Raises AnalysisError / ExportError."""
     if backend is not None and not ddp:
         raise ExportError("--backend needs --ddp (without DDP there is no process group)")
     if backend not in (None, "gloo", "nccl"):
         raise ExportError(f"--backend must be gloo or nccl, not {backend!r}")
-    sl = slice_notebook(os.fspath(path), fn, upto_cell=cell)
-    payload = render_script(sl, ddp=ddp, backend=backend, script=f"{fn}_script.py")
-    return Prepared(sl, payload, ddp, backend)
+    spec = None
+    if call is not None:
+        spec = parse_call(call)
+        if fn is not None and fn != spec.target:
+            raise ExportError(f"--fn {fn} and --call {spec.source!r} name different functions; "
+                              "--fn may be left out with --call")
+        fn = spec.target
+    elif fn is None:
+        raise ExportError("say which function to run: --fn NAME, or --call 'NAME(args...)'")
+    # Keywords passed only when used, so that a slicer without them still serves the plain case.
+    options = {"extra_roots": spec.names} if spec else {}
+    if faithful:
+        options["faithful"] = True
+    try:
+        sl = slice_notebook(os.fspath(path), fn, upto_cell=cell, **options)
+    except UnresolvedNameError as e:
+        if spec is None or e.name not in spec.names or e.cell is not None:
+            raise
+        # The name is the --call's own (no cell reads it): say so rather than "used by the target".
+        upto = f" before the end of cell {cell}" if cell else ""
+        raise CallExpressionError(f"--call {spec.source!r} uses `{e.name}`, which {path} does not "
+                                  f"define{upto}") from None
+    payload = render_script(sl, ddp=ddp, backend=backend, script=f"{fn}_script.py", call=spec)
+    return Prepared(sl, payload, ddp, backend, spec)
 
 
 def _module_name(notebook: str) -> str:
@@ -122,6 +151,9 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
     with gather=True)."""
     from mpify.engine.launch import ranch
 
+    if prep.call is not None and (args or kwargs):
+        raise ExportError(f"the call {prep.call.source!r} gives the arguments; no others can be added "
+                          "(options after --, args=, kwargs=)")
     with loaded_payload(prep.payload) as (module, path):
         target = getattr(module, prep.slice.target)
         if not callable(target):
@@ -132,8 +164,11 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
             from mpify.torch_ddp import TorchDDPCtx, _ddp_ctx
 
             ctx = _ddp_ctx(ctx, TorchDDPCtx(backend=prep.backend))
-        # partial: the target's own keywords can never collide with ranch's (timeout, gather...).
-        call = functools.partial(target, *args, **(kwargs or {}))
+        if prep.call is not None:  # the script's own function that makes the --call
+            call = getattr(module, prep.payload.call_function)
+        else:
+            # partial: the target's own keywords can never collide with ranch's (timeout, gather...).
+            call = functools.partial(target, *args, **(kwargs or {}))
         try:
             return ranch(nprocs, call, ctx=ctx, **ranch_options)
         except KeyboardInterrupt:
@@ -146,18 +181,25 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
             raise
 
 
-def run_notebook(path, fn: str, nprocs: int = 1, *, ddp: bool = False, backend: str | None = None,
-                 cell: int | None = None, args: tuple = (), kwargs: dict | None = None,
+def run_notebook(path, fn: str | None = None, nprocs: int = 1, *, ddp: bool = False,
+                 backend: str | None = None, cell: int | None = None, args: tuple = (),
+                 kwargs: dict | None = None, call: str | None = None, faithful: bool = False,
                  **ranch_options: Any) -> Any:
     """Run function `fn` of notebook `path` on `nprocs` ranks and return rank 0's value.
 
     What runs is what `mpify export` would write: the statements `fn` needs (as of the end of cell
     `cell`, or of the notebook), imported from a private temp dir. `ddp=True` runs it under
-    TorchDDPCtx (`backend` gloo/nccl, or chosen). `args`/`kwargs` go to fn; other keywords go to
-    ranch (timeout, show_ranks, gather, nnodes, node_rank, master_addr, master_port, caller_rank).
+    TorchDDPCtx (`backend` gloo/nccl, or chosen). `args`/`kwargs` go to fn; or `call` gives the
+    whole call as a cell would write it, with the notebook's own objects as arguments
+    (`call="train(model, 3)"`; `fn` may then be left out). `faithful=True`: the analyzer's
+    conservative slice. Other keywords go to ranch (timeout, show_ranks, gather, nnodes,
+    node_rank, master_addr, master_port, caller_rank).
 
-    Raises AnalysisError or ExportError (user errors, one line), or the rank's exception with a
-    RemoteTraceback cause whose text names notebook cells (`File "nb.ipynb", cell 5, line 8`).
+    Raises AnalysisError or ExportError (user errors, one line; MissingArgumentsError names the
+    notebook's own call of fn when required parameters are missing), or the rank's exception with
+    a RemoteTraceback cause whose text names notebook cells (`File "nb.ipynb", cell 5, line 8`).
     """
-    prep = prepare(path, fn, ddp=ddp, backend=backend, cell=cell)
+    prep = prepare(path, fn, ddp=ddp, backend=backend, cell=cell, call=call, faithful=faithful)
+    if call is None:
+        check_required(prep.slice, target_params(prep.slice), set(kwargs or ()), len(args))
     return run_prepared(prep, nprocs, tuple(args), kwargs, **ranch_options)

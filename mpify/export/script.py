@@ -67,20 +67,33 @@ _WORLD_OF_ONE = '''\
 '''
 
 
-def _main_name(sl) -> str:
-    """`main`, unless the notebook's slice defines a `main` of its own."""
+def _free_name(sl, name: str) -> str:
+    """`name`, or `_name`, `__name`... : one the notebook's slice does not define itself."""
     taken = {n for it in sl.items for n in it.defines}
-    name = "main"
     while name in taken:
         name = "_" + name
     return name
 
 
-def render_script(sl, ddp: bool = False, backend: str | None = None, script: str = "script.py") -> Payload:
-    """The payload of `sl` followed by main(); `script` is the file name shown in the usage text."""
-    params = target_params(sl)
-    main = _main_name(sl)
-    if params is None:
+def _call_function(sl, call, name: str) -> list[str]:
+    """A module-level function that makes the --call. Why a function of the module rather than a
+    line in main(): the call's names are the notebook's globals, which main()'s own variables
+    (`backend`, `result`...) would shadow; and `mpify run` runs this same function in every rank."""
+    return ["", "", f"def {name}():",
+            f'    """`{sl.target}` called as given to mpify with --call."""',
+            f"    return {call.source}"]
+
+
+def render_script(sl, ddp: bool = False, backend: str | None = None, script: str = "script.py",
+                  call=None) -> Payload:
+    """The payload of `sl` followed by main(); `script` is the file name shown in the usage text.
+    `call`: a parsed --call (mpify.analysis.calls.CallSpec); main() then makes that call and takes
+    no options."""
+    params = None if call is not None else target_params(sl)
+    main = _free_name(sl, "main")
+    if call is not None:
+        args_note = f"It runs `{call.source}` (given with --call) and takes no options."
+    elif params is None:
         args_note = f"{sl.target} is called without arguments"
     elif params:
         args_note = f"Options: {' '.join(p.option + ('' if p.kind == 'bool' else ' ' + p.name.upper()) for p in params)} (see --help)."
@@ -99,10 +112,15 @@ def render_script(sl, ddp: bool = False, backend: str | None = None, script: str
 
     # A target named like one of main()'s own variables is reached through the module's globals.
     fn = sl.target if sl.target not in MAIN_LOCALS else f"globals()[{sl.target!r}]"
-    call = f"{fn}(**kwargs)" if params is not None else f"{fn}()"
+    if call is not None:
+        payload.call_function = _free_name(sl, f"call_{sl.target}")
+        payload.text += "\n".join(_call_function(sl, call, payload.call_function)) + "\n"
+        call_src = f"{payload.call_function}()"
+    else:
+        call_src = f"{fn}(**kwargs)" if params is not None else f"{fn}()"
     imports, opt_lines = parser_code(params or [])
     if target_is_async(sl):  # an `async def` target runs to the end on its own event loop
-        call = f"asyncio.run({call})"
+        call_src = f"asyncio.run({call_src})"
         imports.append("asyncio")
     desc = target_description(sl)
     out = ["", "", f"def {main}():",
@@ -119,10 +137,10 @@ def render_script(sl, ddp: bool = False, backend: str | None = None, script: str
     if ddp:
         be = repr(backend) if backend else '"nccl" if use_cuda and dist.is_nccl_available() else "gloo"'
         world = _WORLD_OF_ONE.format(script=script)
-        out += _DDP_SETUP.format(script=script, backend=be, call=call, world_of_one=world).rstrip("\n").split("\n")
+        out += _DDP_SETUP.format(script=script, backend=be, call=call_src, world_of_one=world).rstrip("\n").split("\n")
     else:
         out += _WORLD_OF_ONE.format(script=script).rstrip("\n").split("\n")
-        out.append(f"    result = {call}")
+        out.append(f"    result = {call_src}")
     out += ['    if os.environ.get("RANK", "0") == "0":  # under torchrun, only global rank 0 prints',
             "        print(repr(result))",
             "", "",
