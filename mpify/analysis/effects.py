@@ -86,6 +86,11 @@ memory_usage equals isin between dtype type __len__ __getitem__ __repr__ __str__
 issubset issuperset union intersection difference symmetric_difference isdisjoint most_common
 elements total read_text read_bytes exists is_file is_dir glob iterdir stat resolve absolute
 with_suffix with_name relative_to
+long int bool bincount argsort topk softmax log_softmax sigmoid tanh relu chunk unbind nonzero
+repeat expand expand_as view_as reshape_as type_as eq ne gt lt ge le add sub mul div neg isnan
+isfinite allclose equal nelement element_size stride is_contiguous ndimension gather index_select
+masked_select cumprod diff median mode quantile logsumexp amax amin minimum maximum floor ceil sign
+square mm bmm
 """)
 # Method-name prefixes of displays and summaries (`show_batch`, `plot_loss`, `display_df`).
 QUERY_PREFIXES = ("show", "plot", "display", "print", "summar", "describe")

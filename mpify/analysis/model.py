@@ -387,9 +387,17 @@ def _resolve_calls(statements, kinds) -> None:
                 if pos and pos[0] and changes_first_arg(callee):
                     _add_mutation(f, pos[0], "direct")
                 continue
-            for arg in list(pos) + list(kws.values()):
-                if arg:
-                    _add_mutation(f, arg, "call-arg")
+            if callee not in latest:
+                # A builtin that PURE_BUILTINS does not clear (`next(it)`): it may change its
+                # arguments.
+                for arg in list(pos) + list(kws.values()):
+                    if arg:
+                        _add_mutation(f, arg, "call-arg")
+                continue
+            # Calling a notebook object (`linear_model(X)`): as for a method call on it, it may
+            # change the object (a stateful callable), not its arguments (issue 11: `X` was read
+            # as changed by every `model(X)` of the exploration cells).
+            _add_mutation(f, callee, "call-arg")
         for name in f.defs:
             latest[name] = f.summaries.get(name)
 

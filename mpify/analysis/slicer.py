@@ -522,8 +522,15 @@ class _Slicer:
                 if callee not in BARE_STATE_CALLS or any(i < s.index and callee in self.st[i].facts.defs
                                                          for i in self.m.events.get(callee, ())):
                     continue
-                mods = ", ".join(_q(self.st[j].facts.star_import) for j in stars if j < s.index)
-                self._include(s.index, f"calls {_q(callee)}, which star import {mods} may supply: it changes "
+                before = [j for j in stars if j < s.index]
+                known = [j for j in before if j in self.m.stars and callee in self.m.stars[j].names]
+                if known:
+                    mods, verb = _q(self.st[known[-1]].facts.star_import), "supplies"
+                elif all(j in self.m.stars and self.m.stars[j].complete for j in before):
+                    continue  # every star import is known, and none supplies it
+                else:
+                    mods, verb = ", ".join(_q(self.st[j].facts.star_import) for j in before), "may supply"
+                self._include(s.index, f"calls {_q(callee)}, which star import {mods} {verb}: it changes "
                                        "that module's state", self.point)
                 added = True
                 break

@@ -31,6 +31,7 @@ draw counts as a change of its generator (`'draw'`), for bit-exact reproduction;
 from __future__ import annotations
 
 import ast
+import builtins
 from dataclasses import dataclass, field
 
 from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
@@ -661,6 +662,11 @@ class _Visitor(ast.NodeVisitor):
                 # an attribute): only the listed ones change their argument.
                 if changes_first_arg(name) and node.args:
                     self._mutate(root_name(node.args[0]), "direct", node.lineno)
+            elif (self._lookup(name) is None and self._kind(name) is None
+                  and not hasattr(builtins, name)):
+                # A notebook object called in a function body (`model(xb)`): like a method call
+                # on it, it may change the object (a BatchNorm's running stats), not its arguments.
+                self._mutate(name, "call-arg", node.lineno)
             else:
                 # A notebook function or a local callable, in a function body: it may mutate its
                 # arguments (notebook functions are resolved precisely only at top level).
