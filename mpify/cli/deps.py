@@ -33,9 +33,8 @@ def format_report(sl) -> str:
         lines.append(f"{where}: {first.strip()}{more}")
         for r in it.reasons:
             lines.append(f"    - {r}")
-    if sl.unresolved:
-        lines += ["", "may come from star imports (" + ", ".join(sl.star_imports) + "): "
-                  + ", ".join(sl.unresolved)]
+    # A star import's names are listed once, in its own reason line ("star import supplies
+    # `nn`, `torch`, ..."), not once per name and not again here.
     if sl.warnings:
         lines += ["", "warnings:"] + [f"  {w}" for w in sl.warnings]
     return "\n".join(lines)
