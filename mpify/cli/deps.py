@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from mpify.analysis import AnalysisError, slice_notebook
+from mpify.cli.common import FAITHFUL_HELP
 
 
 def _fail(msg: str) -> None:
@@ -46,10 +47,11 @@ def deps(
     cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
                                        "(1-based, all cells counted, markdown included)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
 ) -> None:
     """Show the statements FN needs from NOTEBOOK, with the reason for each."""
     try:
-        sl = slice_notebook(notebook, fn, upto_cell=cell)
+        sl = slice_notebook(notebook, fn, upto_cell=cell, faithful=faithful)
     except AnalysisError as e:
         _fail(str(e))
         return

@@ -72,12 +72,9 @@ def prepare(path, fn: str | None, *, ddp: bool = False, backend: str | None = No
         fn = spec.target
     elif fn is None:
         raise ExportError("say which function to run: --fn NAME, or --call 'NAME(args...)'")
-    # Keywords passed only when used, so that a slicer without them still serves the plain case.
-    options = {"extra_roots": spec.names} if spec else {}
-    if faithful:
-        options["faithful"] = True
     try:
-        sl = slice_notebook(os.fspath(path), fn, upto_cell=cell, **options)
+        sl = slice_notebook(os.fspath(path), fn, upto_cell=cell, extra_roots=spec.names if spec else (),
+                            faithful=faithful)
     except UnresolvedNameError as e:
         if spec is None or e.name not in spec.names or e.cell is not None:
             raise
@@ -85,8 +82,31 @@ def prepare(path, fn: str | None, *, ddp: bool = False, backend: str | None = No
         upto = f" before the end of cell {cell}" if cell else ""
         raise CallExpressionError(f"--call {spec.source!r} uses `{e.name}`, which {path} does not "
                                   f"define{upto}") from None
+    if spec is not None:
+        _check_call_names(sl, spec, cell)
     payload = render_script(sl, ddp=ddp, backend=backend, script=f"{fn}_script.py", call=spec)
     return Prepared(sl, payload, ddp, backend, spec)
+
+
+def _check_call_names(sl, spec, cell) -> None:
+    """A --call name that nothing in the notebook defines is left to the star imports, which may
+    supply anything (the slicer's rule). Where every one of them was read and lists what it
+    supplies, and none lists the name, it is a typo in the command line: say so now rather than
+    as a NameError in every rank."""
+    from mpify.analysis.stars import resolve_star
+
+    typed = [n for n in spec.names if n in sl.unresolved]
+    if not typed:
+        return
+    search = os.path.dirname(os.path.abspath(sl.notebook.path))
+    exports = [resolve_star(m, search_dir=search) for m in sl.star_imports]
+    if not all(e.found and e.complete for e in exports):
+        return
+    for name in typed:
+        if not any(name in e.names for e in exports):
+            upto = f" before the end of cell {cell}" if cell else ""
+            raise CallExpressionError(f"--call {spec.source!r} uses `{name}`, which {sl.notebook.path} "
+                                      f"does not define{upto}")
 
 
 def _module_name(notebook: str) -> str:
