@@ -299,7 +299,9 @@ class _Slicer:
         found = []
         strong = -1
         deleted = None
-        seeded = False  # a later seed of `name` was found: earlier draws from it do not matter
+        # A later seed of `name` was found: earlier draws from it do not matter. The seed call
+        # itself reads `name` (to call `torch.manual_seed`), not the generator's state.
+        seeded = p < len(self.st) and self.st[p].facts.mutates.get(name) == "seed"
         for i in range(k - 1, -1, -1):
             j = ev[i]
             f = self.st[j].facts

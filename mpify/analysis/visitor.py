@@ -662,13 +662,14 @@ class _Visitor(ast.NodeVisitor):
                 # an attribute): only the listed ones change their argument.
                 if changes_first_arg(name) and node.args:
                     self._mutate(root_name(node.args[0]), "direct", node.lineno)
-            elif (self._lookup(name) is None and self._kind(name) is None
-                  and not hasattr(builtins, name)):
-                # A notebook object called in a function body (`model(xb)`): like a method call
-                # on it, it may change the object (a BatchNorm's running stats), not its arguments.
+            elif self._kind(name) is None and not (self._lookup(name) is None and hasattr(builtins, name)):
+                # An object called in a function body (`model(xb)`, a parameter or a notebook
+                # value): like a method call on it, it may change the object (a BatchNorm's
+                # running stats), not its arguments (issue 11: `validate(model0)` read as
+                # changing the `X` its body passes to `model`).
                 self._mutate(name, "call-arg", node.lineno)
             else:
-                # A notebook function or a local callable, in a function body: it may mutate its
+                # A notebook function (or a builtin), in a function body: it may mutate its
                 # arguments (notebook functions are resolved precisely only at top level).
                 for a in argnodes:
                     self._mutate(root_name(a), "call-arg", node.lineno)
