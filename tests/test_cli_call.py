@@ -168,6 +168,10 @@ def test_call_with_objects_runs_on_two_ranks_and_matches_the_exported_script_und
     assert f"def call_train():\n    \"\"\"`train` called as given to mpify with --call.\"\"\"\n    return {CALL}\n" in text
     assert "        result = call_train()\n" in text
     assert "It runs `train(model, cfg.epochs, lr=cfg.lr * 2)` (given with --call) and takes no options." in text
+    # the call's names are sliced in as the target's own are; the superseded draft and its model are not
+    assert "\ncfg = SimpleNamespace(epochs=3, lr=0.1, batch_size=64)\n" in text
+    assert "\nmodel = make_mlp(16)\n" in text
+    assert "linear_model" not in text and 'print(f"epoch {epoch}' not in text
 
     env_tmp = tmp_path / "scripttmp"
     torchrun = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -259,6 +263,19 @@ def test_export_with_call_runs_with_python(tmp_path, tmpdir_):
     assert done.returncode == 0, done.stderr
     assert eval(done.stdout.strip().splitlines()[-1]) == [tuple(p) for p in expected_counts(tmp_path, world=1)]
     assert "count_words(corpus).most_common" not in out.read_text()  # the draft's call is not in the slice
+
+
+def test_a_failing_call_names_the_call_and_the_notebook_cell(tmp_path, tmpdir_):
+    nb = word_notebook(tmp_path, "call")
+    r = mpify("run", nb, "--call", "count_words(None, stop)", "-n", "2", tmpdir=tmpdir_)
+    assert r.returncode == 1
+    frames = [ln for ln in r.stderr.splitlines() if ln.startswith(("  File", "Traceback", "TypeError", "mpify:"))]
+    assert frames == ["Traceback (most recent call last):",
+                      '  File "--call", line 1, in call_count_words',
+                      f'  File "{nb}", cell 10, line 4, in count_words',
+                      "TypeError: 'NoneType' object is not subscriptable",
+                      "mpify: raised in rank 0 of 2; failed ranks: 0"]
+    assert "    return count_words(None, stop)" in r.stderr.splitlines()
 
 
 # ---- from Python ---------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ __all__ = ["Payload", "render_payload", "translation_notes"]
 
 @dataclass
 class Payload:
-    """text: the module source. line_map: 1-based payload line -> (cell, 1-based cell line).
+    """text: the module source. line_map: 1-based payload line -> (cell, 1-based cell line), or
+    ("--call", 1) for the line that makes a --call.
     notebook: the notebook's path as the user gave it (what tracebacks show). notes: one line per
     translated line, "cell K, line L: what was done". call_function: set by render_script when a
     --call was given: the name of the module-level function that makes that call."""

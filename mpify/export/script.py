@@ -99,15 +99,16 @@ def render_script(sl, ddp: bool = False, backend: str | None = None, script: str
         args_note = f"Options: {' '.join(p.option + ('' if p.kind == 'bool' else ' ' + p.name.upper()) for p in params)} (see --help)."
     else:
         args_note = f"{sl.target} takes no arguments."
+    opts = "" if call is not None else " [options]"
     if ddp:
         usage = ["Run it:",
-                 f"    python {script} [options]                             # one process (world size 1)",
-                 f"    torchrun --nproc-per-node N {script} [options]        # N ranks under DDP",
+                 f"    python {script}{opts}                             # one process (world size 1)",
+                 f"    torchrun --nproc-per-node N {script}{opts}        # N ranks under DDP",
                  "    torchrun --nnodes M --node-rank I --master-addr HOST --master-port P \\",
-                 f"        --nproc-per-node N {script} [options]               # M nodes",
+                 f"        --nproc-per-node N {script}{opts}               # M nodes",
                  args_note]
     else:
-        usage = ["Run it:", f"    python {script} [options]", args_note]
+        usage = ["Run it:", f"    python {script}{opts}", args_note]
     payload = render_payload(sl, usage)
 
     # A target named like one of main()'s own variables is reached through the module's globals.
@@ -115,6 +116,7 @@ def render_script(sl, ddp: bool = False, backend: str | None = None, script: str
     if call is not None:
         payload.call_function = _free_name(sl, f"call_{sl.target}")
         payload.text += "\n".join(_call_function(sl, call, payload.call_function)) + "\n"
+        payload.line_map[payload.text.count("\n")] = ("--call", 1)  # its `return` line, in tracebacks
         call_src = f"{payload.call_function}()"
     else:
         call_src = f"{fn}(**kwargs)" if params is not None else f"{fn}()"

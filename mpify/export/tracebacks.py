@@ -43,7 +43,10 @@ def rewrite_traceback(text: str, payload_path: str, line_map: dict, label: str) 
             if f == payload_path and int(m["line"]) in line_map:
                 cell, cell_line = line_map[int(m["line"])]
                 nl = "\n" if ln.endswith("\n") else ""
-                ln = f'{m["indent"]}File "{label}", cell {cell}, line {cell_line}{m["rest"]}{nl}'
+                if isinstance(cell, str):  # a line the user typed elsewhere: ("--call", 1)
+                    ln = f'{m["indent"]}File "{cell}", line {cell_line}{m["rest"]}{nl}'
+                else:
+                    ln = f'{m["indent"]}File "{label}", cell {cell}, line {cell_line}{m["rest"]}{nl}'
             out.append(ln)
             continue
         if skipping and ln.startswith("    "):  # the skipped frame's source and caret lines
