@@ -316,13 +316,26 @@ def test_run_notebook_call_from_python(tmp_path, no_strays):
      "with --call"),
     (["--call", "count_words(corpus, stop)", "--", "--top", "2"],
      "--call gives all the arguments of the call; drop the options after -- (--top 2) or put them in the call"),
-    ([], "say which function to run: --fn NAME, or --call 'NAME(args...)'"),
+    ([], "say which function: --fn NAME, or --call 'NAME(args...)'"),
 ])
 def test_bad_call_is_one_line(tmp_path, tmpdir_, args, message):
     nb = word_notebook(tmp_path, "call")
     r = mpify("run", nb, *args, tmpdir=tmpdir_)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"mpify: error: {message.format(nb=nb)}"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "say which function: --fn NAME, or --call 'NAME(args...)'"),
+    (["--call", "stop.words.add(1)"],
+     "--call must call a notebook function by its name, like `train(model, 3)` or `train(model, cfg.epochs, "
+     "lr=1e-3)`; `stop.words.add` is not a name"),
+])
+def test_export_refuses_the_same_way_and_writes_nothing(tmp_path, tmpdir_, args, message):
+    nb = word_notebook(tmp_path, "call")
+    r = mpify("export", nb, *args, "-o", tmp_path / "out.py", tmpdir=tmpdir_)
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"mpify: error: {message}"]
+    assert not (tmp_path / "out.py").exists()
 
 
 # ---- --faithful on the three commands ------------------------------------------------------------

@@ -71,7 +71,7 @@ def prepare(path, fn: str | None, *, ddp: bool = False, backend: str | None = No
                               "--fn may be left out with --call")
         fn = spec.target
     elif fn is None:
-        raise ExportError("say which function to run: --fn NAME, or --call 'NAME(args...)'")
+        raise ExportError("say which function: --fn NAME, or --call 'NAME(args...)'")
     try:
         sl = slice_notebook(os.fspath(path), fn, upto_cell=cell, extra_roots=spec.names if spec else (),
                             faithful=faithful)
