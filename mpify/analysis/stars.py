@@ -61,6 +61,9 @@ class _ModuleFacts:
 
 _FACTS_CACHE: dict = {}  # (path, mtime) -> _ModuleFacts
 _FIND_CACHE: dict = {}  # (dotted, search_dir) -> (path, is_package) | None
+# (module, level, search_dir, package) -> (StarExports, [(file read, its mtime)]): valid while
+# none of the files it read changed.
+_RESOLVE_CACHE: dict = {}
 
 
 def resolve_star(module: str, level: int = 0, search_dir: str | None = None,
@@ -68,10 +71,24 @@ def resolve_star(module: str, level: int = 0, search_dir: str | None = None,
     """What `from <level dots><module> import *` supplies. `search_dir`: the notebook's directory,
     searched first (a helper module beside the notebook). `package`: for relative imports, the
     package the importing file belongs to (None at notebook level)."""
-    return _resolve(module, level, search_dir, package, 0, frozenset())
+    key = (module, level, search_dir, package)
+    hit = _RESOLVE_CACHE.get(key)
+    if hit is not None and all(_mtime(p) == m for p, m in hit[1]):
+        return hit[0]
+    read: list = []
+    exp = _resolve(module, level, search_dir, package, 0, frozenset(), read)
+    _RESOLVE_CACHE[key] = (exp, [(p, _mtime(p)) for p in read])
+    return exp
 
 
-def _resolve(module, level, search_dir, package, depth, seen) -> StarExports:
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _resolve(module, level, search_dir, package, depth, seen, read) -> StarExports:
     name = _absolute(module, level, package)
     shown = "." * level + (module or "")
     if name is None:
@@ -80,6 +97,7 @@ def _resolve(module, level, search_dir, package, depth, seen) -> StarExports:
     if found is None:
         return StarExports(shown, False)
     path, is_pkg = found
+    read.append(path)
     if path in seen or depth >= MAX_DEPTH:
         return StarExports(shown, True, {}, False, path)
     facts = _facts(path)
@@ -89,7 +107,7 @@ def _resolve(module, level, search_dir, package, depth, seen) -> StarExports:
     complete = not facts.dynamic
     supplied: dict = {}
     for mod, lvl in facts.stars:
-        sub = _resolve(mod, lvl, search_dir, own_pkg, depth + 1, seen | {path})
+        sub = _resolve(mod, lvl, search_dir, own_pkg, depth + 1, seen | {path}, read)
         complete = complete and sub.found and sub.complete
         supplied.update(sub.names)
     supplied.update(facts.bindings)
