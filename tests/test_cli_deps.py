@@ -111,3 +111,28 @@ def test_python_dash_m_mpify_has_deps(nbpath):
     r = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "train (function)" in r.stdout
+
+
+def test_star_import_names_listed_once(tmp_path):
+    """A star import's supplied names are one list on its reason line, not a line per name; a
+    per-name import shows the names kept (issue 11)."""
+    (tmp_path / "helpers.py").write_text("import math\nimport torch\nfrom torch import nn\n\n"
+                                         "def scale(x):\n    return 2 * x\n")
+    nb = new_notebook(cells=[
+        new_code_cell("from helpers import *\nimport os, sys, json"),
+        new_code_cell("probe = torch.stack([torch.ones(2), torch.zeros(2)]).norm()\nprobe"),
+        new_code_cell("def f(n=2):\n    return scale(math.sqrt(n)), nn.Linear(n, 1).out_features, json.dumps(n)"),
+    ])
+    p = tmp_path / "course.ipynb"
+    nbformat.write(nb, str(p))
+    r = mpify("deps", p, "--fn", "f")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[1] == "3 statement(s) from cell(s) 1, 3"
+    assert out[3:7] == [
+        "cell 1, line 1: from helpers import *",
+        "    - star import supplies `math`, `nn`, `scale`, needed by `f`",
+        "cell 1, line 2: import json",
+        "    - defines `json`, needed by `f`",
+    ]
+    assert "probe" not in r.stdout and "warnings" not in r.stdout
