@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mpify.engine import serialize
+from mpify.engine import groups, serialize
 
 # Set while the user's fn itself runs (not ctx enter/exit), so an abort request is delivered only
 # there and never interrupts a context manager's teardown (destroy_process_group).
@@ -66,7 +66,9 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
         glb.update(need)
     if imports:
         exec(compile(imports, "<mpify imports>", "exec"), glb)
-    with enter_ctx(ctx):
+    # groups.launch_scope outermost: the groups fn or ctx create are released after ctx's exit
+    # (destroy_process_group), outside any frame that held a DDP model (see groups.py).
+    with groups.launch_scope(), enter_ctx(ctx):
         _in_fn.set()
         try:
             result = fn(*args, **kwargs)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import multiprocess.connection as mpc
 
 from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, patched_environ, rank_env
 from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError,
@@ -42,14 +43,6 @@ DEATH_SLACK = 0.5
 EXIT_GRACE = 5.0
 # How long to keep reading output once every rank is gone (an escaped grandchild may hold a pipe).
 DRAIN_GRACE = 1.0
-# MPIFY_DEBUG=1: the supervisor's events on the caller's real stderr, for bug reports.
-DEBUG = os.environ.get("MPIFY_DEBUG", "") not in ("", "0")
-
-
-def _debug(*parts: Any) -> None:
-    if DEBUG:
-        sys.__stderr__.write(f"[mpify {time.monotonic():.3f}] " + " ".join(map(str, parts)) + "\n")
-        sys.__stderr__.flush()
 
 
 @dataclass
@@ -276,15 +269,19 @@ class Launch:
             self.stop_time = time.monotonic()
         _debug("stop:", reason)
         self.meeting.close()
-        if self.caller_rank is not None and reason != "interrupt":
-            # (on an interrupt the caller's own SIGINT handler raises KeyboardInterrupt already)
-            self.guard.abort_caller_rank()
         first = signal.SIGINT if reason in ("interrupt", "timeout") else signal.SIGTERM
         pids = [c.proc.pid for c in self.children]
         self._stopper = threading.Thread(target=teardown.stop_ranks, args=(pids, first, self.signals_sent),
                                          name="mpify-stopper", daemon=True)
         self._stopper.start()
         self._done.set()
+        # Last, because aborting raises RankAborted in the caller's thread at its next bytecode,
+        # which may be this very function. Not on an interrupt (the caller's SIGINT handler raises
+        # KeyboardInterrupt already), nor when the caller's own rank failed and called us from
+        # its `except` (it is unwinding already; an abort would land in its error handling).
+        if (self.caller_rank is not None and reason != "interrupt"
+                and threading.get_ident() != self.guard.thread_id):
+            self.guard.abort_caller_rank()
 
     # ---- the caller's rank -----------------------------------------------------------------
     def run_caller(self, fn, args, kwargs, ctx, imports, need) -> None:

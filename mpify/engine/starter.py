@@ -5,37 +5,87 @@ subprocess"); spawn is safe but re-imports torch in every rank, every launch (se
 forkserver is a fresh interpreter that imports the heavy modules once and never touches CUDA,
 then forks a rank per request: fork speed with spawn's safety.
 
-Only heavy modules that the caller has already imported are preloaded, so a launch of a
-torch-free function from a torch-free process stays light. When that set changes (the notebook
-imported torch after the first launch) or an environment variable read at import time changes,
-the forkserver is restarted once, on the next launch.
+Only modules that the caller has already imported are preloaded, so a launch of a torch-free
+function from a torch-free process stays light: numpy and torch; when the caller has torch, what
+DDP's first construction imports (torch._dynamo, ~1.5 s per rank otherwise); and the other
+installed packages the caller imported (pandas, transformers, fastai...), each checked in the
+forkserver for threads and CUDA (engine/warm.py); one that fails the check is left out, and
+MPIFY_DEBUG says so. When that set changes (the notebook imported torch after the first launch)
+or an environment variable read at import time changes, the forkserver is restarted once, on
+the next launch.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
+import tempfile
 import threading
+import time
 
 import multiprocess as mp
+
+from mpify.engine.debug import debug
 
 # Modules worth importing once in the forkserver when the caller uses them: importing them in
 # each rank is what makes spawn slow. Order matters: numpy before torch, as torch imports it.
 HEAVY_MODULES = ("numpy", "torch")
 # Always preloaded: what every rank runs before the user's function.
 BASE_MODULES = ("dill", "mpify.engine.child")
+# When the caller has torch: what DDP's first construction imports, and the module whose import
+# during a launch would pin its process group (engine/groups.py). Checked like any extra.
+TORCH_EXTRAS = ("torch._dynamo", "torch.nn.parallel.distributed", "torch.distributed.nn.functional")
+# Packages a notebook kernel or a test runner imports for itself, never for the ranks: preloading
+# them is pure cost, and some start threads (zmq, tornado, debugpy).
+_NOT_FOR_RANKS = frozenset("""
+    IPython ipykernel ipywidgets jupyter_client jupyter_core comm debugpy zmq tornado traitlets
+    jedi parso prompt_toolkit pygments pexpect ptyprocess decorator matplotlib_inline nest_asyncio
+    platformdirs asttokens executing stack_data pure_eval wcwidth pickleshare backcall
+    widgetsnbextension nbclient nbformat fastjsonschema jsonschema jsonschema_specifications
+    referencing rpds attr attrs pytest _pytest pluggy iniconfig pytest_timeout pytest_benchmark
+    py_spy pip setuptools pkg_resources _distutils_hack wheel typer click rich shellingham
+    multiprocess dill mpify psutil
+""".split())
 # Variables read once when those modules are imported (thread pools, library paths).
 _IMPORT_TIME_ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "LD_", "PYTHON", "TORCH_", "KMP_")
+# How long the first launch waits for the forkserver's preloading verdict (the ranks would wait
+# for the preloading anyway: the forkserver forks only once it is done).
+_PRELOAD_WAIT = 600.0
 
 _lock = threading.Lock()
 _signature: tuple | None = None
+_refused: set[str] = set()  # modules that failed the check once: never preloaded again
+_present: set[str] = set()  # top-level modules the running forkserver holds (engine/warm.py's verdict)
+_packages_seen: tuple[int, tuple] = (-1, ())
+
+
+def _installed_packages() -> tuple:
+    """Top-level installed packages (under a site-packages folder) that the caller imported,
+    less the kernel's and test runner's own. Recomputed only when sys.modules grew."""
+    global _packages_seen
+    count = len(sys.modules)
+    if _packages_seen[0] == count:
+        return _packages_seen[1]
+    roots = tuple(p for p in sys.path if p.rstrip(os.sep).endswith(("site-packages", "dist-packages")))
+    names = []
+    for name, module in list(sys.modules.items()):
+        if "." in name or name.startswith("_") or name in _NOT_FOR_RANKS or name in HEAVY_MODULES:
+            continue
+        path = getattr(module, "__file__", None)
+        if path and path.startswith(roots):
+            names.append(name)
+    _packages_seen = (count, tuple(sorted(names)))
+    return _packages_seen[1]
 
 
 def _wanted_signature() -> tuple:
     heavy = tuple(m for m in HEAVY_MODULES if m in sys.modules)
+    extras = (TORCH_EXTRAS if "torch" in heavy else ()) + _installed_packages()
+    extras = tuple(m for m in extras if m not in _refused)
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_IMPORT_TIME_ENV_PREFIXES)))
     # sys.path is not part of it: the ranks get the caller's sys.path with every launch.
-    return heavy, env
+    return heavy, extras, env
 
 
 def _rank_process_class(ctx):
@@ -100,13 +150,98 @@ def context() -> mp.context.BaseContext:
 
     with _lock:
         wanted = _wanted_signature()
-        if wanted != _signature:
+        if _outdated(wanted):
             # The running forkserver (if any) preloaded other modules or saw other settings.
-            forkserver._forkserver._stop()
-            forkserver.set_forkserver_preload(list(BASE_MODULES) + list(wanted[0]))
+            _start(wanted)
             _signature = wanted
         forkserver.ensure_running()
     return ctx
+
+
+def _outdated(wanted: tuple) -> bool:
+    """Whether the running forkserver lacks a module the caller now has, or saw other settings.
+    A package the forkserver already holds as another's dependency needs no restart."""
+    if _signature is None:
+        return True
+    heavy, extras, env = wanted
+    if (heavy, env) != (_signature[0], _signature[2]):
+        return True
+    return not set(extras) <= _present | set(_signature[1]) | _refused
+
+
+def _start(wanted: tuple) -> None:
+    """(Re)start the forkserver with `wanted`'s modules; leave out any extra that fails the check."""
+    from multiprocess import forkserver
+
+    heavy, extras, _ = wanted
+    _present.clear()
+    while True:
+        forkserver._forkserver._stop()
+        forkserver.set_forkserver_preload(list(BASE_MODULES) + list(heavy) + ["mpify.engine.warm"])
+        verdict = _start_checked(list(extras))
+        if verdict is not None:
+            _present.clear()
+            _present.update(verdict.get("present", ()))
+        if verdict is None or not verdict.get("refused"):
+            debug("forkserver preloaded", heavy, verdict and verdict["loaded"])
+            return
+        refused = verdict["refused"]
+        debug(f"not preloading {refused}: {verdict['why']} in the forkserver; ranks import it themselves")
+        _refused.add(refused)
+        extras = tuple(m for m in extras if m != refused)
+
+
+def _start_checked(extras: list[str]) -> dict | None:
+    """Start the forkserver with `extras` for engine/warm.py to import, and wait for its verdict
+    (None if the forkserver went away first, or took too long)."""
+    from multiprocess import forkserver
+
+    from mpify.engine import warm
+
+    fd, report = tempfile.mkstemp(prefix="mpify-preload-", suffix=".json")
+    os.close(fd)
+    os.unlink(report)
+    saved = {k: os.environ.get(k) for k in (warm.LIST_ENV, warm.REPORT_ENV)}
+    os.environ[warm.LIST_ENV] = json.dumps(extras)
+    os.environ[warm.REPORT_ENV] = report
+    try:
+        forkserver.ensure_running()  # the forkserver inherits os.environ as of now
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    pid = forkserver._forkserver._forkserver_pid
+    deadline = time.monotonic() + _PRELOAD_WAIT
+    try:
+        while not os.path.exists(report):
+            if time.monotonic() > deadline or not _alive(pid):
+                return None
+            time.sleep(0.005)
+        with open(report) as f:
+            return json.load(f)
+    finally:
+        for path in (report, report + ".part"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether the forkserver still runs, without reaping it (multiprocess reaps it on stop)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
 
 
 def shutdown() -> None:

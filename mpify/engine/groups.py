@@ -1,0 +1,175 @@
+"""Process groups belong to the launch, whoever created them (TorchDDPCtx, or fn torchrun-style).
+
+Why this exists: a DDP model's C++ Reducer holds a reference to its process group. When fn
+returns, its DDP model is freed with the GIL held; if the Reducer held the group's last reference,
+`~ProcessGroupGloo` joins gloo's worker threads right there, GIL still held, while a worker may be
+finishing a work item whose destructor needs the GIL (`~ThreadLocalState` drops a SafePyObject):
+the rank freezes for good, the notebook kernel with it (torch issue 56297 is the same family).
+
+So, in every rank, for the length of fn (`launch_scope`):
+- every process group created is recorded, which keeps a Python reference to it: freeing fn's DDP
+  then never drops the last one;
+- DDP models built are recorded by weak reference;
+and when fn is over:
+- a default group fn left initialised is destroyed;
+- unreachable cycles are collected while those references still hold the groups;
+- every DDP model still alive whose group belonged to the launch lets go of its Reducer (its group
+  is destroyed, so it could not run another step anyway; `.module` and its weights stay usable);
+- torch.distributed.nn.functional's default arguments are un-pinned (see `_unpin_defaults`);
+- the references are dropped. torch binds ProcessGroup with a holder that releases the GIL
+  before destroying the C++ object, so the join happens with the GIL free and gloo's workers
+  finish. Nothing the launch started stays alive: no gloo loop, no store thread.
+
+This module never imports torch: it acts only where the process has imported torch.distributed.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+# Modules whose import, when it happens while a group exists, pins that group for good. Importing
+# them before any group exists (here, and in the forkserver) avoids it.
+_IMPORT_EARLY = ("torch.distributed.nn.functional",)
+# sys.getrefcount(pg) inside `any(... for pg in self.groups)`: the list, the loop variable, the
+# call's argument. More means somebody else holds the group.
+_OURS_ONLY = 3
+
+
+def _distributed() -> Any:
+    """torch.distributed's c10d module if this process has torch.distributed, else None."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available():
+        return None
+    return sys.modules.get("torch.distributed.distributed_c10d")
+
+
+class _Owner:
+    """What one launch scope recorded, and the patches that record it."""
+
+    def __init__(self, c10d: Any):
+        self.c10d = c10d
+        self.groups: list = []
+        self.models: list[weakref.ref] = []
+        self._register = c10d._register_process_group
+        self._ddp = sys.modules.get("torch.nn.parallel.distributed")
+        self._ddp_init = None
+
+    def install(self) -> None:
+        register = self._register
+
+        def recording_register(name: str, pg: Any) -> Any:
+            self.groups.append(pg)
+            return register(name, pg)
+
+        # distributed_c10d calls this module global for every group it creates (the default
+        # group and new_group's alike), so it is resolved at call time and can be wrapped.
+        self.c10d._register_process_group = recording_register
+        if self._ddp is not None:
+            cls = self._ddp.DistributedDataParallel
+            original = cls.__dict__["__init__"]
+
+            def recording_init(model: Any, *args: Any, **kwargs: Any) -> None:
+                self.models.append(weakref.ref(model))
+                original(model, *args, **kwargs)
+
+            self._ddp_init = original
+            cls.__init__ = recording_init
+
+    def uninstall(self) -> None:
+        self.c10d._register_process_group = self._register
+        if self._ddp_init is not None:
+            self._ddp.DistributedDataParallel.__init__ = self._ddp_init
+            self._ddp_init = None
+
+    def release(self) -> None:
+        c10d = self.c10d
+        if c10d.is_initialized() and c10d._world.default_pg in self.groups:
+            try:
+                c10d.destroy_process_group()
+            except Exception:  # a half-broken group still has to go; its references are dropped below
+                pass
+        if not self.groups:
+            return
+        ours = {id(pg) for pg in self.groups}
+        self._unhook_models(ours)
+        _unpin_defaults(ours)
+        if any(sys.getrefcount(pg) > _OURS_ONLY for pg in self.groups):
+            # Still held: by a DDP model in an unreachable cycle, or by the user (a global, a
+            # returned model, a traceback). A full collection costs ~0.1 s in a process holding
+            # torch._dynamo, so it runs only then.
+            gc.collect()
+            self._unhook_models(ours)
+        # The last Python references: each dealloc releases the GIL before ~ProcessGroup.
+        self.groups.clear()
+        self.models.clear()
+
+    def _unhook_models(self, ours: set[int]) -> None:
+        for ref in self.models:
+            model = ref()
+            if model is not None and id(getattr(model, "process_group", None)) in ours:
+                # The Reducer holds the group (and autograd hooks on the parameters); the model's
+                # Python object may outlive the launch (returned, global, in a traceback).
+                for attr in ("reducer", "logger", "process_group"):
+                    if attr in model.__dict__:
+                        model.__dict__[attr] = None
+
+
+def _unpin_defaults(ours: set[int]) -> None:
+    """torch.distributed.nn.functional writes `group=group.WORLD` as default arguments, evaluated
+    once, at import: imported while a group exists (DDP's constructor imports it), ten functions
+    keep that group alive forever, with its gloo threads. Put back the None they would hold had
+    the module been imported with no group."""
+    module = sys.modules.get("torch.distributed.nn.functional")
+    if module is None:
+        return
+    for value in list(vars(module).values()):
+        defaults = getattr(value, "__defaults__", None)
+        if defaults and any(id(d) in ours for d in defaults):
+            value.__defaults__ = tuple(None if id(d) in ours else d for d in defaults)
+
+
+def import_early() -> None:
+    """Import the modules that would pin a group if first imported during fn."""
+    if _distributed() is None:
+        return
+    for name in _IMPORT_EARLY:
+        try:
+            __import__(name)
+        except Exception:  # not in this torch version: nothing to pin
+            pass
+
+
+@contextmanager
+def launch_scope() -> Iterator[None]:
+    """Around ctx + fn in one rank: the groups created inside belong to the launch (see above)."""
+    c10d = _distributed()
+    if c10d is None or not hasattr(c10d, "_register_process_group"):
+        # torch.distributed not imported yet: fn may still import it. Watch for that at exit.
+        yield
+        _release_late_groups()
+        return
+    import_early()
+    owner = _Owner(c10d)
+    owner.install()
+    try:
+        yield
+    finally:
+        owner.uninstall()
+        owner.release()
+
+
+def _release_late_groups() -> None:
+    """fn imported torch.distributed itself (the caller had not): nothing was recorded, but a
+    default group fn left behind is still destroyed and un-pinned."""
+    c10d = _distributed()
+    if c10d is None or not c10d.is_initialized():
+        return
+    pg = c10d._world.default_pg
+    try:
+        c10d.destroy_process_group()
+    except Exception:
+        pass
+    _unpin_defaults({id(pg)})
