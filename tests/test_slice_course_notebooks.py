@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import nbformat
 import numpy as np
@@ -378,3 +377,28 @@ def test_star_import_without_source_stays_conservative_and_warns_once(tmp_path):
                       "`fastai_not_installed.vision.all` found here; the names it may supply are read "
                       "conservatively (a call on one may change it)"]
     assert sl.items[0].reasons[0].startswith("star import may supply `L`, `tensor`, `torch`, needed by")
+
+
+def test_imported_seed_call_kept_and_draws_after_it_left_out(tmp_path):
+    # Hugging Face style: `from transformers import set_seed`, here a helper module beside the notebook.
+    (tmp_path / "seedtools.py").write_text(
+        "import random\n\nimport torch\n\n\ndef set_seed(seed):\n    random.seed(seed)\n    torch.manual_seed(seed)\n")
+    path = write_nb(tmp_path, [
+        "import os\nimport torch\nfrom seedtools import set_seed",
+        "set_seed(7)",
+        "noise = torch.randn(3)\nnoise",
+        "def init_weights(n=4):\n    return [round(v, 5) for v in torch.randn(n).tolist()]",
+    ])
+    sl = slice_notebook(path, "init_weights")
+    assert kept(sl) == [(1, "import torch"), (1, "from seedtools import set_seed"), (2, "set_seed(7)"),
+                        (4, sl.items[3].source.strip())]
+    assert sl.items[2].reasons == ["calls `set_seed`, imported at cell 1, line 3: a seed or configuration "
+                                   "call changes global state"]
+    # The exploration's draw is left out: init_weights draws first after the seed, unlike in the notebook.
+    torch.manual_seed(7)
+    first = [round(v, 5) for v in torch.randn(4).tolist()]
+    assert run_slice(sl, "init_weights()", tmp_path) == repr(first) != run_whole(path, "init_weights()", tmp_path)
+    # Faithful keeps it: the notebook's own values.
+    faithful = slice_notebook(path, "init_weights", faithful=True)
+    assert (3, "noise = torch.randn(3)") in kept(faithful)
+    assert run_slice(faithful, "init_weights()", tmp_path) == run_whole(path, "init_weights()", tmp_path)

@@ -51,12 +51,15 @@ resetwarnings basicConfig setLevel disable use chdir putenv unsetenv set_option 
 setrecursionlimit set_style set_theme set_context set_palette rc rcdefaults seterr
 enable_eager_execution set_visible_devices set_memory_growth register set_verbosity
 set_verbosity_error set_verbosity_warning disable_progress_bar enable_progress_bar
+set load_dotenv download pandas
 """)
+# (`sns.set()` configures seaborn; `load_dotenv()` writes os.environ; `nltk.download(..)` writes the
+# data later calls read; `tqdm.pandas()` registers `progress_apply` on DataFrames.)
 # Module-level calls that change module state read later by other calls (suffix of the dotted name).
 STATE_CALLS = SEED_CALLS | CONFIG_CALLS
 # STATE_CALLS a star import may supply as bare functions (`from torch import *`, then
 # `manual_seed(0)`): the module-specific ones, not generic names like `use` or `register`.
-BARE_STATE_CALLS = STATE_CALLS - _words("disable rc use setLevel putenv unsetenv register")
+BARE_STATE_CALLS = STATE_CALLS - _words("disable rc use setLevel putenv unsetenv register set download pandas")
 # Methods known to change the object they are called on. On a notebook object every method but a
 # query is read as a mutation anyway; this table matters for objects reached through a module or an
 # import (`sys.path.append`, `os.environ.setdefault`, `defaults.callbacks.append`).

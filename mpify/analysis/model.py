@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from mpify.analysis.magics import translate_cell
 from mpify.analysis.notebook import Notebook
 from mpify.analysis.effects import changes_first_arg
-from mpify.analysis.stars import StarExports, resolve_star
+from mpify.analysis.stars import resolve_star
 from mpify.analysis.visitor import _MUTATION_RANK, StatementFacts, analyse_statement
 
 __all__ = ["Statement", "BrokenCell", "Model", "build_model"]

@@ -517,17 +517,34 @@ class _Slicer:
         """`manual_seed(0)` after `from torch import *`: when the slice keeps a star import, it
         also keeps the later bare calls of seed/config functions that nothing in the notebook
         defines, as the star import may supply them and they change its module's state (the
-        `torch.manual_seed(0)` rule, for names without their module). True if work was added."""
+        `torch.manual_seed(0)` rule, for names without their module). The same for such functions
+        imported by name (`from transformers import set_seed`). True if work was added."""
         stars = sorted(j for j in self.reasons if self.st[j].facts.star_import is not None)
-        if not stars:
+        imports = any(self.st[j].kind == "import" for j in self.reasons)
+        if not stars and not imports:
             return False
         added = False
-        for s in self.st[stars[0] + 1:self.point]:
+        for s in self.st[(stars[0] + 1 if stars else 0):self.point]:
             if s.index in self.excluded or s.index in self.reasons:
                 continue
             for callee, _pos, _kws, _line in s.facts.calls:
-                if callee not in BARE_STATE_CALLS or any(i < s.index and callee in self.st[i].facts.defs
-                                                         for i in self.m.events.get(callee, ())):
+                if callee not in BARE_STATE_CALLS:
+                    continue
+                binders = [i for i in self.m.events.get(callee, ()) if i < s.index
+                           and callee in self.st[i].facts.defs]
+                if binders:
+                    # `from transformers import set_seed` then `set_seed(42)`: an imported seed or
+                    # configuration function changes global state (the generators, the process
+                    # environment with `load_dotenv()`), so it is kept whenever the slice uses a
+                    # library at all. A notebook's own `seed` is its own function: not this rule.
+                    b = self.st[binders[-1]]
+                    if b.kind != "import" or not imports:
+                        continue
+                    self._include(s.index, f"calls {_q(callee)}, imported at {b.where()}: a seed or "
+                                           "configuration call changes global state", self.point)
+                    added = True
+                    break
+                if not stars:
                     continue
                 before = [j for j in stars if j < s.index]
                 known = [j for j in before if j in self.m.stars and callee in self.m.stars[j].names]
