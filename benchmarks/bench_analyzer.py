@@ -11,6 +11,7 @@ the target at the end reaches back through a long chain of helpers.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -106,6 +107,7 @@ def with_star_imports(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def _time_slices(path, runs):
     loads, models, totals, cpus = [], [], [], []
     for _ in range(runs):
+        gc.collect()  # each run starts from a clean heap
         c0, t0 = time.process_time(), time.perf_counter()
         loaded = load_notebook(path)
         c1, t1 = time.process_time(), time.perf_counter()
