@@ -11,6 +11,7 @@ default, and a free port is chosen here.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -72,6 +73,35 @@ def _agent_env() -> dict:
             "TORCH_DIST_INIT_BARRIER": os.environ.get("TORCH_DIST_INIT_BARRIER", "1")}
 
 
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_interface() -> str | None:
+    """The name of the interface that holds 127.0.0.1 ("lo" on Linux, "lo0" on macOS)."""
+    try:
+        import psutil
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+                return name
+    except Exception:  # psutil cannot read the interfaces here: gloo picks its own
+        pass
+    return None
+
+
+def _local_env(addr: str, nnodes: int) -> dict:
+    """A one-machine launch at a loopback address: gloo listens on the loopback interface too
+    (by default it binds to whatever the hostname resolves to, often a public interface). The
+    user's own GLOO_SOCKET_IFNAME wins."""
+    if nnodes > 1 or "GLOO_SOCKET_IFNAME" in os.environ or not _is_loopback(addr):
+        return {}
+    name = _loopback_interface()
+    return {"GLOO_SOCKET_IFNAME": name} if name else {}
+
+
 def free_port(addr: str = "") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
@@ -97,9 +127,10 @@ def meet(master_addr: str | None, master_port: int | None, world_size: int, node
     addr = master_addr or os.environ.get("MASTER_ADDR") or DEFAULT_ADDR
     port = master_port if master_port is not None else int(os.environ.get("MASTER_PORT", 0) or 0)
     host = _store_host if (want_store or nnodes > 1 or "torch" in sys.modules) else None
+    local = _local_env(addr, nnodes)
     if host is not None and node_rank == 0:
         store, port = host(addr, port, world_size)
-        return Meeting(addr, port, store, _agent_env())
+        return Meeting(addr, port, store, {**_agent_env(), **local})
     if nnodes > 1:
         if not port:
             raise ValueError("a multi-node launch needs master_port (or MASTER_PORT) on every node")
@@ -107,5 +138,5 @@ def meet(master_addr: str | None, master_port: int | None, world_size: int, node
         return Meeting(addr, port, None, _agent_env())
     if port:
         _check_port_free(port)
-        return Meeting(addr, port)
-    return Meeting(addr, free_port())
+        return Meeting(addr, port, env=local)
+    return Meeting(addr, free_port(), env=local)

@@ -7,7 +7,10 @@ is named: which argument, or which global of the function.
 """
 from __future__ import annotations
 
+import importlib
 import io
+import sys
+import types
 from typing import Any, Callable
 
 import dill
@@ -20,13 +23,40 @@ from mpify.engine.errors import ResultError, ShipError
 _DUMPS_KW = dict(recurse=True, byref=False)
 
 
+def importable_by_name(module: types.ModuleType) -> bool:
+    """Can a rank get this very module with `import <its name>`? Its name maps to it in
+    sys.modules and it came from an import (a spec), not from `types.ModuleType(...)`. The ranks
+    have the caller's sys.path and working directory, so wherever its file lives they find it."""
+    name = getattr(module, "__name__", None)
+    return (isinstance(name, str) and name != "__main__" and sys.modules.get(name) is module
+            and getattr(module, "__spec__", None) is not None)
+
+
+_save_module_by_value = dill.Pickler.dispatch[types.ModuleType]
+
+
+def _save_module(pickler: Any, module: types.ModuleType) -> None:
+    # dill pickles by value (its whole namespace) every module whose file is not under a
+    # site-packages folder: a notebook's helpers.py beside it (a lock or a thread-local in it
+    # cannot be pickled), and every module of a `pip install --target DIR` on PYTHONPATH. A
+    # module the ranks can import travels as its name; only the others go by value.
+    if importable_by_name(module):
+        pickler.save_reduce(importlib.import_module, (module.__name__,), obj=module)
+    else:
+        _save_module_by_value(pickler, module)
+
+
+class _Pickler(dill.Pickler):
+    dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
+    dispatch[types.ModuleType] = _save_module
+
+
 def dumps(obj: Any, persistent_id: Callable[[Any], Any] | None = None) -> bytes:
-    """dill.dumps; `persistent_id` lets large buffers go by reference (see shm.py)."""
-    if persistent_id is None:
-        return dill.dumps(obj, **_DUMPS_KW)
+    """dill's dumps, modules by name; `persistent_id` lets large buffers go by reference (see shm.py)."""
     buf = io.BytesIO()
-    pickler = dill.Pickler(buf, **_DUMPS_KW)
-    pickler.persistent_id = persistent_id
+    pickler = _Pickler(buf, **_DUMPS_KW)
+    if persistent_id is not None:
+        pickler.persistent_id = persistent_id
     pickler.dump(obj)
     return buf.getvalue()
 

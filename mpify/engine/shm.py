@@ -45,6 +45,16 @@ def register(name: str, match: Callable[[Any], bool], dump: Callable, load: Call
     _kinds[name] = (match, dump, load)
 
 
+# name -> (match(obj) -> bool, handle(obj) -> picklable handle, open(handle) -> obj): objects
+# that travel as a handle the ranks open themselves, not as bytes (CUDA tensors: an IPC handle).
+# The caller keeps the object alive for the launch (it is one of the launch's arguments).
+_handles: dict[str, tuple[Callable, Callable, Callable]] = {}
+
+
+def register_handle(name: str, match: Callable[[Any], bool], handle: Callable, open_: Callable) -> None:
+    _handles[name] = (match, handle, open_)
+
+
 def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
@@ -92,6 +102,7 @@ class ShmWriter:
         self._seen: dict[int, tuple] = {}  # one file per object, however often it is referenced
         self._writers: list[threading.Thread] = []
         self._keep: list[Any] = []  # the objects whose memory the writer threads read
+        self._keep_alive: list[Any] = []  # objects sent as handles: alive until the launch ends
         self.shared = self.copied = 0
         self._count_lock = threading.Lock()
         self._errors: list[OSError] = []
@@ -108,6 +119,11 @@ class ShmWriter:
     def persistent_id(self, obj: Any):
         if id(obj) in self._seen:
             return self._seen[id(obj)]
+        for name, (match, handle, _) in _handles.items():
+            if match(obj):
+                self._keep_alive.append(obj)
+                pid = self._seen[id(obj)] = ("mpify-handle", name, handle(obj))
+                return pid
         for name, (match, dump, _) in _kinds.items():
             if match(obj):
                 buf, meta, alias = dump(obj)  # match() said it is large enough to be worth it
@@ -168,6 +184,7 @@ class ShmWriter:
                 pass
         self.paths.clear()
         resident.done(self.launch)
+        self._keep_alive.clear()
         last_launch.update(shared=self.shared, copied=self.copied)
 
 
@@ -188,7 +205,11 @@ def release() -> None:
 
 
 def persistent_load(pid: Any) -> Any:
-    """In a rank: map the file copy-on-write and rebuild the object on top of the mapping."""
+    """In a rank: map the file copy-on-write and rebuild the object on top of the mapping (or
+    open the handle it travelled as)."""
+    if pid[0] == "mpify-handle":
+        _, name, handle = pid
+        return _handles[name][2](handle)
     tag, name, path, offset, nbytes, meta = pid
     if tag != "mpify-shm":
         raise ValueError(f"unknown persistent id {tag!r}")

@@ -88,19 +88,20 @@ def _wanted_signature() -> tuple:
     return heavy, extras, env
 
 
-def _rank_process_class(ctx):
-    """A Process whose child skips re-running the caller's `__main__`.
-
-    multiprocess, like multiprocessing, re-imports the parent's main script in every child so
-    that functions defined there can be found by name. mpify ships fn by value (dill), so that
-    is pure cost, and worse: a script that calls ranch without an `if __name__ == "__main__"`
-    guard would launch again from every rank."""
-    from multiprocess import forkserver, popen_forkserver, reduction, spawn, util
-    from multiprocess.context import set_spawning_popen
+if sys.platform != "win32":
+    from multiprocess import forkserver as _fs
+    from multiprocess import popen_forkserver, reduction, spawn, util
+    from multiprocess.context import ForkServerProcess, set_spawning_popen
 
     class RankPopen(popen_forkserver.Popen):
+        """popen_forkserver.Popen, minus the two keys that make the child import `__main__`.
+
+        multiprocess, like multiprocessing, re-imports the parent's main script in every child so
+        that functions defined there can be found by name. mpify ships fn by value (dill), so that
+        is pure cost, and worse: a script that calls ranch without an `if __name__ == "__main__"`
+        guard would launch again from every rank."""
+
         def _launch(self, process_obj):
-            # popen_forkserver.Popen._launch, minus the two keys that make the child import main
             prep_data = spawn.get_preparation_data(process_obj._name)
             prep_data.pop("init_main_from_name", None)
             prep_data.pop("init_main_from_path", None)
@@ -111,33 +112,29 @@ def _rank_process_class(ctx):
                 reduction.dump(process_obj, buf)
             finally:
                 set_spawning_popen(None)
-            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            self.sentinel, w = _fs.connect_to_new_process(self._fds)
             _parent_w = os.dup(w)  # the child's view of its parent's liveness, as upstream
             self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
             with open(w, "wb", closefd=True) as f:
                 f.write(buf.getbuffer())
-            self.pid = forkserver.read_signed(self.sentinel)
+            self.pid = _fs.read_signed(self.sentinel)
 
-    class RankProcess(ctx.Process):
+    class RankProcess(ForkServerProcess):
+        # At module level, not made in a function: the process object is pickled to the
+        # forkserver, and dill pickles a class it cannot import by name by value, together with
+        # the modules it references; under `pip install --target` those include multiprocess's
+        # own, which hold a thread-local that cannot be pickled.
         @staticmethod
         def _Popen(process_obj):
             return RankPopen(process_obj)
 
-    return RankProcess
-
-
-_process_class = None
-
 
 def process_class():
     """The Process class to start ranks with, its forkserver (re)started as needed."""
-    global _process_class
     if sys.platform == "win32":
         return mp.get_context("spawn").Process
     context()
-    if _process_class is None:
-        _process_class = _rank_process_class(mp.get_context("forkserver"))
-    return _process_class
+    return RankProcess
 
 
 def context() -> mp.context.BaseContext:
