@@ -51,10 +51,13 @@ resetwarnings basicConfig setLevel disable use chdir putenv unsetenv set_option 
 setrecursionlimit set_style set_theme set_context set_palette rc rcdefaults seterr
 enable_eager_execution set_visible_devices set_memory_growth register set_verbosity
 set_verbosity_error set_verbosity_warning disable_progress_bar enable_progress_bar
-set load_dotenv download pandas
+set load_dotenv download pandas init login notebook_login start_run set_experiment set_tracking_uri
+autolog
 """)
 # (`sns.set()` configures seaborn; `load_dotenv()` writes os.environ; `nltk.download(..)` writes the
-# data later calls read; `tqdm.pandas()` registers `progress_apply` on DataFrames.)
+# data later calls read; `tqdm.pandas()` registers `progress_apply` on DataFrames; `wandb.init()`,
+# `mlflow.start_run()` open the run that `wandb.log`/`mlflow.log_metric` in the target write to;
+# `login()`/`notebook_login()` store the token later downloads use.)
 # Module-level calls that change module state read later by other calls (suffix of the dotted name).
 STATE_CALLS = SEED_CALLS | CONFIG_CALLS
 # STATE_CALLS a star import may supply as bare functions (`from torch import *`, then
