@@ -405,7 +405,7 @@ def _resolve_calls(statements, kinds) -> None:
             # Calling a notebook object (`linear_model(X)`): as for a method call on it, it may
             # change the object (a stateful callable), not its arguments (issue 11: `X` was read
             # as changed by every `model(X)` of the exploration cells).
-            _add_mutation(f, callee, "call-arg")
+            _add_mutation(f, callee, "called")
         for name in f.defs:
             latest[name] = f.summaries.get(name)
 

@@ -381,7 +381,7 @@ class _Slicer:
                     continue
                 if f.defs.get(a) is True:
                     break
-                if a in f.mutates and f.mutates[a] != "call-arg":
+                if a in f.mutates and f.mutates[a] not in ("call-arg", "called"):
                     hits.append((jj, "alias-mutation:" + a))
             if hits:
                 out += hits
@@ -412,6 +412,8 @@ class _Slicer:
             return f"seeds {what} (earlier draws no longer matter), used by {why}"
         if role == "draw":
             return f"draws from {_q(name)} (kept for exact reproduction), used by {why}"
+        if role == "called":
+            return f"calls {_q(name)}, which may change it, needed by {why}"
         if role == "call-arg":
             return f"may mutate {_q(name)} (passes it to a call), needed by {why}"
         if role.startswith("alias-mutation:"):

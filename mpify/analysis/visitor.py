@@ -41,7 +41,9 @@ from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED
 __all__ = ["StatementFacts", "FunctionSummary", "analyse_statement"]
 
 # The tables of known effects (which calls change what) live in effects.py; the visitor applies them.
-_MUTATION_RANK = {"call-arg": 0, "draw": 1, "state": 2, "seed": 3, "direct": 4}
+# How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
+# 'call-arg' (passed to a call that may change it), 'draw', 'state', 'seed', 'direct'.
+_MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "state": 2, "seed": 3, "direct": 4}
 
 
 @dataclass
@@ -68,7 +70,7 @@ class StatementFacts:
     dels: name -> True for an unconditional `del name`, False for a conditional one (or `except as`).
     uses_now / uses_later / soft_uses: name -> first line where it is read (soft: annotations that are
     not evaluated, resolved if possible but never an error).
-    mutates: name -> 'direct' | 'call-arg' | 'state' | 'seed' | 'draw' (how the statement may
+    mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' (how it may
     change the object; a seed redefines a generator's state, a draw only moves it).
     aliases: `a = b` records a -> b (a mutation through a changes b).
     calls: (callee, positional arg names, keyword arg names, line) for calls of bare names made now.
@@ -669,7 +671,7 @@ class _Visitor(ast.NodeVisitor):
                 # value): like a method call on it, it may change the object (a BatchNorm's
                 # running stats), not its arguments (issue 11: `validate(model0)` read as
                 # changing the `X` its body passes to `model`).
-                self._mutate(name, "call-arg", node.lineno)
+                self._mutate(name, "called", node.lineno)
             else:
                 # A notebook function (or a builtin), in a function body: it may mutate its
                 # arguments (notebook functions are resolved precisely only at top level).
@@ -718,7 +720,8 @@ class _Visitor(ast.NodeVisitor):
                 # `rng.normal()` only moves the generator: left out unless faithful.
                 if self.faithful:
                     self._mutate(root, "draw", node.lineno)
-            elif not is_query(meth) or inplace:
+            elif not (is_query(meth) or meth in WRITE_CALLS) or inplace:
+                # (`tok.save_pretrained(d)`, `df.to_csv(p)` write files; the object stays as it was.)
                 self._mutate(root, "direct", node.lineno)
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
             # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
