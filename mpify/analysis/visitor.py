@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
@@ -83,7 +84,6 @@ class StatementFacts:
     uses_later: dict = field(default_factory=dict)
     soft_uses: dict = field(default_factory=dict)
     mutates: dict = field(default_factory=dict)
-    mutate_lines: dict = field(default_factory=dict)
     aliases: dict = field(default_factory=dict)
     calls: list = field(default_factory=list)
     called_now: set = field(default_factory=set)
@@ -100,16 +100,16 @@ class StatementFacts:
     string_literals: set = field(default_factory=set)
 
 
+@dataclass(eq=False)
 class _Scope:
-    __slots__ = ("kind", "local", "globals", "nonlocals", "summary", "params")
+    """One scope on the visitor's stack (the module scope is the statement itself, not a _Scope)."""
 
-    def __init__(self, kind, local=(), globals_=(), nonlocals=(), summary=None, params=()):
-        self.kind = kind
-        self.local = set(local)
-        self.globals = set(globals_)
-        self.nonlocals = set(nonlocals)
-        self.summary = summary
-        self.params = set(params)
+    kind: str  # 'function' (also lambdas), 'class' or 'comprehension'
+    local: set = field(default_factory=set)  # names bound in it (for a class: its attributes)
+    globals: set = field(default_factory=set)  # `global` declarations (functions only)
+    nonlocals: set = field(default_factory=set)  # `nonlocal` declarations (functions only)
+    summary: "FunctionSummary | None" = None  # what calling the function changes (functions only)
+    params: set = field(default_factory=set)  # parameter names, whose mutation the summary records
 
 
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
@@ -183,10 +183,9 @@ class _Visitor(ast.NodeVisitor):
         self.faithful = faithful
         self.future = future_annotations
         self.stack: list[_Scope] = []
-        self.cond = 0  # depth of conditional constructs at module level
+        self.cond = 0  # depth of conditional constructs (changed only by `_conditional()`)
         self.bound_now: set = set()  # module names bound so far by this statement
         self.soft = False  # visiting annotations that are never evaluated
-        self.line = 1
 
     # ---- scopes -------------------------------------------------------------------------------
     def _lookup(self, name):
@@ -264,7 +263,6 @@ class _Visitor(ast.NodeVisitor):
         old = self.f.mutates.get(name)
         if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
             self.f.mutates[name] = kind
-        self.f.mutate_lines.setdefault(name, lineno)
 
     def _kind(self, name) -> str | None:
         """'module', 'object' or 'notebook' for a global name known to be one, else None (a
@@ -284,9 +282,6 @@ class _Visitor(ast.NodeVisitor):
 
     # ---- generic --------------------------------------------------------------------------------
     def visit(self, node):
-        ln = getattr(node, "lineno", None)
-        if ln is not None:
-            self.line = ln
         # ast.NodeVisitor.visit looks the method up by name on every node; one dict lookup per
         # node type instead (the 1,000-cell benchmark visits about 27,000 nodes).
         method = _DISPATCH.get(type(node))
@@ -392,31 +387,38 @@ class _Visitor(ast.NodeVisitor):
             else:
                 self._store_target(t)
 
-    def _conditional(self, nodes):
+    @contextmanager
+    def _conditional(self):
+        """Bindings made inside may not happen (if/for/while/try/match bodies, comprehensions)."""
         self.cond += 1
+        try:
+            yield
+        finally:
+            self.cond -= 1
+
+    def _visit_all(self, nodes):
         for n in nodes:
             self.visit(n)
-        self.cond -= 1
 
     def visit_If(self, node):
         if not self.stack and _is_name_main(node.test):
             self.f.name_main = True
         self.visit(node.test)
-        self._conditional(node.body + node.orelse)
+        with self._conditional():
+            self._visit_all(node.body + node.orelse)
 
     def visit_For(self, node):
         self.visit(node.iter)
-        self.cond += 1
-        self._store_target(node.target)
-        for n in node.body + node.orelse:
-            self.visit(n)
-        self.cond -= 1
+        with self._conditional():
+            self._store_target(node.target)
+            self._visit_all(node.body + node.orelse)
 
     visit_AsyncFor = visit_For
 
     def visit_While(self, node):
         self.visit(node.test)
-        self._conditional(node.body + node.orelse)
+        with self._conditional():
+            self._visit_all(node.body + node.orelse)
 
     def visit_With(self, node):
         for item in node.items:
@@ -429,9 +431,11 @@ class _Visitor(ast.NodeVisitor):
     visit_AsyncWith = visit_With
 
     def visit_Try(self, node):
-        self.cond += 1
-        for n in node.body:
-            self.visit(n)
+        with self._conditional():
+            self._visit_try(node)
+
+    def _visit_try(self, node):
+        self._visit_all(node.body)
         for h in node.handlers:
             if h.type is not None:
                 self.visit(h.type)
@@ -447,22 +451,18 @@ class _Visitor(ast.NodeVisitor):
             else:
                 for n in h.body:
                     self.visit(n)
-        for n in node.orelse + node.finalbody:
-            self.visit(n)
-        self.cond -= 1
+        self._visit_all(node.orelse + node.finalbody)
 
     visit_TryStar = visit_Try
 
     def visit_Match(self, node):
         self.visit(node.subject)
-        self.cond += 1
-        for case in node.cases:
-            self.visit(case.pattern)
-            if case.guard is not None:
-                self.visit(case.guard)
-            for n in case.body:
-                self.visit(n)
-        self.cond -= 1
+        with self._conditional():
+            for case in node.cases:
+                self.visit(case.pattern)
+                if case.guard is not None:
+                    self.visit(case.guard)
+                self._visit_all(case.body)
 
     def visit_MatchAs(self, node):
         if node.pattern is not None:
@@ -541,7 +541,7 @@ class _Visitor(ast.NodeVisitor):
             g, nl = set(), set()  # a lambda's body is an expression: no declarations
         local = (set(allp) | bound) - g - nl
         summ = FunctionSummary(params=params, kwonly=kwonly)
-        self.stack.append(_Scope("function", local, g, nl, summ, allp))
+        self.stack.append(_Scope("function", set(local), set(g), set(nl), summ, set(allp)))
         return summ
 
     def visit_FunctionDef(self, node):
@@ -598,16 +598,13 @@ class _Visitor(ast.NodeVisitor):
         targets = set()
         for g in gens:
             targets |= {n.id for n in ast.walk(g.target) if isinstance(n, ast.Name)}
-        self.stack.append(_Scope("comprehension", targets))
-        self.cond += 1
-        for i, g in enumerate(gens):
-            if i:
-                self.visit(g.iter)
-            for cond in g.ifs:
-                self.visit(cond)
-        for e in elts:
-            self.visit(e)
-        self.cond -= 1
+        self.stack.append(_Scope("comprehension", set(targets)))
+        with self._conditional():
+            for i, g in enumerate(gens):
+                if i:
+                    self.visit(g.iter)
+                self._visit_all(g.ifs)
+            self._visit_all(elts)
         self.stack.pop()
 
     def visit_ListComp(self, node):
