@@ -3,8 +3,9 @@
 Public API (used by the export room and the CLI; keep these names and fields stable):
 
 - `load_notebook(path) -> Notebook`: `.path`, `.cells` (each `Cell` has `.index` 1-based among all
-  cells, `.kind` 'code'/'markdown'/'raw', `.source`, `.execution_count`).
-- `slice_notebook(path_or_notebook, target, upto_cell=None) -> Slice`: `.notebook`, `.target`,
+  cells, `.kind` 'code'/'markdown'/'raw', `.source`, `.execution_count`), `.warnings`.
+- `slice_notebook(path_or_notebook, target, upto_cell=None, *, extra_roots=(), faithful=False)
+  -> Slice`: `.notebook`, `.target`,
   `.target_kind`, `.items` (`SliceItem`: `.cell`, `.lineno`, `.end_lineno`, `.source_lineno`,
   `.source`, `.reasons`, `.kind`, `.defines`), `.star_imports`, `.unresolved`, `.warnings`,
   `.cells_used`, `.to_dict()`.
@@ -12,8 +13,10 @@ Public API (used by the export room and the CLI; keep these names and fields sta
 - Errors: `AnalysisError` and its subclasses in `mpify.analysis.errors`.
 
 The modules, one idea each: notebook (reading files), magics (IPython syntax -> Python, line for
-line), visitor (scope-stack facts of one statement), model (statements of a notebook, cross-statement
-call effects), slicer (the backward closure and the report).
+line), effects (which calls change what: the tables), stars (what a star import supplies, read from
+its module's source), visitor (scope-stack facts of one statement), model (statements of a
+notebook, cross-statement call effects), slicer (the backward closure and the report), calls (how
+the notebook calls or launches a target, for `--call`).
 """
 from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
                                    UnknownTargetError, UnresolvedNameError)
