@@ -98,8 +98,12 @@ def _resolve(module, level, search_dir, package, depth, seen, read) -> StarExpor
         return StarExports(shown, False)
     path, is_pkg = found
     read.append(path)
-    if path in seen or depth >= MAX_DEPTH:
-        return StarExports(shown, True, {}, False, path)
+    if path in seen:
+        # A cycle (`from pkg import *` inside one of pkg's own modules): Python hands out what the
+        # partly initialised module has bound so far, names this walk already collects.
+        return StarExports(shown, True, {}, True, path)
+    if depth >= MAX_DEPTH:
+        return StarExports(shown, True, {}, False, path)  # deeper than we read: may supply more
     facts = _facts(path)
     if facts is None:
         return StarExports(shown, False, {}, False, path)
