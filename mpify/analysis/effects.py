@@ -62,7 +62,7 @@ autolog
 STATE_CALLS = SEED_CALLS | CONFIG_CALLS
 # STATE_CALLS a star import may supply as bare functions (`from torch import *`, then
 # `manual_seed(0)`): the module-specific ones, not generic names like `use` or `register`.
-BARE_STATE_CALLS = STATE_CALLS - _words("disable rc use setLevel putenv unsetenv register set download pandas")
+BARE_STATE_CALLS = STATE_CALLS - _words("disable rc use setLevel putenv unsetenv register set download pandas init")
 # Methods known to change the object they are called on. On a notebook object every method but a
 # query is read as a mutation anyway; this table matters for objects reached through a module or an
 # import (`sys.path.append`, `os.environ.setdefault`, `defaults.callbacks.append`).
