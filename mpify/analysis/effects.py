@@ -12,13 +12,14 @@ exploration, old training loops and demos (issue 11): `x = torch.stack([a, b]).n
   `os.chdir(d)`), `RECEIVER_MUTATORS` change the object they are called on (`sys.path.append(p)`,
   `os.environ.update(..)`), `ARG_MUTATORS` and torch's trailing-underscore ops change their first
   argument (`random.shuffle(xs)`, `nn.init.zeros_(w)`).
-- A method call on a notebook object (a value the notebook assigned) may change that object unless
-  the method is a known query or display (`QUERY_METHODS`, `QUERY_PREFIXES`: `df.head()`,
-  `learn.show_results()`); `model.to(dev)` and `opt.step()` are mutations either way.
+- A method call on a notebook object (a value the notebook assigned), or calling the object
+  (`model(xb)`), may change that object unless the method is a known query or display
+  (`QUERY_METHODS`, `QUERY_PREFIXES`: `df.head()`, `learn.show_results()`) or writes a file
+  (`WRITE_CALLS`: `tok.save_pretrained(d)`); `model.to(dev)` and `opt.step()` are mutations.
 - Drawing random numbers (`DRAW_CALLS`: `rng.normal()`, `torch.randn(3)`) changes only the
   generator's position; a statement whose only effect is a draw is left out (the generator's state
   is what the last seed call made it, see `SEED_CALLS`), except in faithful mode, which keeps every
-  draw on a notebook object for exact reproduction.
+  draw after the last seed, on modules and notebook objects, for exact reproduction.
 - A notebook function changes what its body changes; that is computed from the body by the visitor
   (`FunctionSummary`), not listed here.
 
