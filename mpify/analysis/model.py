@@ -6,8 +6,9 @@ kept whole, so the emitted code always parses). This module parses every code ce
 lines right above it included, trailing comments kept), runs the scope visitor on it, and then does
 the one cross-statement pass the visitor cannot: a call `f(x)` is resolved against the latest
 definition of `f` before it, so a notebook function that mutates its parameter (or assigns a global
-through `global`) makes the call a mutation (or a definition) of the right names. Unknown callees
-are assumed to mutate their arguments (conservative); notebook classes are assumed not to;
+through `global`) makes the call a mutation (or a definition) of the right names. Calling a
+notebook object (`model(X)`) may change the object, not its arguments; builtins that are not known
+pure may change their arguments (`next(it)`); constructing a notebook class changes nothing;
 imported and star-supplied functions change only what effects.py lists.
 
 What each global name is (a module, an imported object, a notebook function or class, or a value)
