@@ -18,6 +18,26 @@ def gloo_allreduce(*_):
     return t.item()
 
 
+def ddp_train(*_):
+    """The workload mpify exists for, written as for torchrun: its own group, a DDP model,
+    20 steps, destroy. (Its first DDP construction in a process imports torch._dynamo.)"""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    model = DDP(nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(torch.randn(16, 64)).pow(2).mean()
+        loss.backward()
+        opt.step()
+    dist.destroy_process_group()
+    return float(loss)
+
+
 def spawn_entry(local_rank, fn_name, world):
     """torch.multiprocessing.spawn passes the local rank first; set torchrun's variables."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))

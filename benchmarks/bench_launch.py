@@ -6,7 +6,12 @@ Peers are measured when installed and skipped otherwise: torch.multiprocessing.s
 torchrun's engine (torch.distributed.launcher.elastic_launch), and accelerate's
 notebook_launcher (fork). Prints a table of medians and ratios to mpify; `--png FILE` draws it.
 
-    python benchmarks/bench_launch.py -n 4 --repeat 5 [--fn trivial|gloo_allreduce] [--png out.png]
+    python benchmarks/bench_launch.py -n 4 --repeat 5 [--fn trivial|gloo_allreduce|ddp_train] [--png out.png]
+    python benchmarks/bench_launch.py --ddp-workload [--png out.png]
+
+`--ddp-workload` is the table for the real workload: for N=2 and 4, mpify's warm gloo
+init+all_reduce (the trivial launch), then `ddp_train` (a torchrun-style function: its own group,
+DDP, 20 steps, destroy) under mpify, accelerate and torch.multiprocessing.spawn.
 """
 from __future__ import annotations
 
@@ -76,11 +81,15 @@ def measure(name: str, n: int, fn: str, repeat: int) -> list[float] | str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--nprocs", type=int, default=4)
-    ap.add_argument("--fn", default="gloo_allreduce", choices=["trivial", "gloo_allreduce"])
+    ap.add_argument("--fn", default="gloo_allreduce", choices=["trivial", "gloo_allreduce", "ddp_train"])
+    ap.add_argument("--ddp-workload", action="store_true", help="the DDP workload table, N=2 and 4")
     ap.add_argument("--repeat", type=int, default=5, help="warm calls after the first")
     ap.add_argument("--only", nargs="*", help="launchers to run (default: all)")
     ap.add_argument("--png", help="write a bar chart here (needs matplotlib)")
     a = ap.parse_args()
+    if a.ddp_workload:
+        ddp_workload(a.repeat, a.png)
+        return
     names = [k for k in RUNNERS if not a.only or any(o in k for o in a.only)]
     rows = {name: measure(name, a.nprocs, a.fn, a.repeat) for name in names}
     base = rows.get("mpify ranch")
@@ -110,6 +119,48 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(a.png, dpi=110)
         print(f"chart written to {a.png}")
+
+
+def ddp_workload(repeat: int, png: str | None) -> None:
+    rows = []  # (N, label, times)
+    for n in (2, 4):
+        rows.append((n, "mpify, gloo init + all_reduce (trivial)", measure("mpify ranch", n, "gloo_allreduce", repeat)))
+        for name in ("mpify ranch", "accelerate notebook_launcher", "torch.mp.spawn"):
+            rows.append((n, f"{name}, DDP + 20 steps", measure(name, n, "ddp_train", repeat)))
+    print(f"\nThe DDP workload, warm = median of {repeat} calls after the first, each launcher in a fresh "
+          f"process; {machine()}")
+    print(f"{'N':>2} {'launcher':46} {'first (s)':>10} {'warm (s)':>9} {'vs trivial':>11} {'vs mpify DDP':>13}")
+    for n in (2, 4):
+        mine = {label: t for m, label, t in rows if m == n and isinstance(t, list)}
+        trivial = statistics.median(mine["mpify, gloo init + all_reduce (trivial)"][1:])
+        ddp = statistics.median(mine["mpify ranch, DDP + 20 steps"][1:])
+        for m, label, t in rows:
+            if m != n:
+                continue
+            if isinstance(t, str):
+                print(f"{n:>2} {label:46} {t}")
+                continue
+            warm = statistics.median(t[1:])
+            print(f"{n:>2} {label:46} {t[0]:10.3f} {warm:9.3f} {warm / trivial:10.1f}x {warm / ddp:12.1f}x")
+    if png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        ok = [(f"N={n}: {label.split(',')[0]}" + (" (trivial)" if "trivial" in label else ""), t)
+              for n, label, t in rows if isinstance(t, list)]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        y = range(len(ok))
+        ax.barh([i + 0.2 for i in y], [t[0] for _, t in ok], 0.4, label="first call")
+        ax.barh([i - 0.2 for i in y], [statistics.median(t[1:]) for _, t in ok], 0.4, label="warm (median)")
+        ax.set_yticks(list(y), [k for k, _ in ok])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (log scale)")
+        ax.set_title("DDP + 20 steps, torchrun-style function")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        print(f"chart written to {png}")
 
 
 if __name__ == "__main__":

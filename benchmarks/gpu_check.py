@@ -8,6 +8,10 @@ Run on a machine with at least one NVIDIA GPU:
 2. torchddp_launch with CUDA tensors: nccl when every rank has its own GPU (n <= GPU count),
    then gloo on CUDA tensors with 2 ranks (any GPU count).
 3. First and warm launch times for each, and fork's behaviour for comparison.
+4. A torchrun-style DDP function (its own gloo group, a DDP model on the GPU, 20 steps, destroy)
+   launched again and again after the caller used CUDA: first and warm.
+5. A 256 MB CUDA tensor as an argument (sent as a CUDA IPC handle, copied in each rank) next to the
+   same launch without it (goal: at most 1.5x), and a pinned tensor that must arrive pinned.
 Prints one table; exits non-zero if any check fails.
 """
 from __future__ import annotations
@@ -29,6 +33,32 @@ def allreduce_on_gpu():
     dist.all_reduce(t)
     torch.cuda.synchronize()
     return dist.get_backend(), str(t.device), t[0].item()
+
+
+def ddp_train_on_gpu():
+    """Written as for torchrun: its own group, DDP on the rank's GPU (one GPU: ranks share it)."""
+    import os
+
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    model = DDP(nn.Linear(64, 1).to(device))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(torch.randn(16, 64, device=device)).pow(2).mean()
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+    return "gloo", str(device), 1
+
+
+def touch(*tensors):
+    """Each argument's last element, and whether the pinned ones arrived pinned."""
+    return [(str(t.device), float(t[-1]), t.is_pinned() if t.device.type == "cpu" else None) for t in tensors]
 
 
 def timed(launch, repeat):
@@ -82,6 +112,28 @@ def main():
         except Exception as exc:
             rows.append((name, float("nan"), float("nan"), f"FAILED {type(exc).__name__}: {exc}"[:120]))
             ok = False
+    checks = [(f"torchrun-style DDP on GPU, {world} ranks, 20 steps",
+               lambda: ranch(world, ddp_train_on_gpu, gather=True), None)]
+    big = torch.full((64 << 20,), 7.0, device="cuda")  # 256 MB
+    pinned = torch.full((64 << 20,), 3.0).pin_memory()
+    checks += [("no arguments, 2 ranks (all children)", lambda: ranch(2, touch, caller_rank=None, gather=True),
+                [[], []]),
+               ("256 MB CUDA tensor argument, 2 ranks", lambda: ranch(2, touch, big, caller_rank=None, gather=True),
+                [[("cuda:0", 7.0, None)]] * 2),
+               ("256 MB pinned tensor argument, 2 ranks", lambda: ranch(2, touch, pinned, caller_rank=None, gather=True),
+                [[("cpu", 3.0, True)]] * 2)]
+    for name, launch, expected in checks:
+        try:
+            result, times = timed(launch, a.repeat)
+            good = expected is None and all(r[0] == "gloo" for r in result) or result == expected
+            rows.append((name, times[0], statistics.median(times[1:]), "ok" if good else f"WRONG {result}"))
+            ok &= good
+        except Exception as exc:
+            rows.append((name, float("nan"), float("nan"), f"FAILED {type(exc).__name__}: {exc}"[:120]))
+            ok = False
+    by_name = {r[0]: r[2] for r in rows}
+    ratio = by_name["256 MB CUDA tensor argument, 2 ranks"] / by_name["no arguments, 2 ranks (all children)"]
+    rows.append(("CUDA argument vs none (goal <= 1.5x)", float("nan"), ratio, "ok" if ratio <= 1.5 else "SLOW"))
     rows.append(("fork after CUDA init (for comparison)", float("nan"), float("nan"), fork_after_cuda(2)))
     print(f"{'check':42} {'first (s)':>10} {'warm (s)':>9}  result")
     for name, first, warm, res in rows:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 
+LAUNCH_PORT_VAR = "MPIFY_LAUNCH_PORT"
+
+
 @dataclass(frozen=True)
 class Topology:
     """Where the ranks of one launch sit: nprocs per node, nnodes nodes, this node's rank."""
@@ -43,6 +46,9 @@ def rank_env(topo: Topology, local_rank: int, master_addr: str, master_port: int
         "ROLE_WORLD_SIZE": str(topo.world_size),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
+        # Tells a launch nested in this rank that MASTER_PORT is this launch's, not the user's
+        # choice: the nested one takes a free port of its own (rendezvous.meet).
+        LAUNCH_PORT_VAR: str(master_port),
     }
     env.update(extra)
     return env

@@ -25,10 +25,11 @@ This module never imports torch: it acts only where the process has imported tor
 from __future__ import annotations
 
 import gc
+import importlib.abc
 import sys
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 # Modules whose import, when it happens while a group exists, pins that group for good. Importing
 # them before any group exists (here, and in the forkserver) avoids it.
@@ -61,6 +62,9 @@ class _Owner:
         register = self._register
 
         def recording_register(name: str, pg: Any) -> Any:
+            # Before the first group becomes group.WORLD (init_process_group sets it after this
+            # call): a module whose import would pin it is imported now, pinning nothing.
+            import_early()
             self.groups.append(pg)
             return register(name, pg)
 
@@ -142,34 +146,69 @@ def import_early() -> None:
             pass
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls `then()` right after the module `name` has been imported (executed), if that
+    happens while this finder is on sys.meta_path: fn may import torch itself when the caller
+    had not, and its groups must belong to the launch all the same."""
+
+    def __init__(self, name: str, then: Callable[[], None]):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:  # the finder that would have found it, without this one
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader, then = spec.loader, self.then
+
+        class Loader(importlib.abc.Loader):
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                then()
+
+        spec.loader = Loader()
+        return spec
+
+
+# `import torch` imports torch.distributed, then this; once it ran, groups can be recorded.
+_TORCH_READY = "torch.nn.parallel.distributed"
+
+
 @contextmanager
 def launch_scope() -> Iterator[None]:
     """Around ctx + fn in one rank: the groups created inside belong to the launch (see above)."""
-    c10d = _distributed()
-    if c10d is None or not hasattr(c10d, "_register_process_group"):
-        # torch.distributed not imported yet: fn may still import it. Watch for that at exit.
-        yield
-        _release_late_groups()
-        return
-    import_early()
-    owner = _Owner(c10d)
-    owner.install()
+    owner: _Owner | None = None
+
+    def adopt() -> None:
+        nonlocal owner
+        c10d = _distributed()
+        if owner is None and c10d is not None and hasattr(c10d, "_register_process_group"):
+            owner = _Owner(c10d)
+            owner.install()
+
+    adopt()
+    watcher = None
+    if owner is None and _TORCH_READY not in sys.modules:
+        watcher = _AfterImport(_TORCH_READY, adopt)
+        sys.meta_path.insert(0, watcher)
+    else:
+        import_early()
     try:
         yield
     finally:
-        owner.uninstall()
-        owner.release()
-
-
-def _release_late_groups() -> None:
-    """fn imported torch.distributed itself (the caller had not): nothing was recorded, but a
-    default group fn left behind is still destroyed and un-pinned."""
-    c10d = _distributed()
-    if c10d is None or not c10d.is_initialized():
-        return
-    pg = c10d._world.default_pg
-    try:
-        c10d.destroy_process_group()
-    except Exception:
-        pass
-    _unpin_defaults({id(pg)})
+        if watcher is not None and watcher in sys.meta_path:
+            sys.meta_path.remove(watcher)
+        if owner is not None:
+            owner.uninstall()
+            owner.release()

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from mpify.engine.env import LAUNCH_PORT_VAR
 from mpify.engine.errors import MpifyError
 
 DEFAULT_ADDR = "127.0.0.1"
@@ -125,7 +126,10 @@ def meet(master_addr: str | None, master_port: int | None, world_size: int, node
     The port is the caller's `master_port`, else MASTER_PORT from os.environ, else a free one.
     Node 0 hosts; other nodes' ranks join node 0's store."""
     addr = master_addr or os.environ.get("MASTER_ADDR") or DEFAULT_ADDR
-    port = master_port if master_port is not None else int(os.environ.get("MASTER_PORT", 0) or 0)
+    env_port = os.environ.get("MASTER_PORT", "")
+    if env_port == os.environ.get(LAUNCH_PORT_VAR):  # set by the launch this one is nested in
+        env_port = ""
+    port = master_port if master_port is not None else int(env_port or 0)
     host = _store_host if (want_store or nnodes > 1 or "torch" in sys.modules) else None
     local = _local_env(addr, nnodes)
     if host is not None and node_rank == 0:
