@@ -180,7 +180,8 @@ def _start(wanted: tuple) -> None:
             _present.clear()
             _present.update(verdict.get("present", ()))
         if verdict is None or not verdict.get("refused"):
-            debug("forkserver preloaded", heavy, verdict and verdict["loaded"])
+            debug("forkserver preloaded", heavy, verdict and verdict["loaded"],
+                  "; could not import", verdict and verdict["missing"])
             return
         refused = verdict["refused"]
         debug(f"not preloading {refused}: {verdict['why']} in the forkserver; ranks import it themselves")
@@ -198,9 +199,10 @@ def _start_checked(extras: list[str]) -> dict | None:
     fd, report = tempfile.mkstemp(prefix="mpify-preload-", suffix=".json")
     os.close(fd)
     os.unlink(report)
-    saved = {k: os.environ.get(k) for k in (warm.LIST_ENV, warm.REPORT_ENV)}
+    saved = {k: os.environ.get(k) for k in (warm.LIST_ENV, warm.REPORT_ENV, warm.PATH_ENV)}
     os.environ[warm.LIST_ENV] = json.dumps(extras)
     os.environ[warm.REPORT_ENV] = report
+    os.environ[warm.PATH_ENV] = json.dumps(sys.path)
     try:
         forkserver.ensure_running()  # the forkserver inherits os.environ as of now
     finally:

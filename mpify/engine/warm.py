@@ -23,6 +23,9 @@ import threading
 
 LIST_ENV = "MPIFY_PRELOAD"
 REPORT_ENV = "MPIFY_PRELOAD_REPORT"
+# The caller's sys.path (JSON list). multiprocess hands it to the forkserver's main(), which
+# ignores it, so packages found through a path the caller added would not be found here.
+PATH_ENV = "MPIFY_PRELOAD_PATH"
 
 
 def thread_count() -> int:
@@ -60,6 +63,9 @@ def preload(names: list[str]) -> dict:
 
 def _main() -> None:
     names = json.loads(os.environ.get(LIST_ENV) or "[]")
+    path = json.loads(os.environ.get(PATH_ENV) or "null")
+    if path is not None:
+        sys.path[:] = path
     report = os.environ.get(REPORT_ENV)
     verdict = preload(names) if names else {"loaded": [], "missing": [], "refused": None, "why": None}
     # Everything the forkserver holds now, dependencies included (sympy came with torch._dynamo):

@@ -1,0 +1,93 @@
+"""What the forkserver holds before a rank starts (engine/starter.py, engine/warm.py): what DDP's
+first construction imports when the caller has torch, the caller's installed packages, and never
+a package that started a thread at import (a forked rank would inherit that thread's locks)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from helpers import die_with_parent
+
+
+def run(tmp_path, body: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(body))
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-u", str(path)], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path, env=env, preexec_fn=die_with_parent)
+
+
+def test_a_torch_caller_gets_ranks_that_already_hold_dynamo(tmp_path, no_strays):
+    proc = run(tmp_path, '''
+        import sys
+        import torch
+        from mpify import ranch
+
+        def held():
+            return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
+                                      "torch.distributed.nn.functional", "sympy") if m in sys.modules)
+
+        print("held", ranch(2, held, caller_rank=None, gather=True))
+    ''')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    everything = ["sympy", "torch._dynamo", "torch.distributed.nn.functional", "torch.nn.parallel.distributed"]
+    assert f"held {[everything, everything]}" in proc.stdout
+
+
+def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
+    """Two installed packages imported by the caller: a plain one is preloaded, one that starts a
+    thread at import is not (MPIFY_DEBUG says so), and the forkserver runs one thread."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    # Each records the process that imported it: the forkserver (preloaded), or the rank itself.
+    (site / "plainpkg.py").write_text("import os\nVALUE = 41\nIMPORTED_BY = os.getpid()\n")
+    (site / "chattypkg.py").write_text(textwrap.dedent('''
+        import threading, time
+        import os
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True, name="chatty").start()
+        VALUE = 1
+        IMPORTED_BY = os.getpid()
+    '''))
+    proc = run(tmp_path, f'''
+        import sys
+        sys.path.insert(0, {str(site)!r})
+        import plainpkg, chattypkg
+        from multiprocess import forkserver
+        from mpify import ranch
+
+        def held():
+            import os
+            mine = os.getpid()
+            return plainpkg.IMPORTED_BY != mine, chattypkg.IMPORTED_BY != mine, plainpkg.VALUE + chattypkg.VALUE
+
+        print("held", ranch(2, held, caller_rank=None, gather=True))
+        print("forkserver", forkserver._forkserver._forkserver_pid)
+        print("again", ranch(2, held, caller_rank=None, gather=True), forkserver._forkserver._forkserver_pid)
+    ''', {"MPIFY_DEBUG": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held [(True, False, 42), (True, False, 42)]" in proc.stdout
+    assert "not preloading chattypkg: it started a thread in the forkserver" in proc.stderr
+    server = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("forkserver "))
+    # The verdict is kept: the second launch finds the same forkserver, not a restart for the package.
+    assert f"again [(True, False, 42), (True, False, 42)] {server}" in proc.stdout
+
+
+def test_the_forkserver_runs_no_extra_thread(tmp_path, no_strays):
+    """After preloading torch and torch._dynamo, the forkserver's threads are those torch itself
+    starts at import (none of the preloaded extras added one)."""
+    proc = run(tmp_path, '''
+        import os, sys
+        import torch
+        from multiprocess import forkserver
+        from mpify import ranch
+        baseline = len(os.listdir("/proc/self/task"))  # this process, torch imported: the same import
+        ranch(2, int, caller_rank=None)
+        pid = forkserver._forkserver._forkserver_pid
+        print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
+    ''')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, caller, server = next(line for line in proc.stdout.splitlines() if line.startswith("threads")).split()
+    assert int(server) <= int(caller)
