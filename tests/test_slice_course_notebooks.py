@@ -402,3 +402,20 @@ def test_imported_seed_call_kept_and_draws_after_it_left_out(tmp_path):
     faithful = slice_notebook(path, "init_weights", faithful=True)
     assert (3, "noise = torch.randn(3)") in kept(faithful)
     assert run_slice(faithful, "init_weights()", tmp_path) == run_whole(path, "init_weights()", tmp_path)
+
+
+def test_name_defined_only_downstream_of_the_target_is_explained(tmp_path):
+    from mpify.analysis import UnresolvedNameError
+
+    path = write_nb(tmp_path, [
+        "import math\nCONFIG = {'scale': 2.0}",
+        "def decay(l, t):\n    return round(math.exp(-l * t) * CONFIG['scale'] + OFFSET, 4)",
+        "probs = [decay(0.3, t) for t in (0.5, 1.0)]",
+        "OFFSET = min(probs)",
+    ])
+    with pytest.raises(UnresolvedNameError) as ei:
+        slice_notebook(path, "decay")
+    assert str(ei.value) == (
+        "`OFFSET` is used by `decay` (cell 2, line 2) but only cell 4, line 1 defines it, and that "
+        "statement reads `probs`, which cell 3, line 1 makes by running `decay`: the slice leaves it "
+        "out; define `OFFSET` without the target's result")

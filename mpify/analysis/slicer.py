@@ -486,6 +486,19 @@ class _Slicer:
                 continue
             later = [s for s in self.st[p:] if name in s.facts.defs]
             hint = f"; it is only defined later, {later[0].where()}" if later else ""
+            dropped = [s for s in self.st[:p] if name in s.facts.defs and s.index in self.excluded]
+            if dropped:
+                # Defined only by statements left out because they run the target (or read what
+                # such a statement made): say that, not "nothing defines it".
+                d = dropped[-1]
+                how = (f"reads `{self.downstream[d.index][0]}`, which "
+                       f"{self.st[self.downstream[d.index][1]].where()} makes by running "
+                       f"{_q(self.target)}" if d.index in self.downstream
+                       else f"runs {_q(self.target)}")
+                raise UnresolvedNameError(
+                    name, f"{_q(name)} is used by {why} ({loc}) but only {d.where()} defines it, and "
+                          f"that statement {how}: the slice leaves it out; define {_q(name)} "
+                          "without the target's result", *(where or (None, None)))
             raise UnresolvedNameError(
                 name, f"{_q(name)} is used by {why} ({loc}) but nothing defines it before that{hint}",
                 *(where or (None, None)))
