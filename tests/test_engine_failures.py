@@ -225,3 +225,24 @@ def test_sigkilled_launcher_takes_its_ranks_along(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"ranks outlived their launcher: {left}"
+
+
+def _dies_in_rank_1():
+    if os.environ["RANK"] == "1":
+        os._exit(7)
+    return 0
+
+
+def _nested_launch_that_fails():
+    return ranch(2, _dies_in_rank_1)
+
+
+def test_a_nested_launchs_failure_keeps_its_type(no_strays):
+    """A rank that launches its own ranks, one of which dies: the outer caller gets the inner
+    RankDiedError as itself (it pickles and rebuilds), not a RankRaisedError naming it."""
+    from mpify import RankDiedError
+
+    with pytest.raises(RankDiedError) as info:
+        ranch(2, _nested_launch_that_fails, caller_rank=None)
+    assert info.value.rank == 1 and info.value.exitcode == 7
+    assert "exit code 7" in str(info.value)

@@ -35,6 +35,11 @@ class RankRaisedError(MpifyError):
         self.message = message
         self.traceback_text = traceback_text
 
+    def __reduce__(self):
+        # Exception's own reduce would call __init__ with the formatted message alone; a nested
+        # launch sends this error from a rank to its caller, where it must rebuild as itself.
+        return type(self), (self.rank, self.type_name, self.message, self.traceback_text)
+
 
 def describe_exit(exitcode: int) -> str:
     """'exit code 3' or 'signal SIGKILL', with the usual cause of a SIGKILL spelt out."""
@@ -58,6 +63,9 @@ class RankDiedError(MpifyError):
         super().__init__(f"rank {rank} died without raising an exception: {describe_exit(exitcode)}")
         self.rank = rank
         self.exitcode = exitcode
+
+    def __reduce__(self):  # see RankRaisedError.__reduce__
+        return type(self), (self.rank, self.exitcode)
 
 
 class LaunchTimeoutError(MpifyError, TimeoutError):
