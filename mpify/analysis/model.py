@@ -367,7 +367,7 @@ def _resolve_calls(statements, kinds) -> None:
     latest: dict = {}
     for st in statements:
         f = st.facts
-        for callee, pos, kws, _line in f.calls:
+        for callee, pos, kws, _line in f.calls:  # BareCall
             summ = latest.get(callee)
             if summ is not None and summ.is_class:
                 continue  # constructing a notebook class: arguments assumed stored, not mutated

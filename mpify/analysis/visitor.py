@@ -34,17 +34,28 @@ import ast
 import builtins
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
                                     changes_first_arg, external_method_changes_receiver, is_draw,
                                     is_query)
 
-__all__ = ["StatementFacts", "FunctionSummary", "analyse_statement"]
+__all__ = ["StatementFacts", "FunctionSummary", "BareCall", "analyse_statement"]
 
 # The tables of known effects (which calls change what) live in effects.py; the visitor applies them.
 # How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
 # 'call-arg' (passed to a call that may change it), 'draw', 'state', 'seed', 'direct'.
 _MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "state": 2, "seed": 3, "direct": 4}
+
+
+class BareCall(NamedTuple):
+    """A call of a bare global name made when a statement runs (`f(x, k=y)`), resolved later
+    against the latest definition of `f` (model._resolve_calls)."""
+
+    callee: str
+    pos: list  # root name of each positional argument (None for a literal or a call result)
+    kws: dict  # keyword -> root name of its argument
+    line: int
 
 
 @dataclass
@@ -74,7 +85,7 @@ class StatementFacts:
     mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' (how it may
     change the object; a seed redefines a generator's state, a draw only moves it).
     aliases: `a = b` records a -> b (a mutation through a changes b).
-    calls: (callee, positional arg names, keyword arg names, line) for calls of bare names made now.
+    calls: `BareCall`s, the calls of bare global names made now.
     launches: names passed to a launcher call (`ranch(4, train)`).
     """
 
@@ -657,7 +668,7 @@ class _Visitor(ast.NodeVisitor):
                 self.f.called_now.add(name)
                 pos = [root_name(a) for a in node.args]
                 kws = {k.arg: root_name(k.value) for k in node.keywords if k.arg}
-                self.f.calls.append((name, pos, kws, node.lineno))
+                self.f.calls.append(BareCall(name, pos, kws, node.lineno))
             elif self._kind(name) == "object" or (self._kind(name) == "module"):
                 # In a function body, a function the notebook imports (`tensor(x)`, `F.relu` is
                 # an attribute): only the listed ones change their argument.
