@@ -6,7 +6,7 @@ later, mutate) depends on the same thing, which scope a name belongs to. Modelle
 module scope being the statement itself. Python's rules, each handled where it applies:
 
 - A function's locals are every name bound anywhere in its body (minus `global`/`nonlocal`), found
-  before visiting the body, because Python decides that at compile time.
+  before visiting the body, because Python decides that at compile time (scopes.py).
 - Class bodies are not visible from the functions and comprehensions nested in them (a method's
   `attr` is the global `attr`); names bound in a class body are class attributes, not module names.
 - Comprehension targets do not leak; the first iterable is evaluated in the enclosing scope; a walrus
@@ -39,6 +39,7 @@ from typing import NamedTuple
 from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
                                     changes_first_arg, external_method_changes_receiver, is_draw,
                                     is_query)
+from mpify.analysis.scopes import Scope, dotted, root_name, scope_names
 
 __all__ = ["StatementFacts", "FunctionSummary", "BareCall", "analyse_statement"]
 
@@ -111,89 +112,13 @@ class StatementFacts:
     string_literals: set = field(default_factory=set)
 
 
-@dataclass(eq=False)
-class _Scope:
-    """One scope on the visitor's stack (the module scope is the statement itself, not a _Scope)."""
-
-    kind: str  # 'function' (also lambdas), 'class' or 'comprehension'
-    local: set = field(default_factory=set)  # names bound in it (for a class: its attributes)
-    globals: set = field(default_factory=set)  # `global` declarations (functions only)
-    nonlocals: set = field(default_factory=set)  # `nonlocal` declarations (functions only)
-    summary: "FunctionSummary | None" = None  # what calling the function changes (functions only)
-    params: set = field(default_factory=set)  # parameter names, whose mutation the summary records
-
-
-_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-_FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def _scope_names(nodes) -> tuple[set, set, set]:
-    """(names bound, `global` names, `nonlocal` names) of a function body, by Python's
-    compile-time rule, not looking into nested scopes. One walk for the three (the benchmark)."""
-    out: set = set()
-    g: set = set()
-    nl: set = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if isinstance(n, (*_FUNCS, ast.ClassDef)):
-            out.add(n.name)
-            continue
-        if isinstance(n, ast.Lambda):
-            continue
-        if isinstance(n, _COMPREHENSIONS):
-            # Comprehension targets are the comprehension's own; only walruses bind here.
-            out.update(w.target.id for w in ast.walk(n) if isinstance(w, ast.NamedExpr))
-            continue
-        if isinstance(n, ast.Name):
-            if not isinstance(n.ctx, ast.Load):
-                out.add(n.id)
-            continue
-        if isinstance(n, ast.Global):
-            g.update(n.names)
-        elif isinstance(n, ast.Nonlocal):
-            nl.update(n.names)
-        elif isinstance(n, ast.Import):
-            out.update(a.asname or a.name.split(".")[0] for a in n.names)
-        elif isinstance(n, ast.ImportFrom):
-            out.update(a.asname or a.name for a in n.names if a.name != "*")
-        elif isinstance(n, ast.ExceptHandler) and n.name:
-            out.add(n.name)
-        elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
-            out.add(n.name)
-        elif isinstance(n, ast.MatchMapping) and n.rest:
-            out.add(n.rest)
-        elif isinstance(n, ast.NamedExpr):
-            out.add(n.target.id)
-        stack.extend(ast.iter_child_nodes(n))
-    return out, g, nl
-
-
-def root_name(node) -> str | None:
-    """`x` for `x`, `x.a.b`, `x[0].a`; None when the chain starts with a call or literal."""
-    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
-        node = node.value
-    return node.id if isinstance(node, ast.Name) else None
-
-
-def _dotted(node) -> list[str] | None:
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return parts[::-1]
-    return None
-
-
 class _Visitor(ast.NodeVisitor):
     def __init__(self, kinds, future_annotations, faithful=False):
         self.f = StatementFacts()
         self.kinds = kinds  # global name -> 'module' | 'object' | 'notebook' (see the docstring)
         self.faithful = faithful
         self.future = future_annotations
-        self.stack: list[_Scope] = []
+        self.stack: list[Scope] = []
         self.cond = 0  # depth of conditional constructs (changed only by `_conditional()`)
         self.bound_now: set = set()  # module names bound so far by this statement
         self.soft = False  # visiting annotations that are never evaluated
@@ -547,12 +472,12 @@ class _Visitor(ast.NodeVisitor):
         params = [a.arg for a in args.posonlyargs + args.args]
         kwonly = [a.arg for a in args.kwonlyargs]
         allp = params + kwonly + [a.arg for a in (args.vararg, args.kwarg) if a is not None]
-        bound, g, nl = _scope_names(body if isinstance(body, list) else [body])
+        bound, g, nl = scope_names(body if isinstance(body, list) else [body])
         if not isinstance(body, list):
             g, nl = set(), set()  # a lambda's body is an expression: no declarations
         local = (set(allp) | bound) - g - nl
         summ = FunctionSummary(params=params, kwonly=kwonly)
-        self.stack.append(_Scope("function", set(local), set(g), set(nl), summ, set(allp)))
+        self.stack.append(Scope("function", set(local), set(g), set(nl), summ, set(allp)))
         return summ
 
     def visit_FunctionDef(self, node):
@@ -595,7 +520,7 @@ class _Visitor(ast.NodeVisitor):
         for k in node.keywords:
             self.visit(k.value)
         top = not self.stack
-        self.stack.append(_Scope("class"))
+        self.stack.append(Scope("class"))
         for n in node.body:
             self.visit(n)
         self.stack.pop()
@@ -609,7 +534,7 @@ class _Visitor(ast.NodeVisitor):
         targets = set()
         for g in gens:
             targets |= {n.id for n in ast.walk(g.target) if isinstance(n, ast.Name)}
-        self.stack.append(_Scope("comprehension", set(targets)))
+        self.stack.append(Scope("comprehension", set(targets)))
         with self._conditional():
             for i, g in enumerate(gens):
                 if i:
@@ -703,7 +628,7 @@ class _Visitor(ast.NodeVisitor):
         recv = func.value
         root = root_name(recv)
         meth = func.attr
-        dotted = _dotted(func)
+        chain = dotted(func)
         kind = self._kind(root)
         if isinstance(recv, ast.Call) and isinstance(recv.func, ast.Name) and recv.func.id == "get_ipython":
             self._opaque(f"uses get_ipython().{meth}")
@@ -712,7 +637,7 @@ class _Visitor(ast.NodeVisitor):
             if meth in LAUNCHERS:
                 self.f.launches.update(n.id for a in argnodes for n in ast.walk(a)
                                        if isinstance(n, ast.Name))
-            elif external_method_changes_receiver(meth, dotted, kind == "module" and recv is not None
+            elif external_method_changes_receiver(meth, chain, kind == "module" and recv is not None
                                                   and isinstance(recv, ast.Name)):
                 self._mutate(root, "seed" if meth in SEED_CALLS else "state", node.lineno)
             elif self.faithful and is_draw(meth):
