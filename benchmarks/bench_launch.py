@@ -148,7 +148,7 @@ def ddp_workload(repeat: int, png: str | None) -> None:
         import matplotlib.pyplot as plt
         ok = [(f"N={n}: {label.split(',')[0]}" + (" (trivial)" if "trivial" in label else ""), t)
               for n, label, t in rows if isinstance(t, list)]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         y = range(len(ok))
         ax.barh([i + 0.2 for i in y], [t[0] for _, t in ok], 0.4, label="first call")
         ax.barh([i - 0.2 for i in y], [statistics.median(t[1:]) for _, t in ok], 0.4, label="warm (median)")
@@ -157,7 +157,7 @@ def ddp_workload(repeat: int, png: str | None) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("seconds (log scale)")
         ax.set_title("DDP + 20 steps, torchrun-style function")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(png, dpi=110)
         print(f"chart written to {png}")
