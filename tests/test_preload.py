@@ -42,15 +42,25 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
     thread at import is not (MPIFY_DEBUG says so), and the forkserver runs one thread."""
     site = tmp_path / "site-packages"
     site.mkdir()
+
+    def package(name: str, body: str) -> None:
+        # Ten submodules: big enough to be worth preloading (starter._WORTH_PRELOADING).
+        (site / name).mkdir()
+        for i in range(10):
+            (site / name / f"part{i}.py").write_text(f"N = {i}\n")
+        parts = "".join(f"from . import part{i}\n" for i in range(10))
+        (site / name / "__init__.py").write_text(parts + textwrap.dedent(body))
+
+    (site / "tinypkg.py").write_text("def value():\n    return 5\n")
     # Each records the process that imported it: the forkserver (preloaded), or the rank itself.
-    (site / "plainpkg.py").write_text("import os\nVALUE = 41\nIMPORTED_BY = os.getpid()\n")
-    (site / "chattypkg.py").write_text(textwrap.dedent('''
+    package("plainpkg", "import os\nVALUE = 41\nIMPORTED_BY = os.getpid()\n")
+    package("chattypkg", '''
         import threading, time
         import os
         threading.Thread(target=time.sleep, args=(3600,), daemon=True, name="chatty").start()
         VALUE = 1
         IMPORTED_BY = os.getpid()
-    '''))
+    ''')
     proc = run(tmp_path, f'''
         import sys
         sys.path.insert(0, {str(site)!r})
@@ -66,6 +76,8 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
         print("held", ranch(2, held, caller_rank=None, gather=True))
         print("forkserver", forkserver._forkserver._forkserver_pid)
         print("again", ranch(2, held, caller_rank=None, gather=True), forkserver._forkserver._forkserver_pid)
+        import tinypkg  # one module, as a kernel imports lazily: not worth a new forkserver
+        print("small", ranch(2, tinypkg.value, caller_rank=None, gather=True), forkserver._forkserver._forkserver_pid)
     ''', {"MPIFY_DEBUG": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "held [(True, False, 42), (True, False, 42)]" in proc.stdout
@@ -73,6 +85,7 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
     server = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("forkserver "))
     # The verdict is kept: the second launch finds the same forkserver, not a restart for the package.
     assert f"again [(True, False, 42), (True, False, 42)] {server}" in proc.stdout
+    assert f"small [5, 5] {server}" in proc.stdout
 
 
 def test_the_forkserver_runs_no_extra_thread(tmp_path, no_strays):

@@ -47,6 +47,10 @@ _NOT_FOR_RANKS = frozenset("""
     py_spy pip setuptools pkg_resources _distutils_hack wheel typer click rich shellingham
     multiprocess dill mpify psutil
 """.split())
+# A package is worth a forkserver restart when it brought at least this many modules: a small
+# one (typing_extensions, six) imports in a rank in milliseconds, and a kernel imports such
+# helpers lazily (on a completion, a display), which would otherwise restart the forkserver.
+_WORTH_PRELOADING = 10
 # Variables read once when those modules are imported (thread pools, library paths).
 _IMPORT_TIME_ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "LD_", "PYTHON", "TORCH_", "KMP_")
 # How long the first launch waits for the forkserver's preloading verdict (the ranks would wait
@@ -62,15 +66,21 @@ _packages_seen: tuple[int, tuple] = (-1, ())
 
 def _installed_packages() -> tuple:
     """Top-level installed packages (under a site-packages folder) that the caller imported,
-    less the kernel's and test runner's own. Recomputed only when sys.modules grew."""
+    less the kernel's and test runner's own, and less the small ones (see _WORTH_PRELOADING).
+    Recomputed only when sys.modules grew."""
     global _packages_seen
     count = len(sys.modules)
     if _packages_seen[0] == count:
         return _packages_seen[1]
     roots = tuple(p for p in sys.path if p.rstrip(os.sep).endswith(("site-packages", "dist-packages")))
+    sizes: dict[str, int] = {}
+    for name in list(sys.modules):
+        top = name.partition(".")[0]
+        sizes[top] = sizes.get(top, 0) + 1
     names = []
     for name, module in list(sys.modules.items()):
-        if "." in name or name.startswith("_") or name in _NOT_FOR_RANKS or name in HEAVY_MODULES:
+        if ("." in name or name.startswith("_") or name in _NOT_FOR_RANKS or name in HEAVY_MODULES
+                or sizes.get(name, 0) < _WORTH_PRELOADING):
             continue
         path = getattr(module, "__file__", None)
         if path and path.startswith(roots):
