@@ -21,12 +21,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from conftest import run_notebook
-from helpers import die_with_parent, strays
+from helpers import die_with_parent
 
 torch = pytest.importorskip("torch")
 
@@ -89,6 +88,33 @@ def test_a_hundred_torchrun_style_launches_finish(tmp_path, caller_rank, no_stra
     ''')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launches 100 threads []" in proc.stdout
+
+
+def test_a_function_that_imports_torch_itself(tmp_path, no_strays):
+    """The caller never imported torch: fn does (its groups are then caught by an import watcher,
+    engine/groups.py). Twenty launches, then no gloo or store thread in the caller."""
+    path = tmp_path / "script.py"
+    path.write_text(THREADS + textwrap.dedent('''
+        import sys
+        from mpify import ranch
+
+        def train():
+            import torch, torch.distributed as dist, torch.nn as nn
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            dist.init_process_group("gloo")
+            model = DDP(nn.Linear(8, 1))
+            model(torch.randn(4, 8)).sum().backward()
+            dist.destroy_process_group()
+            return int(os.environ["RANK"])
+
+        print("torch before", "torch" in sys.modules)
+        print("ranks", [ranch(2, train, gather=True) for _ in range(20)] == [[0, 1]] * 20, launch_threads())
+    '''))
+    proc = subprocess.run([sys.executable, "-u", "-c", "import os\n" + path.read_text()], capture_output=True,
+                          text=True, timeout=240, cwd=tmp_path, preexec_fn=die_with_parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch before False" in proc.stdout
+    assert "ranks True []" in proc.stdout
 
 
 def test_after_ddp_launches_nothing_stays_and_forks_are_clean(tmp_path, no_strays):

@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 # Modules whose import, when it happens while a group exists, pins that group for good. Importing
-# them before any group exists (here, and in the forkserver) avoids it.
-_IMPORT_EARLY = ("torch.distributed.nn.functional",)
+# them before any group exists (as the first group registers, and in the forkserver) avoids it.
+IMPORT_EARLY = ("torch.distributed.nn.functional",)
 # sys.getrefcount(pg) inside `any(... for pg in self.groups)`: the list, the loop variable, the
 # call's argument. More means somebody else holds the group.
 _OURS_ONLY = 3
@@ -64,7 +64,7 @@ class _Owner:
         def recording_register(name: str, pg: Any) -> Any:
             # Before the first group becomes group.WORLD (init_process_group sets it after this
             # call): a module whose import would pin it is imported now, pinning nothing.
-            import_early()
+            _import_early()
             self.groups.append(pg)
             return register(name, pg)
 
@@ -135,11 +135,11 @@ def _unpin_defaults(ours: set[int]) -> None:
             value.__defaults__ = tuple(None if id(d) in ours else d for d in defaults)
 
 
-def import_early() -> None:
+def _import_early() -> None:
     """Import the modules that would pin a group if first imported during fn."""
     if _distributed() is None:
         return
-    for name in _IMPORT_EARLY:
+    for name in IMPORT_EARLY:
         try:
             __import__(name)
         except Exception:  # not in this torch version: nothing to pin
@@ -202,8 +202,6 @@ def launch_scope() -> Iterator[None]:
     if owner is None and _TORCH_READY not in sys.modules:
         watcher = _AfterImport(_TORCH_READY, adopt)
         sys.meta_path.insert(0, watcher)
-    else:
-        import_early()
     try:
         yield
     finally:

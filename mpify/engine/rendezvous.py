@@ -11,6 +11,7 @@ default, and a free port is chosen here.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -81,6 +82,7 @@ def _is_loopback(addr: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def _loopback_interface() -> str | None:
     """The name of the interface that holds 127.0.0.1 ("lo" on Linux, "lo0" on macOS)."""
     try:

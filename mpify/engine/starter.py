@@ -27,6 +27,8 @@ import time
 import multiprocess as mp
 
 from mpify.engine.debug import debug
+from mpify.engine.env import patched_environ
+from mpify.engine.groups import IMPORT_EARLY
 
 # Modules worth importing once in the forkserver when the caller uses them: importing them in
 # each rank is what makes spawn slow. Order matters: numpy before torch, as torch imports it.
@@ -35,7 +37,7 @@ HEAVY_MODULES = ("numpy", "torch")
 BASE_MODULES = ("dill", "mpify.engine.child")
 # When the caller has torch: what DDP's first construction imports, and the module whose import
 # during a launch would pin its process group (engine/groups.py). Checked like any extra.
-TORCH_EXTRAS = ("torch._dynamo", "torch.nn.parallel.distributed", "torch.distributed.nn.functional")
+TORCH_EXTRAS = ("torch._dynamo", "torch.nn.parallel.distributed") + IMPORT_EARLY
 # Packages a notebook kernel or a test runner imports for itself, never for the ranks: preloading
 # them is pure cost, and some start threads (zmq, tornado, debugpy).
 _NOT_FOR_RANKS = frozenset("""
@@ -181,13 +183,12 @@ def _start(wanted: tuple) -> None:
     from multiprocess import forkserver
 
     heavy, extras, _ = wanted
-    _present.clear()
     while True:
         forkserver._forkserver._stop()
+        _present.clear()
         forkserver.set_forkserver_preload(list(BASE_MODULES) + list(heavy) + ["mpify.engine.warm"])
         verdict = _start_checked(list(extras))
         if verdict is not None:
-            _present.clear()
             _present.update(verdict.get("present", ()))
         if verdict is None or not verdict.get("refused"):
             debug("forkserver preloaded", heavy, verdict and verdict["loaded"],
@@ -209,18 +210,9 @@ def _start_checked(extras: list[str]) -> dict | None:
     fd, report = tempfile.mkstemp(prefix="mpify-preload-", suffix=".json")
     os.close(fd)
     os.unlink(report)
-    saved = {k: os.environ.get(k) for k in (warm.LIST_ENV, warm.REPORT_ENV, warm.PATH_ENV)}
-    os.environ[warm.LIST_ENV] = json.dumps(extras)
-    os.environ[warm.REPORT_ENV] = report
-    os.environ[warm.PATH_ENV] = json.dumps(sys.path)
-    try:
+    with patched_environ({warm.LIST_ENV: json.dumps(extras), warm.REPORT_ENV: report,
+                          warm.PATH_ENV: json.dumps(sys.path)}):
         forkserver.ensure_running()  # the forkserver inherits os.environ as of now
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     pid = forkserver._forkserver._forkserver_pid
     deadline = time.monotonic() + _PRELOAD_WAIT
     try:

@@ -67,7 +67,7 @@ def _main() -> None:
     if path is not None:
         sys.path[:] = path
     report = os.environ.get(REPORT_ENV)
-    verdict = preload(names) if names else {"loaded": [], "missing": [], "refused": None, "why": None}
+    verdict = preload(names)
     # Everything the forkserver holds now, dependencies included (sympy came with torch._dynamo):
     # the caller importing one of these later needs no new forkserver.
     verdict["present"] = sorted(name for name in sys.modules if "." not in name)
