@@ -15,12 +15,12 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from mpify.engine import groups, serialize
+from mpify.engine.messages import Done, Failed
 
 # Set while the user's fn itself runs (not ctx enter/exit), so an abort request is delivered only
 # there and never interrupts a context manager's teardown (destroy_process_group).
@@ -126,20 +126,9 @@ def stamp_failure(exc: BaseException) -> float:
     return when
 
 
-def error_message(rank: int, exc: BaseException) -> tuple:
-    """("err", rank, when, pickled exception or None, type name, message, traceback text).
-
-    The traceback travels as text (shown by the caller as the exception's cause), not as
-    rebuilt frames: IPython draws a rebuilt frame's source from a stub code object and points at
-    the wrong line."""
-    when = stamp_failure(exc)
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob = serialize.dumps(exc.with_traceback(None))
-        serialize.loads(blob)  # what cannot be rebuilt here cannot be rebuilt in the caller either
-    except Exception:
-        blob = None
-    return ("err", rank, when, blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text)
+def error_message(rank: int, exc: BaseException) -> Failed:
+    """The rank's failure as it travels to the caller, dated when fn raised."""
+    return Failed.of(rank, exc, stamp_failure(exc))
 
 
 def _watch_caller(alive_r) -> None:
@@ -161,8 +150,10 @@ def _route_output(out_w, err_w) -> None:
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
 
 
-def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) -> None:
-    """Entry point of a child rank (the target of its multiprocess.Process)."""
+def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
+    """A child's first steps, for a launch's rank and a world's alike: its own process group, the
+    watchdog on the caller, fd 1/2 into the caller's pipes, the caller's environment, working
+    directory and sys.path as of the start."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -172,9 +163,14 @@ def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) ->
     os.environ.update(spec.environ)
     os.chdir(spec.cwd)
     sys.path[:] = spec.sys_path
+
+
+def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) -> None:
+    """Entry point of a child rank (the target of its multiprocess.Process)."""
+    become_rank(spec, alive_r, out_w, err_w)
     sent = []
 
-    def report(message: tuple) -> None:
+    def report(message: Done | Failed) -> None:
         """Send this rank's one message (the first outcome wins)."""
         if not sent:
             sent.append(message)
@@ -189,7 +185,7 @@ def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) ->
         value = run_rank(fn, args, kwargs, extra.get("ctx"), extra.get("imports", ""), extra.get("need"),
                          on_raise=lambda exc: report(error_message(spec.rank, exc)))
         blob = serialize.dumps_result(spec.rank, value) if spec.send_result else None
-        report(("ok", spec.rank, time.monotonic(), blob))
+        report(Done(spec.rank, time.monotonic(), blob))
     except BaseException as exc:  # KeyboardInterrupt and SystemExit are a rank's outcome too
         report(error_message(spec.rank, exc))
     result_w.close()

@@ -30,9 +30,9 @@ from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, patched_environ, rank_env
-from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, RankRaisedError,
-                                 RemoteTraceback)
+from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError
 from mpify.engine.interrupts import InterruptGuard, RankAborted
+from mpify.engine.messages import Done, Failed
 from mpify.engine.output import LineForwarder, LineGate, rank_filter
 
 # A death is only seen after it happened, while a rank blocked on the dead one may raise
@@ -60,24 +60,8 @@ class Child:
     result_r: Any
     alive_w: Any
     streams: dict = field(default_factory=dict)  # output pipe (Connection) -> LineForwarder
-    outcome: tuple | None = None  # the message it sent
+    outcome: Done | Failed | None = None  # the message it sent
     exited: bool = False
-
-
-def _rebuild(message: tuple) -> BaseException:
-    """The rank's exception with its original type and remote traceback, or RankRaisedError."""
-    _, rank, _, blob, type_name, text, tb_text = message
-    if blob is not None:
-        try:
-            exc = serialize.loads(blob)
-            if isinstance(exc, BaseException):
-                exc.__cause__ = RemoteTraceback(tb_text)  # the rank's whole traceback, chain included
-                return exc
-        except Exception:  # the type exists only in the rank: report it by name below
-            pass
-    err = RankRaisedError(rank, type_name, text, tb_text)
-    err.__cause__ = RemoteTraceback(tb_text)
-    return err
 
 
 class Launch:
@@ -218,11 +202,11 @@ class Launch:
         except (EOFError, OSError):
             child.result_r.close()
             return
-        _debug("message from rank", child.rank, child.outcome and child.outcome[0])
+        _debug("message from rank", child.rank, type(child.outcome).__name__)
         if child.outcome is None:  # nothing sent (a grandchild may still hold the pipe open)
             return
-        if child.outcome[0] == "err":
-            self.record(Failure(child.rank, child.outcome[2], _rebuild(child.outcome)))
+        if isinstance(child.outcome, Failed):
+            self.record(Failure(child.rank, child.outcome.when, child.outcome.rebuild()))
         self._check_done()
 
     def _on_exit(self, child: Child) -> None:
@@ -361,8 +345,8 @@ class Launch:
         if self.caller_rank is not None:
             values[self.caller_rank] = self.caller_value
         for c in self.children:
-            if c.outcome is not None and c.outcome[3] is not None:
-                values[c.local_rank] = serialize.loads(c.outcome[3])
+            if isinstance(c.outcome, Done) and c.outcome.blob is not None:
+                values[c.local_rank] = serialize.loads(c.outcome.blob)
         if self.gather:
             return [values.get(r) for r in range(self.topo.nprocs)]
         return values.get(0)

@@ -1,0 +1,118 @@
+"""What travels between the caller and its ranks: one small named type per message.
+
+A launch's rank sends one outcome (`Done` or `Failed`) and exits. A live world's rank (see
+world.py) stays and answers commands, one reply per command, until `Close`. Every message is
+pickled with the engine's serializer (dill) over a pipe that only the caller and that rank hold:
+nothing here is ever read from a socket.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+from mpify.engine import serialize
+from mpify.engine.errors import RankRaisedError, RemoteTraceback
+
+
+# ---- outcomes: what a rank answers ---------------------------------------------------------
+@dataclass
+class Done:
+    """The rank finished; `blob` is its pickled value, or None when the caller did not ask."""
+
+    rank: int
+    when: float  # CLOCK_MONOTONIC, comparable across the machine's processes
+    blob: bytes | None = None
+
+
+@dataclass
+class Failed:
+    """The rank raised. The exception travels pickled when it can be rebuilt, and always as its
+    type name, message and formatted traceback, so the caller can say what happened even when
+    the type exists only in the rank."""
+
+    rank: int
+    when: float
+    blob: bytes | None
+    type_name: str
+    text: str
+    tb_text: str
+
+    @classmethod
+    def of(cls, rank: int, exc: BaseException, when: float) -> "Failed":
+        # The traceback travels as text (shown by the caller as the exception's cause), not as
+        # rebuilt frames: IPython draws a rebuilt frame's source from a stub code object and
+        # points at the wrong line.
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            blob = serialize.dumps(exc.with_traceback(None))
+            serialize.loads(blob)  # what cannot be rebuilt here cannot be rebuilt in the caller either
+        except Exception:
+            blob = None
+        return cls(rank, when, blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text)
+
+    def rebuild(self) -> BaseException:
+        """The rank's exception with its original type and remote traceback, or RankRaisedError."""
+        if self.blob is not None:
+            try:
+                exc = serialize.loads(self.blob)
+                if isinstance(exc, BaseException):
+                    exc.__cause__ = RemoteTraceback(self.tb_text)  # the whole traceback, chain included
+                    return exc
+            except Exception:  # the type exists only in the rank: report it by name below
+                pass
+        err = RankRaisedError(self.rank, self.type_name, self.text, self.tb_text)
+        err.__cause__ = RemoteTraceback(self.tb_text)
+        return err
+
+
+# ---- a live world's commands: what the caller asks a rank -----------------------------------
+@dataclass
+class Call:
+    """Run a function: `blob` is (fn, args, kwargs, extra) as a launch pickles it (big arrays
+    through shared memory). `send_result`: whether the caller wants the value back."""
+
+    blob: bytes
+    send_result: bool
+
+
+@dataclass
+class Exec:
+    """Run source text in the rank's own persistent namespace (its `__main__`). `echo`: print the
+    value of a last expression, as a notebook shows it."""
+
+    source: str
+    filename: str
+    echo: bool = True
+
+
+@dataclass
+class Push:
+    """Bind names in the rank's namespace: `blob` holds a dict, pickled as a launch is."""
+
+    blob: bytes
+
+
+@dataclass
+class Pull:
+    """Send back the value bound to `name` in the rank's namespace."""
+
+    name: str
+
+
+@dataclass
+class Status:
+    """Report pid, device and memory."""
+
+
+@dataclass
+class ResetGroup:
+    """`rebuild=False`: destroy every process group this rank holds, so peers blocked on it in a
+    collective fail and return to Python. `rebuild=True`: leave the world's ctx and enter it
+    again (a new default group, same namespaces)."""
+
+    rebuild: bool
+
+
+@dataclass
+class Close:
+    """Leave the world's ctx and exit."""
