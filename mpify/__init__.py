@@ -4,6 +4,9 @@
 
 This module is the whole public surface.
 """
+# Imported for their registration with the engine (the store host with rendezvous, the tensor
+# codec with shm), whatever the caller goes on to use; neither imports torch until used.
+from mpify import torch_codec, torch_store  # noqa: F401
 from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError,
                                  RankRaisedError, RemoteTraceback, ResultError, ShipError)
 from mpify.engine.launch import ranch, shutdown

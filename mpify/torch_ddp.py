@@ -1,174 +1,20 @@
-"""PyTorch DDP in every rank: TorchDDPCtx, torchddp_launch, in_torchddp.
+"""PyTorch DDP in every rank: TorchDDPCtx, torchddp_launch, in_torchddp (the user API).
 
-The only module that imports torch, and only when used, so `import mpify` stays light. It also
-hosts torch.distributed's own TCPStore for the engine's launches (see engine/rendezvous.py):
-that is how a caller blocked as rank 0 in `init_process_group` learns of a dead rank at once.
+torch is imported only when used, so `import mpify` stays light. The TCPStore a launch hosts
+for its ranks lives in torch_store.py, and the tensor codec for shared memory and CUDA IPC in
+torch_codec.py: the engine (a launch, a world) needs those but not this API.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Callable
 
-from mpify.engine import rendezvous, shm
+from mpify.engine import rendezvous
 from mpify.engine.child import enter_ctx
 from mpify.engine.launch import ranch
-
-DEFAULT_TIMEOUT = 1800.0  # seconds, torch's own default for init_process_group and collectives
-
-
-def _port_in_use(port: int) -> rendezvous.PortInUseError:
-    return rendezvous.PortInUseError(f"master port {port} is already in use on this machine; pick another "
-                                     f"port, or leave MASTER_PORT unset to get a free one")
-
-
-def _host_store(addr: str, port: int, world_size: int) -> tuple[Any, int]:
-    """Host a TCPStore server on `port` (0: a free one) for the ranks to join as clients.
-
-    TCPStore's own server listens on every interface; the socket is bound here instead, to
-    `addr` only (127.0.0.1 for a one-machine launch, as `torchrun --standalone` does), and
-    handed to the store. An address that is not this machine's (behind NAT) falls back to
-    torch's way."""
-    import errno
-    import socket
-
-    import torch.distributed as dist
-
-    listen_fd = None
-    try:
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((addr, port))
-            sock.listen(1024)
-        except BaseException:
-            sock.close()
-            raise
-        listen_fd = sock.detach()
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise _port_in_use(port) from None
-        if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and not isinstance(exc, socket.gaierror):
-            raise
-    try:
-        store = dist.TCPStore(addr, port, None, True, timeout=timedelta(seconds=DEFAULT_TIMEOUT),
-                              wait_for_workers=False, master_listen_fd=listen_fd)
-    except dist.DistNetworkError as exc:
-        if listen_fd is not None:
-            os.close(listen_fd)
-        if "EADDRINUSE" in str(exc) or "in use" in str(exc):
-            raise _port_in_use(port) from None
-        raise
-    return store, store.port
-
-
-@contextmanager
-def _destroy_leftover_group():
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        yield
-        return
-    world = dist.distributed_c10d._world
-    was = dist.is_initialized()
-    count = getattr(world, "group_count", None)
-    try:
-        yield
-    finally:
-        if not was and dist.is_initialized():
-            dist.destroy_process_group()
-        elif not was and count is not None:
-            # torch names process groups by a per-process counter that a failed
-            # init_process_group has already bumped; fresh ranks count from 0, so a caller whose
-            # init failed once would wait forever for keys no rank writes on the next launch.
-            world.group_count = count
-
-
-rendezvous.register_torch_hooks(_host_store, _destroy_leftover_group)
-
-
-def _is_pinned(t: Any) -> bool:
-    # Pinned memory exists only once CUDA was initialised; asking before would create a CUDA
-    # context in the caller for nothing.
-    cuda = sys.modules["torch"].cuda
-    return cuda.is_initialized() and t.is_pinned()
-
-
-def _is_plain_cpu_tensor(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None or type(obj) not in (torch.Tensor, torch.nn.Parameter):
-        return False
-    # Only dense CPU tensors are a plain buffer; CUDA, sparse, quantized ones keep torch's pickling.
-    # Pinned ones of any size come this way, so that they can arrive pinned.
-    return (obj.device.type == "cpu" and obj.layout == torch.strided and not obj.is_quantized
-            and (obj.nbytes >= shm.THRESHOLD or obj.nbytes > 0 and _is_pinned(obj)))
-
-
-def _dump_tensor(t):
-    import torch
-    data = t.detach().resolve_conj().resolve_neg().contiguous()
-    meta = (t.dtype, tuple(t.shape), t.requires_grad, type(t) is torch.nn.Parameter, _is_pinned(t))
-    # No copy was needed: the buffer is t's own memory, owned by its storage (kept between
-    # launches as a snapshot, see engine/resident.py).
-    alias = (t.untyped_storage(), t.data_ptr()) if data.data_ptr() == t.data_ptr() and t.numel() else None
-    # The bytes by address, not through data.numpy(): a numpy view marks the storage
-    # non-resizable for good, and the caller's `t.resize_()` would fail after the launch.
-    buf = (ctypes.c_char * data.nbytes).from_address(data.data_ptr())
-    buf.keep = data  # a contiguous copy must live while the buffer is read
-    return buf, meta, alias
-
-
-def _load_tensor(buf, meta):
-    import torch
-    dtype, shape, requires_grad, is_param, pinned = meta
-    t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
-    if pinned and torch.cuda.is_available():
-        t = t.pin_memory()  # a pinned argument arrives pinned (a copy into page-locked memory)
-    return _as_sent(t, requires_grad, is_param)
-
-
-def _as_sent(t: Any, requires_grad: bool, is_param: bool) -> Any:
-    import torch
-    if is_param:
-        return torch.nn.Parameter(t, requires_grad=requires_grad)
-    return t.requires_grad_(requires_grad) if requires_grad else t
-
-
-shm.register("torch", _is_plain_cpu_tensor, _dump_tensor, _load_tensor)
-
-
-def _is_cuda_tensor(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda
-
-
-def _cuda_handle(t: Any) -> tuple:
-    """A CUDA tensor travels as a CUDA IPC handle to its memory, as torch.multiprocessing sends
-    it (its reduction also keeps the memory alive until every rank let go). Detached first: torch
-    refuses to share a non-leaf that requires grad; the flags travel beside it."""
-    import torch
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    rebuild, args = reduce_tensor(t.detach())
-    return rebuild, args, t.requires_grad, type(t) is torch.nn.Parameter
-
-
-def _open_cuda(handle: tuple) -> Any:
-    """In a rank: open the caller's memory and copy it, on the same device, into the rank's own:
-    the semantics of any other argument (a copy), and nothing of the caller's memory stays
-    mapped in the rank once the copy is made."""
-    rebuild, args, requires_grad, is_param = handle
-    shared = rebuild(*args)
-    own = shared.clone()
-    del shared
-    return _as_sent(own, requires_grad, is_param)
-
-
-shm.register_handle("torch-cuda", _is_cuda_tensor, _cuda_handle, _open_cuda)
+from mpify.torch_store import DEFAULT_TIMEOUT
 
 
 def pick_backend(use_gpu: bool = True) -> str:

@@ -13,7 +13,7 @@ shared that way (not Linux, or a caller that is not dumpable, so /proc/<pid>/fd 
 ranks), the file goes to /dev/shm instead, removed when the launch ends; files left by a caller
 that was killed are removed by the next launch (their names carry the dead caller's pid).
 
-numpy is handled here; torch tensors by a kind that mpify.torch_ddp registers, so that the
+numpy is handled here; torch tensors by kinds that mpify.torch_codec registers, so that the
 engine never imports torch itself.
 """
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""Who may import whom among the torch modules and the engine, read from the source (ast).
+
+torch_store.py (the hosted TCPStore) and torch_codec.py (tensors through shared memory and CUDA
+IPC) serve a launch and a long-lived world alike: they must not pull in the user API
+(torch_ddp.py) or the launcher, nor torch before it is used. The engine never imports any of the
+three: they register themselves with it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+MPIFY = Path(__file__).resolve().parent.parent / "mpify"
+TORCH_MODULES = {"mpify.torch_ddp", "mpify.torch_codec", "mpify.torch_store"}
+
+
+def imported(tree: ast.AST) -> set[str]:
+    """Every module an import in `tree` names: `import a.b` gives a.b, `from a import b` gives a and a.b."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def module_level(path: Path) -> ast.Module:
+    """The module's statements outside any function (class bodies and if/try blocks included)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if hasattr(node, "body"):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                stmts = getattr(node, field, None)
+                if isinstance(stmts, list):
+                    setattr(node, field, [s for s in stmts
+                                          if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))])
+    return tree
+
+
+def test_store_and_codec_import_neither_the_api_nor_the_launcher_nor_torch():
+    for name in ("torch_store", "torch_codec"):
+        names = imported(module_level(MPIFY / f"{name}.py"))
+        bad = {n for n in names if n in ("mpify.torch_ddp", "mpify.engine.launch") or n.split(".")[0] == "torch"}
+        assert not bad, f"mpify/{name}.py imports {sorted(bad)} at module level"
+        # anywhere at all (a function included), neither the user API nor the launcher
+        anywhere = imported(ast.parse((MPIFY / f"{name}.py").read_text()))
+        assert not anywhere & {"mpify.torch_ddp", "mpify.engine.launch"}, name
+
+
+def test_engine_never_imports_the_torch_modules():
+    for path in sorted((MPIFY / "engine").rglob("*.py")):
+        names = imported(ast.parse(path.read_text()))
+        assert not names & TORCH_MODULES, f"{path.relative_to(MPIFY)} imports {sorted(names & TORCH_MODULES)}"
+
+
+def test_the_checker_sees_imports():
+    # the walk above would pass vacuously on a parse that found nothing
+    assert "mpify.torch_store.DEFAULT_TIMEOUT" in imported(ast.parse((MPIFY / "torch_ddp.py").read_text()))
+    assert "mpify.engine.shm" in imported(module_level(MPIFY / "torch_codec.py"))
+    assert "torch" in imported(ast.parse((MPIFY / "torch_codec.py").read_text()))
+    assert "torch" not in imported(module_level(MPIFY / "torch_codec.py"))
