@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from mpify.engine import rendezvous
 from mpify.engine.child import enter_ctx
+from mpify.engine import world
 from mpify.engine.launch import ranch
 from mpify.torch_store import DEFAULT_TIMEOUT
 
@@ -148,3 +149,11 @@ def in_torchddp(nprocs: int, fn: Callable, *args: Any, world_size: int | None = 
     kwargs.setdefault("gather", True)
     return ranch(nprocs, fn, *args, ctx=_ddp_ctx(ctx, TorchDDPCtx(use_gpu=use_gpu)), nnodes=world_size // nprocs,
                  node_rank=base_rank // nprocs, need=need, imports=imports, **kwargs)
+
+
+def _world_ddp_ctx(ctx: Any, backend: str | None) -> Any:
+    """What `World(..., ddp=True, backend=...)` enters in every rank."""
+    return _ddp_ctx(ctx, TorchDDPCtx(backend=backend))
+
+
+world.register_ddp(_world_ddp_ctx)

@@ -1,0 +1,797 @@
+"""A live world: ranks that stay between calls, the caller being rank 0.
+
+`ranch` builds a world for one call and tears it down (a launch). A `World` starts ranks
+1..N-1 once, from the warm forkserver, enters ctx once in every rank (TorchDDPCtx: one process
+group for the world's life), and then runs any number of rounds on them: a function (`run`),
+source text in each rank's persistent namespace (`exec`, and the `%%ranch` cell magic), names
+pushed or pulled. Everything a launch promises holds for each round (typed errors with the
+rank, live output, interrupts, nothing left behind), plus one more: a failure in a round leaves
+the world usable, or closes it and says what was lost.
+
+Like a launch (trio's nursery), nothing the world started outlives it: `close()`, the `with`
+block's end, interpreter exit, or the caller's death (the ranks' watchdogs) ends every rank.
+
+Threads in the caller while a world lives:
+- the supervisor reads every rank's output, replies and exit, all the time (a rank never blocks
+  on a full pipe, even between rounds), and during a round the SIGINT wakeup pipe;
+- during a round's stop, a stopper walks the ladder below, so the supervisor keeps reading.
+
+How a round stops when a rank failed or the user interrupted (each step bounded):
+1. ask: SIGINT to every child still busy, RankAborted in the caller's rank; ranks in Python
+   return at once;
+2. break: a rank still busy after ASK_GRACE is stuck in C++, almost always a collective whose
+   peers will never come. Every rank that is back destroys its process groups, so the stuck
+   rank's connections close and its collective fails; repeated as more ranks come back;
+3. kill: a child still stuck after BREAK_GRACE is killed, and the world is closed.
+After a break, the world's group is rebuilt (ctx left and entered again in every rank): the
+namespaces are kept, a DDP model wrapped over the old group must be wrapped again.
+A rank that dies closes the world: a dead rank's namespace cannot be rebuilt, and its peers
+may be blocked on it.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import multiprocess.connection as mpc
+
+from mpify.engine import groups, rendezvous, serialize, shm, starter, teardown
+from mpify.engine.child import RankSpec, _in_fn, enter_ctx, stamp_failure
+from mpify.engine.debug import debug as _debug
+from mpify.engine.env import Topology, rank_env
+from mpify.engine.errors import MpifyError, RankDiedError
+from mpify.engine.interrupts import InterruptGuard, RankAborted
+from mpify.engine.launch import Failure, _annotate, _check_int, _gated
+from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
+from mpify.engine.output import LineForwarder, LineGate
+from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
+
+ASK_GRACE = 1.0  # seconds for busy ranks to return to Python after SIGINT / RankAborted
+BREAK_GRACE = 5.0  # seconds for stuck ranks to come back once their peers destroyed their groups
+EXIT_GRACE = 5.0  # seconds for ranks to leave ctx and exit at close, before they are stopped
+START_TIMEOUT = 600.0  # seconds for every rank to start and enter ctx (torch's own init timeout is longer)
+
+# Set by mpify.torch_ddp: (user ctx or None, backend or None) -> the ctx that `ddp=True` means.
+_ddp_ctx_factory: Callable[[Any, str | None], Any] | None = None
+
+
+def register_ddp(factory: Callable[[Any, str | None], Any]) -> None:
+    global _ddp_ctx_factory
+    _ddp_ctx_factory = factory
+
+
+class WorldClosedError(MpifyError, RuntimeError):
+    """The world was closed (by `close()`, or after a rank died); start a new one."""
+
+
+class _CurrentStream:
+    """The caller's sys.stdout or sys.stderr as it is when a rank's line arrives, not as it was
+    when the world started: in Jupyter a line then lands in the cell that runs now (ipykernel
+    routes a thread's output by the kernel's current parent), and during a round between the
+    caller's own lines (LineGate)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> None:
+        stream = getattr(sys, self.name)
+        if isinstance(stream, LineGate):
+            stream.write_lines(text)
+        else:
+            stream.write(text)
+            stream.flush()
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass
+class _Member:
+    """One child rank as the caller sees it."""
+
+    rank: int
+    local_rank: int
+    proc: Any
+    cmd_w: Any
+    reply_r: Any
+    alive_w: Any
+    streams: dict = field(default_factory=dict)  # output pipe -> LineForwarder
+    expect: deque = field(default_factory=deque)  # "round" or "reset", one per reply still owed
+    exited: bool = False
+
+
+class _Round:
+    """One command to some ranks (the caller among them or not), and what came back."""
+
+    def __init__(self, members: list[_Member], caller_busy: bool, guard: InterruptGuard | None):
+        self.members = {m.rank: m for m in members}
+        self.waiting = set(self.members)
+        self.caller_busy = caller_busy
+        self.guard = guard
+        self.replies: dict[int, Done | Failed] = {}
+        self.failures: list[Failure] = []
+        self.stop_reason: str | None = None
+        self.stop_time = float("inf")
+        self.cond = threading.Condition()
+        self.starting = False  # ranks are entering ctx: a stop closes the store they meet at
+        self.broke = False  # groups were destroyed to free a stuck rank: rebuild before going on
+        self.killed: list[int] = []  # ranks killed because they stayed stuck
+        self.stopper: threading.Thread | None = None
+
+    def settled(self) -> bool:
+        return not self.waiting and not self.caller_busy
+
+
+class World:
+    """Ranks 0..nprocs-1 that live across calls; the caller is rank 0.
+
+    ``ctx``: a context manager (or a factory of one) entered once in every rank at start and left
+    at close; ``ddp=True`` means ``ctx=TorchDDPCtx(backend=backend)`` (with ``ctx`` inside it).
+    ``nnodes``/``node_rank``/``master_addr``/``master_port``: as for ``ranch``.
+    The rank environment (RANK, WORLD_SIZE, MASTER_ADDR...) holds in the caller for the world's
+    life, and is put back at close.
+    """
+
+    def __init__(self, nprocs: int, *, ctx: Any = None, ddp: bool = False, backend: str | None = None,
+                 nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
+                 master_port: int | None = None):
+        _check_int("nprocs", nprocs, 1)
+        _check_int("nnodes", nnodes, 1)
+        _check_int("node_rank", node_rank, 0, nnodes - 1)
+        if master_port is not None:
+            _check_int("master_port", master_port, 1, 65535)
+        if ddp:
+            if _ddp_ctx_factory is None:
+                raise MpifyError("ddp=True needs mpify.torch_ddp (import mpify)")
+            ctx = _ddp_ctx_factory(ctx, backend)
+        elif backend is not None:
+            raise ValueError("backend= goes with ddp=True")
+        self.topo = Topology(nprocs, nnodes, node_rank)
+        self.ctx = ctx
+        self.members: list[_Member] = []
+        self.closed = False
+        self.lost_reason: BaseException | None = None  # why the world closed itself
+        self._round: _Round | None = None
+        self._round_lock = threading.Lock()
+        self._members_lock = threading.Lock()
+        self._control_r, self._control_w = os.pipe()
+        self._supervisor: threading.Thread | None = None
+        self._synced = threading.Event()
+        self._scope = ExitStack()  # the caller's rank: launch_scope + ctx
+        self._env_set: dict[str, str] = {}
+        self._env_before: dict[str, str] = {}
+        self._signals_sent: dict[int, set] = {}
+        self._writer = shm.ShmWriter()
+        self._atexit = _closer(weakref.ref(self))
+        atexit.register(self._atexit)
+        want_store = bool(getattr(ctx, "mpify_hosts_store", False))
+        try:
+            self.meeting = rendezvous.meet(master_addr, master_port, self.topo.world_size, node_rank, nnodes,
+                                           want_store)
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- starting ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        t0 = time.monotonic()
+        meeting = self.meeting
+        env0 = rank_env(self.topo, 0, meeting.addr, meeting.port, meeting.env)
+        self._env_before = dict(os.environ)
+        self._env_set = env0
+        os.environ.update(env0)
+        ctx_blob = serialize.dumps_launch(None, (), {}, {"ctx": self.ctx}, self._writer)
+        if self.topo.nprocs > 1:
+            mpctx = starter.context()
+            Process = starter.process_class()
+            base_env = dict(os.environ)
+            cwd, sys_path = os.getcwd(), list(sys.path)
+            for local in range(1, self.topo.nprocs):
+                rank = self.topo.global_rank(local)
+                env = dict(base_env)
+                env.update(rank_env(self.topo, local, meeting.addr, meeting.port, meeting.env))
+                spec = RankSpec(rank, local, env, cwd, sys_path, True)
+                cmd_r, cmd_w = mpctx.Pipe(duplex=False)
+                reply_r, reply_w = mpctx.Pipe(duplex=False)
+                alive_r, alive_w = mpctx.Pipe(duplex=False)
+                out_r, out_w = mpctx.Pipe(duplex=False)
+                err_r, err_w = mpctx.Pipe(duplex=False)
+                proc = Process(target=world_main, name=f"mpify-world-rank{rank}",
+                               args=(spec, ctx_blob, cmd_r, reply_w, alive_r, out_w, err_w))
+                member = _Member(rank, local, proc, cmd_w, reply_r, alive_w)
+                member.streams = {out_r: LineForwarder(rank, _CurrentStream("stdout"), True),
+                                  err_r: LineForwarder(rank, _CurrentStream("stderr"), True)}
+                member.expect.append("round")  # its start
+                self.members.append(member)
+                proc.start()
+                for end in (cmd_r, reply_w, alive_r, out_w, err_w):
+                    end.close()
+        self._supervisor = threading.Thread(target=self._supervise, name="mpify-world", daemon=True)
+        self._supervisor.start()
+        _debug("world started", [(m.rank, m.proc.pid) for m in self.members], "port", meeting.port)
+
+        def enter() -> None:
+            self._scope.enter_context(groups.launch_scope())
+            self._scope.enter_context(enter_ctx(self.ctx))
+
+        try:
+            self._run_round(list(self.members), enter, sent=True)
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt):
+                _note(exc, "mpify: the world could not start; every rank was stopped")
+            raise
+        _debug(f"world ready in {time.monotonic() - t0:.3f} s")
+
+    # ---- the public calls ------------------------------------------------------------------------
+    @property
+    def nprocs(self) -> int:
+        return self.topo.nprocs
+
+    @property
+    def world_size(self) -> int:
+        return self.topo.world_size
+
+    def run(self, fn: Callable, *args: Any, gather: bool = False, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on every rank of the world; rank 0's value (every local
+        rank's with ``gather=True``), as ``ranch`` returns it."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        self._check_open()
+        writer = shm.ShmWriter()
+        try:
+            blob = serialize.dumps_launch(fn, args, kwargs, {}, writer) if self.members else b""
+            values = self._run_round(self._live(None), lambda: _call(fn, args, kwargs),
+                                     command=lambda m: Call(blob, gather))
+        finally:
+            writer.cleanup()
+        if gather:
+            return [values.get(self.topo.global_rank(r)) for r in range(self.topo.nprocs)]
+        return values.get(self.topo.global_rank(0))
+
+    def exec(self, source: str, ranks: Iterable[int] | None = None, namespace: dict | None = None,
+             filename: str | None = None, runner: Callable[[], Any] | None = None, echo: bool = True) -> Any:
+        """Run `source` on every rank (or those in `ranks`): rank 0 in `namespace` (the caller's
+        `__main__` by default), each other rank in its own persistent namespace. Returns rank
+        0's last expression's value (None when rank 0 is not among `ranks`). The other ranks
+        print theirs (`echo`), prefixed with their rank, as a notebook would show it."""
+        self._check_open()
+        wanted = self._wanted(ranks)
+        filename = filename or f"<ranch cell {next(_cell_numbers)}>"
+        if runner is None:
+            if namespace is None:
+                import __main__
+                namespace = __main__.__dict__
+            runner = lambda: run_source(source, namespace, filename)  # noqa: E731
+        me = self.topo.global_rank(0)
+        caller_part = runner if me in wanted else None
+        values = self._run_round(self._live(wanted), caller_part, command=lambda m: Exec(source, filename, echo))
+        return values.get(me)
+
+    def push(self, **objects: Any) -> None:
+        """Bind names in every other rank's namespace; big tensors and arrays go through shared
+        memory once, not pickled for each rank. Rank 0 is the caller: bind them there yourself."""
+        self._check_open()
+        writer = shm.ShmWriter()
+        try:
+            blob = serialize.dumps_launch(None, (), {}, objects, writer)
+            self._run_round(self._live(None), None, command=lambda m: Push(blob))
+        finally:
+            writer.cleanup()
+
+    def pull(self, name: str, rank: int) -> Any:
+        """The value bound to `name` in rank `rank`'s namespace (rank 0: the caller's `__main__`)."""
+        self._check_open()
+        if rank == self.topo.global_rank(0):
+            import __main__
+            return getattr(__main__, name)
+        member = self._member(rank)
+        if member.exited:
+            self._check_open()
+        values = self._run_round([member], None, command=lambda m: Pull(name))
+        return values[rank]
+
+    def status(self) -> list[dict]:
+        """Per rank: pid, alive, device, resident memory (and CUDA memory where used)."""
+        self._check_open()
+        rows = {self.topo.global_rank(0): dict(memory_status(), rank=self.topo.global_rank(0), alive=True)}
+        live = self._live(None)
+        values = self._run_round(live, None, command=lambda m: Status()) if live else {}
+        for m in self.members:
+            row = dict(values.get(m.rank) or {"pid": m.proc.pid}, rank=m.rank, alive=not m.exited)
+            rows[m.rank] = row
+        return [rows[r] for r in sorted(rows)]
+
+    def __enter__(self) -> "World":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._live(None)) + 1} live ranks"
+        return f"<mpify.World of {self.topo.world_size} ({state})>"
+
+    # ---- rounds ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            self.close()  # a rank died between rounds: finish closing in the caller's thread
+            raise WorldClosedError("this world is closed" + (f" ({self.lost_reason})" if self.lost_reason else "")
+                                   + "; start a new one") from self.lost_reason
+
+    def _wanted(self, ranks: Iterable[int] | None) -> set[int]:
+        everyone = {self.topo.global_rank(r) for r in range(self.topo.nprocs)}
+        if ranks is None:
+            return everyone
+        if isinstance(ranks, int) and not isinstance(ranks, bool):
+            ranks = [ranks]
+        wanted = set(ranks)
+        unknown = wanted - everyone
+        if unknown:
+            raise ValueError(f"no rank {sorted(unknown)} in this world (ranks {min(everyone)}..{max(everyone)})")
+        return wanted
+
+    def _live(self, wanted: set[int] | None) -> list[_Member]:
+        return [m for m in self.members if not m.exited and (wanted is None or m.rank in wanted)]
+
+    def _member(self, rank: int) -> _Member:
+        for m in self.members:
+            if m.rank == rank:
+                return m
+        raise ValueError(f"no rank {rank} in this world")
+
+    def _run_round(self, members: list[_Member], caller_part: Callable[[], Any] | None,
+                   command: Callable[[_Member], Any] | None = None, sent: bool = False) -> dict[int, Any]:
+        """Send `command` to `members`, run `caller_part` as rank 0 meanwhile, wait for every reply;
+        stop the round on the first failure or an interrupt; return each rank's value."""
+        if not self._round_lock.acquire(blocking=False):
+            from mpify.engine.errors import LaunchBusyError
+            raise LaunchBusyError("this world is already running a round (from another thread); wait for it")
+        try:
+            with InterruptGuard() as guard:
+                rnd = _Round(members, caller_part is not None, guard)
+                rnd.starting = sent
+                self._round = rnd
+                self._wake()
+                try:
+                    if not sent:
+                        for m in members:
+                            self._send(m, command(m), "round", rnd)
+                    caller_value = None
+                    if caller_part is not None:
+                        with _gated(LineGate(sys.stdout), LineGate(sys.stderr), True):
+                            caller_value = self._run_caller(rnd, caller_part)
+                    self._wait(rnd)
+                finally:
+                    self._round = None
+                    self._sync()  # the supervisor stops watching the guard's pipe before it closes
+            return self._outcome(rnd, caller_value)
+        finally:
+            self._round = None
+            self._round_lock.release()
+
+    def _send(self, member: _Member, message: Any, kind: str, rnd: _Round | None) -> None:
+        with self._members_lock:
+            member.expect.append(kind)
+        try:
+            member.cmd_w.send_bytes(serialize.dumps(message))
+        except (OSError, ValueError):  # it died: the supervisor reports it
+            with self._members_lock:
+                if member.expect and member.expect[-1] == kind:
+                    member.expect.pop()
+            if rnd is not None and kind == "round":
+                with rnd.cond:
+                    rnd.waiting.discard(member.rank)
+                    rnd.cond.notify_all()
+
+    def _run_caller(self, rnd: _Round, part: Callable[[], Any]) -> Any:
+        me = self.topo.global_rank(0)
+        value = None
+        _in_fn.set()
+        try:
+            value = part()
+        except RankAborted:
+            pass
+        except KeyboardInterrupt:
+            rnd.guard.interrupted.set()
+            self._begin_stop(rnd, "interrupt")
+        except BaseException as exc:
+            stamp_failure(exc)
+            self._record(rnd, Failure(me, stamp_failure(exc), exc))
+        finally:
+            _in_fn.clear()
+            with rnd.cond:
+                rnd.caller_busy = False
+                rnd.cond.notify_all()
+        return value
+
+    def _wait(self, rnd: _Round) -> None:
+        while True:
+            try:
+                with rnd.cond:
+                    rnd.cond.wait_for(lambda: rnd.settled() or self.closed and not rnd.waiting)
+                if rnd.stopper is not None:
+                    rnd.stopper.join()
+                return
+            except KeyboardInterrupt:
+                rnd.guard.interrupted.set()
+                self._begin_stop(rnd, "interrupt")
+
+    def _record(self, rnd: _Round, failure: Failure) -> None:
+        _debug("world: failure of rank", failure.rank, type(failure.error).__name__)
+        with rnd.cond:
+            rnd.failures.append(failure)
+        if failure.when < rnd.stop_time:
+            self._begin_stop(rnd, "failure")
+
+    def _begin_stop(self, rnd: _Round, reason: str) -> None:
+        with rnd.cond:
+            if rnd.stop_reason is not None or rnd.settled():
+                return
+            rnd.stop_reason = reason
+            rnd.stop_time = time.monotonic()
+        _debug("world: stopping the round:", reason)
+        # The caller's rank is aborted unless this is an interrupt (its SIGINT handler raises
+        # KeyboardInterrupt already) or the caller's own rank failed and called us (it is
+        # unwinding already).
+        abort = reason != "interrupt" and threading.get_ident() != rnd.guard.thread_id
+        rnd.stopper = threading.Thread(target=self._stop, args=(rnd, reason, abort), name="mpify-world-stopper",
+                                       daemon=True)
+        rnd.stopper.start()
+
+    def _stop(self, rnd: _Round, reason: str, abort: bool) -> None:
+        """The ladder: ask, break, kill (see the module's docstring)."""
+        if rnd.starting:
+            # A rank blocked in init_process_group waits in a C++ polling loop on the store,
+            # where no signal reaches; closing the store makes it fail at once.
+            self.meeting.close()
+        with rnd.cond:
+            busy = [rnd.members[r] for r in rnd.waiting]
+        for m in busy:
+            self._signal(m, signal.SIGINT)
+        if abort and rnd.caller_busy:
+            rnd.guard.abort_caller_rank()
+        with rnd.cond:
+            if rnd.cond.wait_for(rnd.settled, ASK_GRACE):
+                return
+        # Still busy: stuck in C++. Those that are back let go of their groups.
+        broken: set[int] = set()
+        me = self.topo.global_rank(0)
+        deadline = time.monotonic() + BREAK_GRACE
+        while time.monotonic() < deadline:
+            with rnd.cond:
+                if rnd.settled():
+                    return
+                caller_idle = not rnd.caller_busy
+                stuck = set(rnd.waiting)
+            for m in self._live(None):
+                if m.rank not in stuck and m.rank not in broken:
+                    broken.add(m.rank)
+                    self._send(m, ResetGroup(rebuild=False), "reset", None)
+            if caller_idle and me not in broken:
+                broken.add(me)
+                try:
+                    destroy_groups()
+                except Exception as exc:  # a half-broken group: its peers still see it close
+                    _debug("world: destroying rank 0's group:", exc)
+            if broken:
+                rnd.broke = True
+            with rnd.cond:
+                rnd.cond.wait_for(rnd.settled, 0.1)
+        with rnd.cond:
+            stuck = [rnd.members[r] for r in rnd.waiting]
+        if stuck:
+            rnd.killed = [m.rank for m in stuck]
+            _debug("world: ranks still stuck, killed:", rnd.killed)
+            for m in stuck:
+                self._signals_sent.setdefault(m.proc.pid, set()).add(signal.SIGKILL)
+            teardown.stop_ranks([m.proc.pid for m in stuck], first=signal.SIGKILL, sent=self._signals_sent)
+
+    def _signal(self, member: _Member, sig: int) -> None:
+        try:
+            os.kill(member.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _outcome(self, rnd: _Round, caller_value: Any) -> dict[int, Any]:
+        notes = []
+        if rnd.killed or self.lost_reason is not None:
+            cause = self.lost_reason
+            self.close()
+            lost = ", ".join(str(m.rank) for m in self.members)
+            if rnd.killed:
+                notes.append(f"mpify: rank(s) {', '.join(map(str, rnd.killed))} stayed stuck and were killed; "
+                             f"the world is closed: the namespaces of ranks {lost} are lost, rank 0's (this "
+                             "process's) is untouched; start a new world")
+            else:
+                notes.append(f"mpify: {cause}; the world is closed: the namespaces of ranks {lost} are lost, "
+                             "rank 0's (this process's) is untouched; start a new world")
+        elif rnd.broke:
+            notes.append(self._rebuild())
+        causes = sorted((f for f in rnd.failures if f.when <= rnd.stop_time), key=lambda f: f.when)
+        if rnd.guard.interrupted.is_set():
+            exc: BaseException = KeyboardInterrupt()
+        elif causes:
+            first = causes[0]
+            exc = first.error
+            _annotate(exc, first.rank, self.topo.world_size, sorted({f.rank for f in causes}))
+        elif notes and (rnd.killed or self.lost_reason is not None):
+            exc = self.lost_reason if isinstance(self.lost_reason, BaseException) else WorldClosedError(notes[0])
+        else:
+            values = {self.topo.global_rank(0): caller_value}
+            for rank, reply in rnd.replies.items():
+                values[rank] = serialize.loads(reply.blob) if reply.blob is not None else None
+            return values
+        for note in notes:
+            _note(exc, note)
+        raise exc
+
+    def _rebuild(self) -> str:
+        """Leave and enter the world's ctx in every rank (a new group); say what that means."""
+        _debug("world: rebuilding the process group")
+        live = self._live(None)
+        rnd = _Round(live, True, None)
+        for m in live:
+            self._send(m, ResetGroup(rebuild=True), "round", rnd)
+        self._round = rnd
+        failure = None
+        try:
+            scope, self._scope = self._scope, ExitStack()
+            try:
+                scope.close()
+            except Exception as exc:
+                _debug("world: leaving rank 0's ctx:", exc)
+            destroy_groups()
+            self._scope.enter_context(groups.launch_scope())
+            self._scope.enter_context(enter_ctx(self.ctx))
+        except BaseException as exc:
+            failure = exc
+        finally:
+            with rnd.cond:
+                rnd.caller_busy = False
+                rnd.cond.notify_all()
+        with rnd.cond:
+            rnd.cond.wait_for(lambda: not rnd.waiting or self.closed, START_TIMEOUT)
+        self._round = None
+        failed = [r for r in rnd.replies.values() if isinstance(r, Failed)]
+        if failure is None and not failed and not self.closed:
+            return ("mpify: ranks were stuck in a collective; the world's process groups were destroyed to free "
+                    "them and rebuilt: every rank's namespace is kept, but a DDP model wrapped before must be "
+                    "wrapped again")
+        why = failure or (failed[0].rebuild() if failed else self.lost_reason)
+        self.close()
+        return (f"mpify: the world's process group could not be rebuilt after freeing stuck ranks ({why!r}); "
+                "the world is closed: the other ranks' namespaces are lost, rank 0's is untouched")
+
+    # ---- the supervisor thread -------------------------------------------------------------------
+    def _wake(self, what: bytes = b"x") -> None:
+        try:
+            os.write(self._control_w, what)
+        except OSError:
+            pass
+
+    def _sync(self) -> None:
+        """Return once the supervisor has seen the current `_round` (it rebuilds its table)."""
+        if self._supervisor is None or not self._supervisor.is_alive():
+            return
+        self._synced.clear()
+        self._wake(b"s")
+        self._synced.wait(5.0)
+
+    def _supervise(self) -> None:
+        try:
+            while not self._supervise_once():
+                pass
+        except BaseException as exc:  # a bug here must not leave the caller waiting forever
+            self.lost_reason = MpifyError(f"mpify's world supervisor failed: {exc!r}")
+            self._lose_all()
+            raise
+
+    def _supervise_once(self) -> bool:
+        table: dict = {self._control_r: self._on_control}
+        rnd = self._round
+        if rnd is not None and rnd.guard is not None and rnd.guard.main:
+            table[rnd.guard.wakeup_r] = lambda: self._on_wakeup(rnd)
+        for m in self.members:
+            for conn in m.streams:
+                table[conn] = lambda m=m, conn=conn: self._on_output(m, conn)
+            if not m.reply_r.closed:
+                table[m.reply_r] = lambda m=m: self._on_reply(m)
+            if not m.exited:
+                table[m.proc.sentinel] = lambda m=m: self._on_exit(m)
+        ready = mpc.wait(list(table), None)
+        # Output first: a rank writes its output before its reply, so the cell gets every line
+        # before the round ends.
+        ready.sort(key=lambda obj: 0 if any(obj in m.streams for m in self.members) else 1)
+        stop = False
+        for obj in ready:
+            if table[obj]() is True:
+                stop = True
+        return stop
+
+    def _on_control(self) -> bool:
+        data = os.read(self._control_r, 512)
+        if b"s" in data:
+            self._synced.set()
+        return b"q" in data
+
+    def _on_wakeup(self, rnd: _Round) -> None:
+        try:
+            interrupted = rnd is self._round and rnd.guard.read_wakeup()
+        except OSError:  # the round ended and its guard closed the pipe meanwhile
+            return
+        if interrupted:
+            self._begin_stop(rnd, "interrupt")
+
+    def _on_output(self, member: _Member, conn) -> None:
+        try:
+            data = os.read(conn.fileno(), 65536)
+        except OSError:
+            data = b""
+        fwd = member.streams[conn]
+        if data:
+            fwd.feed(data)
+        else:
+            fwd.close()
+            del member.streams[conn]
+            conn.close()
+
+    def _on_reply(self, member: _Member) -> None:
+        try:
+            message = serialize.loads(member.reply_r.recv_bytes())
+        except (EOFError, OSError):
+            member.reply_r.close()
+            return
+        with self._members_lock:
+            kind = member.expect.popleft() if member.expect else "stray"
+        _debug("world: reply from rank", member.rank, kind, type(message).__name__)
+        rnd = self._round
+        if kind != "round" or rnd is None or member.rank not in rnd.members:
+            if isinstance(message, Failed):
+                _debug("world: rank", member.rank, kind, "failed:", message.text)
+            return
+        with rnd.cond:
+            rnd.replies[member.rank] = message
+            rnd.waiting.discard(member.rank)
+            rnd.cond.notify_all()
+        if isinstance(message, Failed):
+            self._record(rnd, Failure(member.rank, message.when, message.rebuild()))
+
+    def _on_exit(self, member: _Member) -> None:
+        member.proc.join(1.0)  # only this thread reads exit codes (see teardown.rank_alive)
+        code = member.proc.exitcode if member.proc.exitcode is not None else -signal.SIGKILL
+        member.exited = True
+        _debug("world: rank", member.rank, "exited with", code)
+        if self.closed:
+            self._notify_round(member)
+            return
+        ours = code < 0 and -code in self._signals_sent.get(member.proc.pid, ())
+        death = RankDiedError(member.rank, code)
+        rnd = self._round
+        if not ours:
+            self.lost_reason = death
+            if rnd is not None and rnd.guard is not None:
+                self._record(rnd, Failure(member.rank, time.monotonic() - 0.5, death))
+            else:  # between rounds: say so where the user looks now
+                _CurrentStream("stderr").write(f"mpify: {death}; the world is closed (ranks' namespaces lost); "
+                                               "start a new one\n")
+            threading.Thread(target=self._lose_all, name="mpify-world-closer", daemon=True).start()
+        self._notify_round(member)
+
+    def _notify_round(self, member: _Member) -> None:
+        rnd = self._round
+        if rnd is not None:
+            with rnd.cond:
+                rnd.waiting.discard(member.rank)
+                rnd.cond.notify_all()
+
+    def _lose_all(self) -> None:
+        """A rank died: stop every other rank (the world cannot go on without it). The store
+        goes first: a caller blocked in init_process_group on the dead rank fails at once."""
+        self.meeting.close()
+        pids = [m.proc.pid for m in self.members if not m.exited]
+        for pid in pids:
+            self._signals_sent.setdefault(pid, set()).update((signal.SIGTERM, signal.SIGKILL))
+        teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
+        self.closed = True
+        rnd = self._round
+        if rnd is not None:
+            with rnd.cond:
+                rnd.cond.notify_all()
+
+    # ---- closing ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Leave ctx in every rank, stop every process the world started, put the caller's
+        environment back. Idempotent; also run at interpreter exit."""
+        if getattr(self, "_closed_fully", False):
+            return
+        self._closed_fully = True
+        self.closed = True
+        atexit.unregister(self._atexit)
+        for m in self.members:
+            if not m.exited:
+                self._send(m, Close(), "close", None)
+        try:
+            self._scope.close()  # the caller's rank leaves ctx meanwhile
+        except Exception as exc:  # a group already broken: nothing else to do with it
+            _debug("world: leaving rank 0's ctx:", exc)
+        deadline = time.monotonic() + EXIT_GRACE
+        while time.monotonic() < deadline and any(not m.exited and teardown.rank_alive(m.proc.pid)
+                                                  for m in self.members):
+            time.sleep(0.01)
+        pids = [m.proc.pid for m in self.members if m.proc.pid is not None]
+        teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
+        teardown.sweep_groups(pids)
+        for m in self.members:
+            m.alive_w.close()
+            m.cmd_w.close()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            os.write(self._control_w, b"q")
+            self._supervisor.join(EXIT_GRACE)
+        for m in self.members:
+            for conn, fwd in list(m.streams.items()):
+                fwd.close()
+                conn.close()
+            m.streams.clear()
+            m.reply_r.close()
+            if m.proc.pid is not None:
+                m.proc.join(0.1)
+                if m.proc.exitcode is not None:
+                    m.proc.close()
+        for fd in (self._control_r, self._control_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._writer.cleanup()
+        if getattr(self, "meeting", None) is not None:
+            self.meeting.close()
+        # The rank environment goes; what the user changed meanwhile stays.
+        for key, value in self._env_set.items():
+            if os.environ.get(key) == value:
+                if key in self._env_before:
+                    os.environ[key] = self._env_before[key]
+                else:
+                    del os.environ[key]
+        _debug("world closed")
+
+
+def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    from mpify.engine.child import run_coroutine
+
+    value = fn(*args, **kwargs)
+    if hasattr(value, "__await__") and hasattr(value, "send"):
+        value = run_coroutine(value)
+    return value
+
+
+def _note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
+def _closer(ref: "weakref.ref[World]") -> Callable[[], None]:
+    def close() -> None:
+        world = ref()
+        if world is not None:
+            world.close()
+    return close
+
+
+def _counter():
+    n = 0
+    while True:
+        n += 1
+        yield n
+
+
+_cell_numbers = _counter()
