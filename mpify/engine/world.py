@@ -47,12 +47,13 @@ import multiprocess.connection as mpc
 from mpify.engine import groups, rendezvous, serialize, shm, starter, teardown
 from mpify.engine.child import RankSpec, _in_fn, enter_ctx, stamp_failure
 from mpify.engine.debug import debug as _debug
-from mpify.engine.env import Topology, rank_env
+from mpify.engine.env import LAUNCH_PORT_VAR, Topology, rank_env
 from mpify.engine.errors import MpifyError, RankDiedError
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.launch import Failure, _annotate, _check_int, _gated
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
 from mpify.engine.output import LineForwarder, LineGate
+from mpify.engine.unstick import break_pairs
 from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
 
 ASK_GRACE = 1.0  # seconds for busy ranks to return to Python after SIGINT / RankAborted
@@ -103,6 +104,7 @@ class _Member:
     proc: Any
     cmd_w: Any
     reply_r: Any
+    break_w: Any  # to the rank's breaker thread (see unstick.py)
     alive_w: Any
     streams: dict = field(default_factory=dict)  # output pipe -> LineForwarder
     expect: deque = field(default_factory=deque)  # "round" or "reset", one per reply still owed
@@ -203,18 +205,19 @@ class World:
                 spec = RankSpec(rank, local, env, cwd, sys_path, True)
                 cmd_r, cmd_w = mpctx.Pipe(duplex=False)
                 reply_r, reply_w = mpctx.Pipe(duplex=False)
+                break_r, break_w = mpctx.Pipe(duplex=False)
                 alive_r, alive_w = mpctx.Pipe(duplex=False)
                 out_r, out_w = mpctx.Pipe(duplex=False)
                 err_r, err_w = mpctx.Pipe(duplex=False)
                 proc = Process(target=world_main, name=f"mpify-world-rank{rank}",
-                               args=(spec, ctx_blob, cmd_r, reply_w, alive_r, out_w, err_w))
-                member = _Member(rank, local, proc, cmd_w, reply_r, alive_w)
+                               args=(spec, ctx_blob, cmd_r, reply_w, break_r, alive_r, out_w, err_w))
+                member = _Member(rank, local, proc, cmd_w, reply_r, break_w, alive_w)
                 member.streams = {out_r: LineForwarder(rank, _CurrentStream("stdout"), True),
                                   err_r: LineForwarder(rank, _CurrentStream("stderr"), True)}
                 member.expect.append("round")  # its start
                 self.members.append(member)
                 proc.start()
-                for end in (cmd_r, reply_w, alive_r, out_w, err_w):
+                for end in (cmd_r, reply_w, break_r, alive_r, out_w, err_w):
                     end.close()
         self._supervisor = threading.Thread(target=self._supervise, name="mpify-world", daemon=True)
         self._supervisor.start()
@@ -463,30 +466,26 @@ class World:
         with rnd.cond:
             if rnd.cond.wait_for(rnd.settled, ASK_GRACE):
                 return
-        # Still busy: stuck in C++. Those that are back let go of their groups.
-        broken: set[int] = set()
-        me = self.topo.global_rank(0)
-        deadline = time.monotonic() + BREAK_GRACE
-        while time.monotonic() < deadline:
-            with rnd.cond:
-                if rnd.settled():
-                    return
-                caller_idle = not rnd.caller_busy
-                stuck = set(rnd.waiting)
-            for m in self._live(None):
-                if m.rank not in stuck and m.rank not in broken:
-                    broken.add(m.rank)
-                    self._send(m, ResetGroup(rebuild=False), "reset", None)
-            if caller_idle and me not in broken:
-                broken.add(me)
-                try:
-                    destroy_groups()
-                except Exception as exc:  # a half-broken group: its peers still see it close
-                    _debug("world: destroying rank 0's group:", exc)
-            if broken:
-                rnd.broke = True
-            with rnd.cond:
-                rnd.cond.wait_for(rnd.settled, 0.1)
+        # Still busy: stuck in C++, almost always in a collective. Each stuck rank shuts down its
+        # own connections to the others, from a thread of its own (unstick.py).
+        with rnd.cond:
+            stuck_children = [rnd.members[r] for r in rnd.waiting]
+            caller_stuck = rnd.caller_busy
+        request = serialize.dumps((self._pids(), self.meeting.port))
+        for m in stuck_children:
+            try:
+                m.break_w.send_bytes(request)
+            except (OSError, ValueError):  # it died meanwhile: the supervisor reports it
+                pass
+        if caller_stuck:
+            try:
+                break_pairs(self._pids(), self.meeting.port)
+            except Exception as exc:
+                _debug("world: freeing rank 0:", exc)
+        rnd.broke = True
+        with rnd.cond:
+            if rnd.cond.wait_for(rnd.settled, BREAK_GRACE):
+                return
         with rnd.cond:
             stuck = [rnd.members[r] for r in rnd.waiting]
         if stuck:
@@ -495,6 +494,9 @@ class World:
             for m in stuck:
                 self._signals_sent.setdefault(m.proc.pid, set()).add(signal.SIGKILL)
             teardown.stop_ranks([m.proc.pid for m in stuck], first=signal.SIGKILL, sent=self._signals_sent)
+
+    def _pids(self) -> list[int]:
+        return [os.getpid()] + [m.proc.pid for m in self.members if not m.exited]
 
     def _signal(self, member: _Member, sig: int) -> None:
         try:
@@ -538,11 +540,21 @@ class World:
     def _rebuild(self) -> str:
         """Leave and enter the world's ctx in every rank (a new group); say what that means."""
         _debug("world: rebuilding the process group")
+        if self.topo.nnodes > 1:
+            self.close()
+            return ("mpify: ranks were stuck in a collective and their connections were shut down to free them; "
+                    "a multi-node world cannot rebuild its group, so it is closed: the other ranks' namespaces "
+                    "are lost, rank 0's is untouched")
+        old = self.meeting
+        self.meeting = rendezvous.meet(old.addr, None, self.topo.world_size, 0, 1, True)
+        env = {"MASTER_PORT": str(self.meeting.port), LAUNCH_PORT_VAR: str(self.meeting.port)}
+        old.close()
+        self._env_set.update(env)
         live = self._live(None)
         rnd = _Round(live, True, None)
-        for m in live:
-            self._send(m, ResetGroup(rebuild=True), "round", rnd)
         self._round = rnd
+        for m in live:
+            self._send(m, ResetGroup(rebuild=True, env=env), "round", rnd)
         failure = None
         try:
             scope, self._scope = self._scope, ExitStack()
@@ -551,6 +563,7 @@ class World:
             except Exception as exc:
                 _debug("world: leaving rank 0's ctx:", exc)
             destroy_groups()
+            os.environ.update(env)  # after ctx's exit, which puts back the environment it found
             self._scope.enter_context(groups.launch_scope())
             self._scope.enter_context(enter_ctx(self.ctx))
         except BaseException as exc:
@@ -564,9 +577,9 @@ class World:
         self._round = None
         failed = [r for r in rnd.replies.values() if isinstance(r, Failed)]
         if failure is None and not failed and not self.closed:
-            return ("mpify: ranks were stuck in a collective; the world's process groups were destroyed to free "
-                    "them and rebuilt: every rank's namespace is kept, but a DDP model wrapped before must be "
-                    "wrapped again")
+            return ("mpify: ranks were stuck in a collective; their connections were shut down to free them and "
+                    "the world's process group was rebuilt: every rank's namespace is kept, but a DDP model "
+                    "wrapped before must be wrapped again")
         why = failure or (failed[0].rebuild() if failed else self.lost_reason)
         self.close()
         return (f"mpify: the world's process group could not be rebuilt after freeing stuck ranks ({why!r}); "
@@ -734,6 +747,7 @@ class World:
         for m in self.members:
             m.alive_w.close()
             m.cmd_w.close()
+            m.break_w.close()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             os.write(self._control_w, b"q")
             self._supervisor.join(EXIT_GRACE)

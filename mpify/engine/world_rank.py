@@ -30,6 +30,7 @@ from typing import Any
 
 from mpify.engine import groups, serialize
 from mpify.engine.child import RankSpec, become_rank, enter_ctx, run_coroutine, stamp_failure
+from mpify.engine.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
 
 # Set while user code runs in this rank: only then does SIGINT raise KeyboardInterrupt.
@@ -146,6 +147,7 @@ class _Rank:
             self.leave()
             destroy_groups()  # one the user made in a cell, if ctx did not
             gc.collect()
+            os.environ.update(msg.env or {})
             self.enter()
         else:
             destroy_groups()
@@ -163,10 +165,25 @@ class _Rank:
             self.reply(self.user_code(handlers[type(msg)], msg))
 
 
-def world_main(spec: RankSpec, ctx_blob: bytes, cmd_r, reply_w, alive_r, out_w, err_w) -> None:
+def _breaker(break_r) -> None:
+    """The caller asks here, when this rank's main thread is stuck in a collective, for its
+    connections to the other ranks to be shut down (see unstick.py)."""
+    while True:
+        try:
+            pids, store_port = serialize.loads(break_r.recv_bytes())
+        except (EOFError, OSError):
+            return
+        try:
+            break_pairs(pids, store_port)
+        except Exception as exc:  # nothing to free, or psutil cannot see: the caller escalates
+            print(f"mpify: could not free this rank: {exc!r}", file=sys.stderr)
+
+
+def world_main(spec: RankSpec, ctx_blob: bytes, cmd_r, reply_w, break_r, alive_r, out_w, err_w) -> None:
     """Entry point of a world's child rank (the target of its multiprocess.Process)."""
     become_rank(spec, alive_r, out_w, err_w)
     signal.signal(signal.SIGINT, _on_sigint)
+    threading.Thread(target=_breaker, args=(break_r,), name="mpify-breaker", daemon=True).start()
     rank = _Rank(spec, None, reply_w)
 
     def start() -> None:
