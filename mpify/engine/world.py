@@ -249,6 +249,7 @@ class World:
         rank's with ``gather=True``), as ``ranch`` returns it."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
         self._check_open()
         writer = shm.ShmWriter()
         try:
@@ -277,6 +278,7 @@ class World:
             runner = lambda: run_source(source, namespace, filename)  # noqa: E731
         me = self.topo.global_rank(0)
         caller_part = runner if me in wanted else None
+        __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
         values = self._run_round(self._live(wanted), caller_part, command=lambda m: Exec(source, filename, echo))
         return values.get(me)
 
@@ -356,6 +358,7 @@ class World:
                    command: Callable[[_Member], Any] | None = None, sent: bool = False) -> dict[int, Any]:
         """Send `command` to `members`, run `caller_part` as rank 0 meanwhile, wait for every reply;
         stop the round on the first failure or an interrupt; return each rank's value."""
+        __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
         if not self._round_lock.acquire(blocking=False):
             from mpify.engine.errors import LaunchBusyError
             raise LaunchBusyError("this world is already running a round (from another thread); wait for it")
@@ -505,6 +508,7 @@ class World:
             pass
 
     def _outcome(self, rnd: _Round, caller_value: Any) -> dict[int, Any]:
+        __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
         notes = []
         if rnd.killed or self.lost_reason is not None:
             cause = self.lost_reason
