@@ -196,6 +196,18 @@ def test_interrupt_frees_rank_0_stuck_alone_in_a_collective(world):
     check_world(kc, pids)
 
 
+def test_interrupt_frees_a_plain_cell_stuck_alone_in_a_collective(world):
+    km, kc, pids = world
+    cell = interrupted_cell(km, kc, "print('GO', flush=True)\nx = torch.ones(1); dist.all_reduce(x)", "GO")
+    assert cell.status == "error" and cell.errors[0]["ename"] == "KeyboardInterrupt"
+    assert cell.took < 8, f"took {cell.took:.1f} s"
+    assert "will be rebuilt at the next %%ranch cell" in cell.stderr
+    check_world(kc, pids)
+    # the kernel's own interrupt handling is intact: a plain busy cell is interrupted as usual
+    plain = interrupted_cell(km, kc, "print('GO', flush=True)\nwhile True:\n    pass", "GO")
+    assert plain.status == "error" and plain.errors[0]["ename"] == "KeyboardInterrupt" and plain.took < 3
+
+
 def test_interrupt_frees_a_child_stuck_alone_in_a_collective(world):
     km, kc, pids = world
     cell = interrupted_cell(km, kc, "%%ranch --ranks 2\nprint('GO', flush=True)\n"

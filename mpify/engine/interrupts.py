@@ -84,3 +84,56 @@ class InterruptGuard:
         else:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id),
                                                        ctypes.py_object(RankAborted))
+
+
+class WakeupRelay:
+    """For a live world's whole life: Ctrl-C seen while the caller's main thread is stuck in C++
+    outside any round (a plain notebook cell calling a collective on rank 0 alone).
+
+    Python allows one wakeup fd per process; asyncio (a Jupyter kernel's loop) may hold it
+    already. The relay takes it and passes every byte on to the one it replaced, so whoever was
+    listening still hears every signal. A round's InterruptGuard sets its own on top and puts
+    the relay's back when it ends. Main thread only (Python's rule for set_wakeup_fd)."""
+
+    def __init__(self):
+        self.read_fd = self._write_fd = -1
+        self._previous = -1
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._previous = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self.installed = True
+
+    def read(self) -> bool:
+        """Drain the pipe, pass the bytes on; True if a SIGINT was among them."""
+        try:
+            data = os.read(self.read_fd, 512)
+        except (BlockingIOError, OSError):
+            return False
+        if self._previous != -1:
+            try:
+                os.write(self._previous, data)
+            except OSError:  # its owner closed it or it is full: the signal was seen anyway
+                pass
+        return signal.SIGINT in data
+
+    def uninstall(self) -> None:
+        """Put the replaced wakeup fd back (if ours is still the one set, and from the main thread)."""
+        if not self.installed:
+            return
+        self.installed = False
+        if threading.current_thread() is threading.main_thread():
+            current = signal.set_wakeup_fd(self._previous, warn_on_full_buffer=False)
+            if current != self._write_fd:  # somebody replaced ours meanwhile: theirs stays
+                signal.set_wakeup_fd(current, warn_on_full_buffer=False)
+        # From another thread (atexit runs on the main thread; a close from elsewhere is rare)
+        # the fd stays set: its pipe is kept open below so a signal never writes to a stale fd.
+        else:
+            return
+        for fd in (self.read_fd, self._write_fd):
+            os.close(fd)

@@ -49,7 +49,7 @@ from mpify.engine.child import RankSpec, _in_fn, enter_ctx, stamp_failure
 from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, Topology, rank_env
 from mpify.engine.errors import MpifyError, RankDiedError
-from mpify.engine.interrupts import InterruptGuard, RankAborted
+from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.launch import Failure, _annotate, _check_int, _gated
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
 from mpify.engine.output import LineForwarder, LineGate
@@ -168,6 +168,9 @@ class World:
         self._control_r, self._control_w = os.pipe()
         self._supervisor: threading.Thread | None = None
         self._synced = threading.Event()
+        self._relay = WakeupRelay()
+        self._freeing: threading.Thread | None = None
+        self.broken = False  # rank 0 was freed from a collective outside a round: rebuild first
         self._scope = ExitStack()  # the caller's rank: launch_scope + ctx
         self._env_set: dict[str, str] = {}
         self._env_before: dict[str, str] = {}
@@ -219,8 +222,7 @@ class World:
                 proc.start()
                 for end in (cmd_r, reply_w, break_r, alive_r, out_w, err_w):
                     end.close()
-        self._supervisor = threading.Thread(target=self._supervise, name="mpify-world", daemon=True)
-        self._supervisor.start()
+        self._relay.install()
         _debug("world started", [(m.rank, m.proc.pid) for m in self.members], "port", meeting.port)
 
         def enter() -> None:
@@ -363,10 +365,20 @@ class World:
             from mpify.engine.errors import LaunchBusyError
             raise LaunchBusyError("this world is already running a round (from another thread); wait for it")
         try:
+            if self.broken and not sent:
+                self.broken = False
+                note = self._rebuild()
+                if self.closed:
+                    raise WorldClosedError(note)
+                print(note, file=sys.stderr)
             with InterruptGuard() as guard:
                 rnd = _Round(members, caller_part is not None, guard)
                 rnd.starting = sent
                 self._round = rnd
+                if self._supervisor is None:
+                    # Started once the start round is in place: replies to it may come at once.
+                    self._supervisor = threading.Thread(target=self._supervise, name="mpify-world", daemon=True)
+                    self._supervisor.start()
                 self._wake()
                 try:
                     if not sent:
@@ -618,6 +630,8 @@ class World:
         rnd = self._round
         if rnd is not None and rnd.guard is not None and rnd.guard.main:
             table[rnd.guard.wakeup_r] = lambda: self._on_wakeup(rnd)
+        if self._relay.installed:
+            table[self._relay.read_fd] = self._on_idle_sigint
         for m in self.members:
             for conn in m.streams:
                 table[conn] = lambda m=m, conn=conn: self._on_output(m, conn)
@@ -648,6 +662,36 @@ class World:
             return
         if interrupted:
             self._begin_stop(rnd, "interrupt")
+
+    def _on_idle_sigint(self) -> None:
+        """Ctrl-C outside a round: if the caller's main thread stays inside torch.distributed,
+        it is stuck in a collective the other ranks never joined; free it."""
+        if self._relay.read() and self._round is None and (self._freeing is None or not self._freeing.is_alive()):
+            self._freeing = threading.Thread(target=self._free_caller, name="mpify-world-freer", daemon=True)
+            self._freeing.start()
+
+    def _free_caller(self) -> None:
+        main = threading.main_thread().ident
+        time.sleep(ASK_GRACE)  # back in Python by now, unless stuck in C++
+        frame = sys._current_frames().get(main)
+        inside = []
+        while frame is not None:
+            inside.append(frame.f_code.co_filename)
+            frame = frame.f_back
+        if self._round is not None or self.closed or not any(
+                os.sep.join(("torch", "distributed")) in name for name in inside):
+            return
+        _debug("world: rank 0 stuck in torch.distributed outside a round: freeing it")
+        try:
+            break_pairs(self._pids(), self.meeting.port)
+        except Exception as exc:
+            _debug("world: freeing rank 0:", exc)
+            return
+        self.broken = True
+        _CurrentStream("stderr").write(
+            "mpify: rank 0 was stuck in a collective the other ranks never joined; its connections were shut "
+            "down to free it, and the world's process group will be rebuilt at the next %%ranch cell "
+            "(namespaces kept; a DDP model wrapped before must be wrapped again)\n")
 
     def _on_output(self, member: _Member, conn) -> None:
         try:
@@ -765,6 +809,7 @@ class World:
                 m.proc.join(0.1)
                 if m.proc.exitcode is not None:
                     m.proc.close()
+        self._relay.uninstall()
         for fd in (self._control_r, self._control_w):
             try:
                 os.close(fd)

@@ -78,6 +78,19 @@ def memory_status() -> dict:
     return info
 
 
+_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _from_user_code(exc: BaseException) -> BaseException:
+    """The traceback from the first frame that is not the engine's: a cell's error shows the
+    cell's lines, as the notebook shows rank 0's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and \
+            os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _ENGINE_DIR:
+        tb = tb.tb_next
+    return exc.with_traceback(tb)
+
+
 class _Rank:
     def __init__(self, spec: RankSpec, ctx: Any, reply_w):
         self.spec = spec
@@ -107,7 +120,7 @@ class _Rank:
             return Done(self.spec.rank, time.monotonic(), value)
         except BaseException as exc:  # KeyboardInterrupt and SystemExit are a cell's outcome too
             _busy.clear()
-            return Failed.of(self.spec.rank, exc, stamp_failure(exc))
+            return Failed.of(self.spec.rank, _from_user_code(exc), stamp_failure(exc))
 
     def enter(self) -> None:
         # groups.launch_scope outermost, as in a launch: the groups created in the world's life
