@@ -91,3 +91,20 @@ def test_slice_notebook_accepts_path_and_notebook(tmp_path):
     assert d["target"] == "f" and d["target_kind"] == "function" and d["cells_used"] == [1]
     assert [it["lineno"] for it in d["items"]] == [1, 2]
     json.dumps(d)
+
+
+def test_ranch_cells_are_read_as_rank_0_runs_them(tmp_path):
+    """A `%%ranch` cell runs in the kernel as rank 0, so a function it defines can be sliced; one
+    limited to other ranks leaves nothing in the kernel."""
+    nb = new_notebook(cells=[
+        new_code_cell("%load_ext mpify\n%mpify start 2 --ddp"),
+        new_code_cell("%%ranch\nscale = 3\ndef f(x):\n    return x * scale"),
+        new_code_cell("%%ranch --ranks 1\nscale = 100"),
+        new_code_cell("%%ranch --ranks=0,1\nbias = 1"),
+    ])
+    path = tmp_path / "live.ipynb"
+    nbformat.write(nb, str(path))
+    src = render_source(slice_notebook(load_notebook(path), "f"))
+    namespace: dict = {}
+    exec(compile(src, "slice", "exec"), namespace)
+    assert namespace["f"](2) == 6 and "scale = 100" not in src

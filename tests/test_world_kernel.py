@@ -283,3 +283,26 @@ def test_no_rank_outlives_its_kernel(kernel_name, how):
         kc.stop_channels()
         if km.is_alive():
             km.shutdown_kernel(now=True)
+
+
+def test_the_live_world_sample_notebook(kernel_name, tmp_path):
+    """sample_notebooks/live_world.ipynb end to end in a real kernel: build once, train, look at
+    rank 0's model in a plain cell, train more; every rank gone at the end."""
+    import nbformat
+
+    from conftest import run_notebook
+
+    path = os.path.join(os.path.dirname(__file__), "..", "sample_notebooks", "live_world.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
+    run_notebook(nb, kernel_name, cwd=tmp_path)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    text = "\n".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
+    assert text.count("replicas equal: True") == 3
+    assert "[rank 1] rank 1 of 3" in text and "[rank 2] rank 2 of 3" in text
+    first, now = (float(v) for v in re.search(r"data now: ([\d.]+) \(was ([\d.]+)\)", text).groups()[::-1])
+    assert now < first  # training more in a later cell went on from the same model
+    ranks = {int(p) for p in re.findall(r"\[rank \d\] rank \d of 3, pid (\d+)", text)}
+    assert len(ranks) == 2 and not wait_gone(ranks, 5.0)

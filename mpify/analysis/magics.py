@@ -10,6 +10,9 @@ never regexes of our own for magics); this module then rewrites each `get_ipytho
   cell of its own, so its statements are ordinary statements (they run in the user namespace).
   `%%capture var` defines `var`: line 1 becomes `var = None  # ...`, and a note says the captured
   output is not reproduced.
+- `%%ranch` cells (mpify's live world): the kernel runs the body as rank 0, in the user namespace,
+  so it is read like `%%time`'s; `%%ranch --ranks 1,2` (rank 0 not among them) leaves nothing
+  in the kernel and reads as blank.
 - `%time stmt`: replaced by `stmt` (it runs in the user namespace, so it defines what stmt defines).
 - `x = !cmd` / `x = %sx cmd`: translated to `x = __import__('subprocess').getoutput(f"cmd").splitlines()`
   (IPython's `{expr}` and `$name` interpolation becomes an f-string, so the names it reads are
@@ -98,7 +101,7 @@ def _cell_magic(lines: list[str], first: int) -> PyCell:
     out = PyCell("", cell_magic=name)
     body = lines[first + 1:]
     blank_head = [""] * (first + 1)
-    if name in _PYTHON_BODY_CELL_MAGICS:
+    if name in _PYTHON_BODY_CELL_MAGICS or (name == "ranch" and _ranch_runs_rank0(arg)):
         body_text = _translate_lines(body, first + 1, out)
         if name == "capture":
             var = _capture_var(arg)
@@ -127,6 +130,15 @@ def _cell_magic(lines: list[str], first: int) -> PyCell:
                 src = f"__import__('pathlib').Path({p!r}).write_text({body_src!r})\n"
             out.file_write = FileWrite(p, append, src, len(lines))
     return out
+
+
+def _ranch_runs_rank0(arg: str) -> bool:
+    """Whether `%%ranch ARG` runs in the kernel (rank 0): no --ranks, or 0 among them."""
+    toks = arg.replace("=", " ").split()
+    if "--ranks" not in toks and "-r" not in toks:
+        return True
+    listed = " ".join(toks[toks.index("--ranks" if "--ranks" in toks else "-r") + 1:])
+    return "0" in re.split(r"[\s,\[\]]+", listed)
 
 
 def _capture_var(arg: str) -> str | None:
