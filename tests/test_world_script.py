@@ -131,3 +131,20 @@ def test_one_rank_world_and_bad_arguments(no_strays):
     with pytest.raises(ValueError):
         World(2, backend="gloo")
     assert mpify.World is World and sys.modules["mpify"].WorldClosedError is WorldClosedError
+
+
+def test_a_rank_that_stays_stuck_is_killed_and_the_world_closes(no_strays):
+    """A rank that neither returns to Python nor sits in a collective (here: SIGINT blocked, asleep)
+    is killed once the ladder's bounds are spent; the cause is still the rank that raised."""
+    w = World(3)
+    pids = [row["pid"] for row in w.status()][1:]
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        w.exec("import os, signal, time\nr = int(os.environ['RANK'])\nif r == 1:\n"
+               "    time.sleep(0.5)\n    raise ValueError('the cause')\nif r == 2:\n"
+               "    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])\n    time.sleep(60)")
+    took = time.monotonic() - start
+    assert str(info.value) == "the cause" and info.value.mpify_rank == 1
+    assert any("2 stayed stuck and were killed" in n for n in info.value.__notes__)
+    assert took < 10, took
+    assert w.closed and not wait_gone(pids, 2)
