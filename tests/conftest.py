@@ -1,5 +1,6 @@
 import os
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -59,3 +60,21 @@ def tmpdir_(tmp_path):
     d.mkdir()
     yield d
     assert leftovers(d) == [], "mpify run left files in the temp root"
+
+
+@contextmanager
+def jupyter_kernel(kernel_name):
+    """A real kernel (jupyter_client) and its client, ready; shut down afterwards."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name=kernel_name)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=True)

@@ -3,8 +3,8 @@ import re
 import time
 
 import pytest
-from jupyter_client.manager import KernelManager
 
+from conftest import jupyter_kernel
 from helpers import alive, wait_gone
 
 LAUNCH = """
@@ -22,15 +22,17 @@ ranch(3, stuck)
 
 @pytest.fixture
 def kernel(kernel_name):
-    km = KernelManager(kernel_name=kernel_name)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    yield km, kc
-    kc.stop_channels()
-    if km.is_alive():
-        km.shutdown_kernel(now=True)
+    with jupyter_kernel(kernel_name) as (km, kc):
+        yield km, kc
+
+
+def shell_reply(kc, msg_id, timeout):
+    """The reply to `msg_id` (wait_for_ready may leave an extra kernel_info reply before it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
 
 
 def start_ranks(kc):
@@ -53,15 +55,14 @@ def test_interrupt_kernel_stops_every_rank(kernel):
     kernel_pid = km.provisioner.process.pid
     start = time.monotonic()
     km.interrupt_kernel()
-    reply = kc.get_shell_msg(timeout=30)
+    reply = shell_reply(kc, msg_id, 30)
     took = time.monotonic() - start
-    assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
     assert took < 5, f"took {took:.1f} s"
     assert not alive(pids - {kernel_pid})
     # The kernel launches again as usual afterwards.
-    kc.execute("r = ranch(2, lambda: 7)")
-    assert kc.get_shell_msg(timeout=60)["content"]["status"] == "ok"
+    again = kc.execute("r = ranch(2, lambda: 7)")
+    assert shell_reply(kc, again, 60)["content"]["status"] == "ok"
 
 
 def test_restart_kernel_takes_ranks_along(kernel):

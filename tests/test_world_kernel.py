@@ -9,8 +9,8 @@ import time
 
 import psutil
 import pytest
-from jupyter_client.manager import KernelManager
 
+from conftest import jupyter_kernel
 from helpers import alive, wait_gone
 
 START = "%load_ext mpify\n%mpify start 3 --ddp"
@@ -98,15 +98,8 @@ def check_world(kc, pids: set[int]) -> None:
 
 @pytest.fixture(scope="module")
 def kernel(kernel_name):
-    km = KernelManager(kernel_name=kernel_name)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    yield km, kc
-    kc.stop_channels()
-    if km.is_alive():
-        km.shutdown_kernel(now=True)
+    with jupyter_kernel(kernel_name) as (km, kc):
+        yield km, kc
 
 
 @pytest.fixture
@@ -188,9 +181,10 @@ def test_interrupt_during_a_long_cell(world):
     check_world(kc, pids)
 
 
-def test_interrupt_frees_rank_0_stuck_alone_in_a_collective(world):
+@pytest.mark.parametrize("who", [0, 2], ids=["rank 0", "a child"])
+def test_interrupt_frees_a_rank_stuck_alone_in_a_collective(world, who):
     km, kc, pids = world
-    cell = interrupted_cell(km, kc, "%%ranch --ranks 0\nprint('GO', flush=True)\n"
+    cell = interrupted_cell(km, kc, f"%%ranch --ranks {who}\nprint('GO', flush=True)\n"
                                     "x = torch.ones(1); dist.all_reduce(x)", "GO")
     assert cell.status == "error" and cell.errors[0]["ename"] == "KeyboardInterrupt"
     assert cell.took < 8, f"took {cell.took:.1f} s"
@@ -207,15 +201,6 @@ def test_interrupt_frees_a_plain_cell_stuck_alone_in_a_collective(world):
     # the kernel's own interrupt handling is intact: a plain busy cell is interrupted as usual
     plain = interrupted_cell(km, kc, "print('GO', flush=True)\nwhile True:\n    pass", "GO")
     assert plain.status == "error" and plain.errors[0]["ename"] == "KeyboardInterrupt" and plain.took < 3
-
-
-def test_interrupt_frees_a_child_stuck_alone_in_a_collective(world):
-    km, kc, pids = world
-    cell = interrupted_cell(km, kc, "%%ranch --ranks 2\nprint('GO', flush=True)\n"
-                                    "x = torch.ones(1); dist.all_reduce(x)", "GO")
-    assert cell.status == "error" and cell.errors[0]["ename"] == "KeyboardInterrupt"
-    assert cell.took < 8, f"took {cell.took:.1f} s"
-    check_world(kc, pids)
 
 
 def test_twenty_cells_leak_no_file_descriptor(world):
@@ -265,12 +250,7 @@ def test_a_rank_killed(kernel):
 
 @pytest.mark.parametrize("how", ["shutdown", "sigkill"])
 def test_no_rank_outlives_its_kernel(kernel_name, how):
-    km = KernelManager(kernel_name=kernel_name)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
+    with jupyter_kernel(kernel_name) as (km, kc):
         assert run(kc, START).status == "ok"
         pids = ranks_of(kc) - {km.provisioner.process.pid}
         assert len(pids) == 2 and alive(pids)
@@ -279,10 +259,6 @@ def test_no_rank_outlives_its_kernel(kernel_name, how):
         else:
             km.provisioner.process.send_signal(signal.SIGKILL)
         assert not wait_gone(pids, 5.0), f"ranks outlived the kernel ({how})"
-    finally:
-        kc.stop_channels()
-        if km.is_alive():
-            km.shutdown_kernel(now=True)
 
 
 def test_the_live_world_sample_notebook(kernel_name, tmp_path):

@@ -33,7 +33,7 @@ from mpify.engine.env import Topology, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.messages import Done, Failed
-from mpify.engine.output import LineForwarder, LineGate, rank_filter
+from mpify.engine.output import LineForwarder, LineGate, pump, rank_filter
 
 # A death is only seen after it happened, while a rank blocked on the dead one may raise
 # (e.g. gloo's "Connection closed by peer") a moment before the supervisor notices. Deaths are
@@ -136,7 +136,7 @@ class Launch:
             table[self.guard.wakeup_r] = self._on_wakeup
         for c in self.children:
             for conn in c.streams:
-                table[conn] = lambda c=c, conn=conn: self._on_output(c, conn)
+                table[conn] = lambda c=c, conn=conn: pump(c.streams, conn)
             if c.outcome is None and not c.result_r.closed:
                 table[c.result_r] = lambda c=c: self._read_result(c, block=True)
             if not c.exited:
@@ -179,19 +179,6 @@ class Launch:
     def _on_wakeup(self) -> None:
         if self.guard.read_wakeup():
             self.begin_stop("interrupt")
-
-    def _on_output(self, child: Child, conn) -> None:
-        try:
-            data = os.read(conn.fileno(), 65536)
-        except OSError:
-            data = b""
-        fwd = child.streams[conn]
-        if data:
-            fwd.feed(data)
-        else:
-            fwd.close()
-            del child.streams[conn]
-            conn.close()
 
     def _read_result(self, child: Child, block: bool) -> None:
         """Take the rank's one message off its result pipe (read as soon as it is ready: a large

@@ -7,6 +7,7 @@ cell that started it), one whole line at a time, never interleaved mid-line betw
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable, Iterable, TextIO
 
@@ -123,3 +124,19 @@ class LineForwarder:
         # A progress bar redraws with '\r'; a terminal would only show the last frame.
         text = line.decode("utf-8", errors="backslashreplace").rstrip("\r")
         return text.rsplit("\r", 1)[-1]
+
+
+def pump(streams: dict, conn) -> None:
+    """Feed what one of a rank's output pipes holds now to its forwarder (`streams[conn]`); at the
+    pipe's end, flush the forwarder, close the pipe and forget it."""
+    try:
+        data = os.read(conn.fileno(), 65536)
+    except OSError:
+        data = b""
+    fwd = streams[conn]
+    if data:
+        fwd.feed(data)
+    else:
+        fwd.close()
+        del streams[conn]
+        conn.close()

@@ -52,7 +52,7 @@ from mpify.engine.errors import MpifyError, RankDiedError
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.launch import Failure, _annotate, _check_int, _gated
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
-from mpify.engine.output import LineForwarder, LineGate
+from mpify.engine.output import LineForwarder, LineGate, pump
 from mpify.engine.unstick import break_pairs
 from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
 
@@ -423,7 +423,6 @@ class World:
             rnd.guard.interrupted.set()
             self._begin_stop(rnd, "interrupt")
         except BaseException as exc:
-            stamp_failure(exc)
             self._record(rnd, Failure(me, stamp_failure(exc), exc))
         finally:
             _in_fn.clear()
@@ -634,7 +633,7 @@ class World:
             table[self._relay.read_fd] = self._on_idle_sigint
         for m in self.members:
             for conn in m.streams:
-                table[conn] = lambda m=m, conn=conn: self._on_output(m, conn)
+                table[conn] = lambda m=m, conn=conn: pump(m.streams, conn)
             if not m.reply_r.closed:
                 table[m.reply_r] = lambda m=m: self._on_reply(m)
             if not m.exited:
@@ -693,19 +692,6 @@ class World:
             "down to free it, and the world's process group will be rebuilt at the next %%ranch cell "
             "(namespaces kept; a DDP model wrapped before must be wrapped again)\n")
 
-    def _on_output(self, member: _Member, conn) -> None:
-        try:
-            data = os.read(conn.fileno(), 65536)
-        except OSError:
-            data = b""
-        fwd = member.streams[conn]
-        if data:
-            fwd.feed(data)
-        else:
-            fwd.close()
-            del member.streams[conn]
-            conn.close()
-
     def _on_reply(self, member: _Member) -> None:
         try:
             message = serialize.loads(member.reply_r.recv_bytes())
@@ -724,7 +710,7 @@ class World:
             rnd.replies[member.rank] = message
             rnd.waiting.discard(member.rank)
             rnd.cond.notify_all()
-        if isinstance(message, Failed):
+        if isinstance(message, Failed) and rnd.guard is not None:  # a rebuild reads its replies itself
             self._record(rnd, Failure(member.rank, message.when, message.rebuild()))
 
     def _on_exit(self, member: _Member) -> None:
