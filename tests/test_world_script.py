@@ -148,3 +148,30 @@ def test_a_rank_that_stays_stuck_is_killed_and_the_world_closes(no_strays):
     assert any("2 stayed stuck and were killed" in n for n in info.value.__notes__)
     assert took < 10, took
     assert w.closed and not wait_gone(pids, 2)
+
+
+def test_a_world_left_open_closes_at_interpreter_exit(tmp_path):
+    script = ("from mpify import World\nw = World(3)\nprint('PIDS', *[r['pid'] for r in w.status()][1:])\n"
+              "w.exec('x = 1')\n")  # no close(): atexit does it
+    start = time.monotonic()
+    out = subprocess.run(python_script(tmp_path, script), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split("PIDS", 1)[1].split()]
+    assert len(pids) == 2 and not wait_gone(pids, 5.0)
+    assert time.monotonic() - start < 30
+
+
+def test_a_rank_never_blocks_on_a_full_pipe(world, capfd):
+    """300 KB on stderr (tqdm, warnings, logging) in one cell, and output written between cells
+    by a thread of the rank: both are read as they come."""
+    start = time.monotonic()
+    world.exec("import sys\nfor i in range(3000):\n    print('w' * 99, i, file=sys.stderr)", ranks=[1])
+    world.exec("import threading, time, sys\n"
+               "threading.Thread(target=lambda: [print('bg' * 50, i, file=sys.stderr) for i in range(3000)]).start()",
+               ranks=[2])
+    time.sleep(1.0)  # the rank's thread writes while no cell runs
+    assert world.exec("7", ranks=[0, 2]) == 7
+    assert time.monotonic() - start < 20
+    err = capfd.readouterr().err
+    assert err.count("[rank 1] " + "w" * 99) == 3000 and "[rank 1] " + "w" * 99 + " 2999" in err
+    assert err.count("[rank 2] " + "bg" * 50) == 3000
