@@ -156,7 +156,24 @@ def test_a_rank_that_raises(world):
     assert cell.status == "error"
     assert cell.errors[0]["ename"] == "ValueError" and cell.errors[0]["evalue"] == "rank 2 says no", cell.errors
     assert any("raised in rank 2 of 3" in line for line in cell.errors[0]["traceback"])
+    # what %debug reads: IPython kept the exception, traceback and all
+    last = run(kc, "import sys\nprint('LAST', type(sys.last_value).__name__, sys.last_traceback is not None)")
+    assert "LAST ValueError True" in last.stdout
+    # rank 0's own error points at the cell's line
+    own = run(kc, "%%ranch --ranks 0\nx = 1\nundefined_name + x")
+    assert own.errors[0]["ename"] == "NameError"
+    assert any("undefined_name + x" in line for line in own.errors[0]["traceback"])
     check_world(kc, pids)
+
+
+def test_auto_mode_sends_every_cell_to_every_rank(world):
+    km, kc, pids = world
+    assert run(kc, "%mpify auto on").status == "ok"
+    cell = run(kc, "print('AUTO', dist.get_rank())")
+    assert cell.stdout.count("AUTO") == 3 and "[rank 2] AUTO 2" in cell.stdout
+    assert run(kc, "%mpify auto off").status == "ok"
+    cell = run(kc, "print('PLAIN', dist.get_rank())")
+    assert cell.stdout.strip() == "PLAIN 0"
 
 
 @pytest.mark.parametrize("who", [0, 1])
