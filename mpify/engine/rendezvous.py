@@ -64,6 +64,10 @@ class Meeting:
         self.store = None
 
 
+# What _agent_env sets in the ranks (and in the caller while it runs rank 0 or a world lives).
+AGENT_ENV_NAMES = ("TORCHELASTIC_USE_AGENT_STORE", "TORCH_DIST_INIT_BARRIER")
+
+
 def _agent_env() -> dict:
     """What the ranks need to join a store the launcher hosts, as under torchrun's agent.
 

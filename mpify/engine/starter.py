@@ -29,6 +29,7 @@ import multiprocess as mp
 from mpify.engine.debug import debug
 from mpify.engine.env import patched_environ
 from mpify.engine.groups import IMPORT_EARLY
+from mpify.engine.rendezvous import AGENT_ENV_NAMES
 
 # Modules worth importing once in the forkserver when the caller uses them: importing them in
 # each rank is what makes spawn slow. Order matters: numpy before torch, as torch imports it.
@@ -95,7 +96,10 @@ def _wanted_signature() -> tuple:
     heavy = tuple(m for m in HEAVY_MODULES if m in sys.modules)
     extras = (TORCH_EXTRAS if "torch" in heavy else ()) + _installed_packages()
     extras = tuple(m for m in extras if m not in _refused)
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_IMPORT_TIME_ENV_PREFIXES)))
+    # The rendezvous variables mpify itself sets are read at init, not at import: a live world
+    # keeps them in the caller's environment, and a launch beside it must not restart anything.
+    env = tuple(sorted((k, v) for k, v in os.environ.items()
+                       if k.startswith(_IMPORT_TIME_ENV_PREFIXES) and k not in AGENT_ENV_NAMES))
     # sys.path is not part of it: the ranks get the caller's sys.path with every launch.
     return heavy, extras, env
 

@@ -192,13 +192,15 @@ class World:
         t0 = time.monotonic()
         meeting = self.meeting
         env0 = rank_env(self.topo, 0, meeting.addr, meeting.port, meeting.env)
+        ctx_blob = serialize.dumps_launch(None, (), {}, {"ctx": self.ctx}, self._writer)
+        if self.topo.nprocs > 1:
+            # Before the rank environment is set here: the forkserver is the one a launch uses.
+            mpctx = starter.context()
+            Process = starter.process_class()
         self._env_before = dict(os.environ)
         self._env_set = env0
         os.environ.update(env0)
-        ctx_blob = serialize.dumps_launch(None, (), {}, {"ctx": self.ctx}, self._writer)
         if self.topo.nprocs > 1:
-            mpctx = starter.context()
-            Process = starter.process_class()
             base_env = dict(os.environ)
             cwd, sys_path = os.getcwd(), list(sys.path)
             for local in range(1, self.topo.nprocs):
