@@ -12,6 +12,9 @@ Run on a machine with at least one NVIDIA GPU:
    launched again and again after the caller used CUDA: first and warm.
 5. A 256 MB CUDA tensor as an argument (sent as a CUDA IPC handle, copied in each rank) next to the
    same launch without it (goal: at most 1.5x), and a pinned tensor that must arrive pinned.
+6. A live world on the GPU: nccl with one rank, and gloo with two ranks sharing the GPU: start, a
+   cell's all_reduce on CUDA tensors, an interrupt during a loop of collectives (same ranks after),
+   stop (every rank gone).
 Prints one table; exits non-zero if any check fails.
 """
 from __future__ import annotations
@@ -83,6 +86,46 @@ def fork_after_cuda(n):
         return f"{type(exc).__name__}: {str(exc).splitlines()[-1][:90]}"
 
 
+ALLREDUCE_CELL = ("import torch, torch.distributed as dist\n"
+                  "t = torch.ones(4, device='cuda') * (dist.get_rank() + 1)\ndist.all_reduce(t)\n"
+                  "torch.cuda.synchronize()\n(dist.get_backend(), t[0].item())")
+
+
+def world_on_gpu(n: int, backend: str) -> tuple[float, float, str]:
+    """Start a world, run a CUDA all_reduce cell, interrupt a loop of them, run it again, stop."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    from mpify import World
+
+    start = time.monotonic()
+    w = World(n, ddp=True, backend=backend)
+    started = time.monotonic() - start
+    try:
+        pids = [row["pid"] for row in w.status()]
+        t0 = time.monotonic()
+        first = w.exec(ALLREDUCE_CELL)
+        cell = time.monotonic() - t0
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            w.exec("for _ in range(100000):\n    dist.all_reduce(t)\n    torch.cuda.synchronize()")
+            interrupted = "not interrupted"
+        except KeyboardInterrupt:
+            interrupted = "interrupted"
+        again = w.exec(ALLREDUCE_CELL)
+        same = [row["pid"] for row in w.status()] == pids
+    finally:
+        w.close()
+    left = [pid for pid in pids[1:] if psutil.pid_exists(pid)]
+    want = (backend, float(sum(range(1, n + 1))))
+    good = first == want and again == want and interrupted == "interrupted" and same and not left
+    return started, cell, "ok" if good else f"WRONG {first} {again} {interrupted} same={same} left={left}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", "--nprocs", type=int, default=None)
@@ -135,6 +178,13 @@ def main():
     ratio = by_name["256 MB CUDA tensor argument, 2 ranks"] / by_name["no arguments, 2 ranks (all children)"]
     rows.append(("CUDA argument vs none (goal <= 1.5x)", float("nan"), ratio, "ok" if ratio <= 1.5 else "SLOW"))
     rows.append(("fork after CUDA init (for comparison)", float("nan"), float("nan"), fork_after_cuda(2)))
+    for name, n_world, backend in (("live world, nccl, 1 rank", 1, "nccl"), ("live world, gloo, 2 ranks on one GPU", 2, "gloo")):
+        try:  # columns: the world's start, and one all_reduce cell
+            started, cell, res = world_on_gpu(n_world, backend)
+        except Exception as exc:
+            started, cell, res = float("nan"), float("nan"), f"FAILED {type(exc).__name__}: {exc}"[:120]
+        rows.append((name, started, cell, res))
+        ok &= res == "ok"
     print(f"{'check':42} {'first (s)':>10} {'warm (s)':>9}  result")
     for name, first, warm, res in rows:
         print(f"{name:42} {first:10.3f} {warm:9.3f}  {res}")
