@@ -3,19 +3,50 @@
     from mpify import ranch, import_star, TorchDDPCtx, torchddp_launch
 
 This module is the whole public surface.
+
+Why the names load on first use (PEP 562 `__getattr__`) rather than at `import mpify`: every
+`mpify.analysis` or `mpify.cli` import runs this file first, and `mpify deps` or `mpify export`
+never start a process, yet importing the engine (multiprocess, dill, the launch machinery) cost
+them 0.1 s of a 0.3 s `mpify --help`. The first public name asked for loads them all at once, as
+the eager import did, so `torch_ddp`'s registrations (the torch hooks of the rendezvous and the
+shared-memory tensor codec) are in place whichever name a user imports first.
 """
-from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError,
-                                 RankRaisedError, RemoteTraceback, ResultError, ShipError)
-from mpify.engine.launch import ranch, shutdown
-from mpify.engine.rendezvous import PortInUseError
-from mpify.export import ExportError, run_notebook
-from mpify.imports import import_star
-from mpify.torch_ddp import TorchDDPCtx, in_torchddp, torchddp_launch
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.3.0"
+
+# name -> the module that defines it
+_WHERE = {
+    "LaunchBusyError": "mpify.engine.errors", "LaunchTimeoutError": "mpify.engine.errors",
+    "MpifyError": "mpify.engine.errors", "RankDiedError": "mpify.engine.errors",
+    "RankRaisedError": "mpify.engine.errors", "RemoteTraceback": "mpify.engine.errors",
+    "ResultError": "mpify.engine.errors", "ShipError": "mpify.engine.errors",
+    "ranch": "mpify.engine.launch", "shutdown": "mpify.engine.launch",
+    "PortInUseError": "mpify.engine.rendezvous",
+    "ExportError": "mpify.export", "run_notebook": "mpify.export",
+    "import_star": "mpify.imports",
+    "TorchDDPCtx": "mpify.torch_ddp", "in_torchddp": "mpify.torch_ddp", "torchddp_launch": "mpify.torch_ddp",
+}
 
 __all__ = [
     "ranch", "import_star", "TorchDDPCtx", "torchddp_launch", "in_torchddp", "shutdown",
     "MpifyError", "RankRaisedError", "RankDiedError", "LaunchTimeoutError", "LaunchBusyError", "ShipError",
     "ResultError", "RemoteTraceback", "PortInUseError", "run_notebook", "ExportError",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mpify' has no attribute {name!r}")
+    for module in dict.fromkeys(_WHERE.values()):  # all of them: see the docstring
+        mod = importlib.import_module(module)
+        for n, m in _WHERE.items():
+            if m == module:
+                globals()[n] = getattr(mod, n)
+    return globals()[name]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

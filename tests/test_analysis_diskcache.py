@@ -17,7 +17,8 @@ import sys
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-HELPER = "import math\nfrom collections import *\n\n__all__ = ['scale', 'math', 'Counter']\n\n\ndef scale(x):\n    return 2 * x\n"
+HELPER = ("import math\nfrom collections import *\n\n__all__ = ['scale', 'math', 'Counter']\n\n\n"
+          "def scale(x):\n    return 2 * x\n")
 
 RESOLVE = """
 import json, sys
