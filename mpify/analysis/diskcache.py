@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 __all__ = ["ENV", "cache_dir", "DiskCache"]
 
@@ -91,6 +90,8 @@ class DiskCache:
         """Write the entries if any changed: atomically, never a half-written file."""
         if not self._dirty or self._file is None:
             return
+        import tempfile  # only when writing: a warm run reads, and tempfile imports random
+
         self._dirty = False
         for old in list(self._entries)[:max(0, len(self._entries) - self.limit)]:
             del self._entries[old]

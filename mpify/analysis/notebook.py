@@ -101,8 +101,9 @@ def _load_ipynb(path: str) -> Notebook:
         except (KeyError, TypeError, AttributeError):  # never trusted: read it as below
             pass
     cells, message = _read_with_nbformat(path, text)
-    _READ_BEFORE.put(*key, [] if message is None else [message])
-    _READ_BEFORE.flush()
+    if raw.get("nbformat") == 4:  # older versions are upgraded by nbformat every time
+        _READ_BEFORE.put(*key, [] if message is None else [message])
+        _READ_BEFORE.flush()
     return Notebook(path, cells, [] if message is None else [_schema_warning(path, message)])
 
 
