@@ -4,20 +4,34 @@
     %load_ext mpify     # in a notebook: %mpify start 4 --ddp, then %%ranch cells
 
 This module is the whole public surface.
+
+Why the names load on first use (PEP 562 `__getattr__`) rather than at `import mpify`: every
+`mpify.analysis` or `mpify.cli` import runs this file first, and `mpify deps` or `mpify export`
+never start a process, yet importing the engine (multiprocess, dill, the launch machinery) cost
+them 0.1 s of a 0.3 s `mpify --help`. The first public name asked for loads them all at once, as
+the eager import did, with the modules that register torch's parts with the engine (the store
+host and the shared-memory tensor codec, `_REGISTRARS`), whichever name a user imports first. A
+rank that meets a tensor kind it has not registered imports its module itself (engine/shm.py).
 """
-# Imported for their registration with the engine (the store host with rendezvous, the tensor
-# codec with shm), whatever the caller goes on to use; neither imports torch until used.
-from mpify import torch_codec, torch_store  # noqa: F401
-from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError,
-                                 RankRaisedError, RemoteTraceback, ResultError, ShipError)
-from mpify.engine.launch import ranch, shutdown
-from mpify.engine.rendezvous import PortInUseError
-from mpify.engine.world import World, WorldClosedError
-from mpify.export import ExportError, run_notebook
-from mpify.imports import import_star
-from mpify.torch_ddp import TorchDDPCtx, in_torchddp, torchddp_launch
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.3.0"
+
+# name -> the module that defines it
+_WHERE = {
+    "LaunchBusyError": "mpify.engine.errors", "LaunchTimeoutError": "mpify.engine.errors",
+    "MpifyError": "mpify.engine.errors", "RankDiedError": "mpify.engine.errors",
+    "RankRaisedError": "mpify.engine.errors", "RemoteTraceback": "mpify.engine.errors",
+    "ResultError": "mpify.engine.errors", "ShipError": "mpify.engine.errors",
+    "ranch": "mpify.engine.launch", "shutdown": "mpify.engine.launch",
+    "PortInUseError": "mpify.engine.rendezvous",
+    "World": "mpify.engine.world", "WorldClosedError": "mpify.engine.world",
+    "ExportError": "mpify.export", "run_notebook": "mpify.export",
+    "import_star": "mpify.imports",
+    "TorchDDPCtx": "mpify.torch_ddp", "in_torchddp": "mpify.torch_ddp", "torchddp_launch": "mpify.torch_ddp",
+}
 
 __all__ = [
     "ranch", "import_star", "TorchDDPCtx", "torchddp_launch", "in_torchddp", "shutdown",
@@ -25,6 +39,11 @@ __all__ = [
     "ResultError", "RemoteTraceback", "PortInUseError", "run_notebook", "ExportError", "World",
     "WorldClosedError", "load_ipython_extension",
 ]
+
+
+# Imported with the public names for what they register with the engine; neither imports torch
+# until used.
+_REGISTRARS = ("mpify.torch_codec", "mpify.torch_store")
 
 
 def load_ipython_extension(ipython) -> None:
@@ -38,3 +57,20 @@ def unload_ipython_extension(ipython) -> None:
     from mpify.extension import unload
 
     unload(ipython)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mpify' has no attribute {name!r}")
+    for module in _REGISTRARS:
+        importlib.import_module(module)
+    for module in dict.fromkeys(_WHERE.values()):  # all of them: see the docstring
+        mod = importlib.import_module(module)
+        for n, m in _WHERE.items():
+            if m == module:
+                globals()[n] = getattr(mod, n)
+    return globals()[name]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

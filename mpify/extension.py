@@ -20,7 +20,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from mpify.engine.world import World
+# Through the public surface: it loads every room with its registrations, torch_ddp's `ddp=True`
+# included (`import mpify` alone loads names lazily).
+from mpify import World
 from mpify.engine.world_rank import run_source
 
 

@@ -1,10 +1,20 @@
 import os
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# mpify's disk caches (star imports, notebooks read before) go to a directory of the test run's
+# own, never the user's ~/.cache/mpify; subprocesses (`mpify export`, kernels) inherit it.
+_CACHE = os.environ["MPIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="mpify-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 from helpers import strays  # noqa: E402
 

@@ -485,8 +485,12 @@ def test_launch_calls_never_included(tmp_path):
              "def train(n=1):\n    hist.append(n)\n    return n",
              "ranch(2, train)\nmp.spawn(train, nprocs=2)\nnotebook_launcher(train)\nres = train(3)",
              "hist.append(0)"]
-    s = sl(tmp_path, cells, "train")
+    s = sl(tmp_path, cells, "train", upto=5)  # as of the end of the notebook
     assert srcs(s) == ["hist = []", "def train(n=1):\n    hist.append(n)\n    return n", "hist.append(0)"]
+    # By default the slice is the state where the notebook last ran it (issue 16): `res = train(3)`.
+    s = sl(tmp_path, cells, "train")
+    assert srcs(s) == ["hist = []", "def train(n=1):\n    hist.append(n)\n    return n"]
+    assert s.run_at == (4, 4, "res = train(3)")
 
 
 def test_display_only_dropped(tmp_path):

@@ -100,7 +100,9 @@ def _kernel_results(nb, calls, kernel_name, cwd):
 
 
 def _slice_result(path, target, expr, cwd):
-    sl = slice_notebook(path, target)
+    # The kernel evaluates the call after the whole notebook: the slice as of its end, not the
+    # state of the notebook's own last run of the target (at_run, issue 16).
+    sl = slice_notebook(path, target, at_run=False)
     src = render_source(sl)
     check_slice(sl, src)
     script = cwd / f"slice_{target}.py"

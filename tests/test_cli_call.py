@@ -188,24 +188,26 @@ def test_call_with_objects_runs_on_two_ranks_and_matches_the_exported_script_und
 # ---- the missing-parameter error, for each launcher form ----------------------------------------
 
 REPLAYS = {
-    "call": ("calls it: count_words(corpus, stop, top=2)", "call", "--call 'count_words(corpus, stop, top=2)'"),
+    "call": ("calls it: count_words(corpus, stop, top=2)", "call",
+             "--call 'count_words(corpus, stop, top=2)' --cell 11"),
     "ranch": ("launches it: ranch(2, count_words, corpus, stop, top=2)", "launch",
-              "--call 'count_words(corpus, stop, top=2)' -n 2"),
+              "--call 'count_words(corpus, stop, top=2)' --cell 11 -n 2"),
     "torchddp_launch": ("launches it: torchddp_launch(2, count_words, corpus, stop, top=2)", "launch",
-                        "--call 'count_words(corpus, stop, top=2)' -n 2 --ddp"),
+                        "--call 'count_words(corpus, stop, top=2)' --cell 11 -n 2 --ddp"),
     "in_torchddp": ("launches it: in_torchddp(2, count_words, corpus, stop, top=2, gather=False)", "launch",
-                    "--call 'count_words(corpus, stop, top=2)' -n 2 --ddp"),
+                    "--call 'count_words(corpus, stop, top=2)' --cell 11 -n 2 --ddp"),
     "notebook_launcher": ("launches it: notebook_launcher(count_words, (corpus, stop, 2), num_processes=2)",
-                          "launch", "--call 'count_words(corpus, stop, 2)' -n 2"),
+                          "launch", "--call 'count_words(corpus, stop, 2)' --cell 11 -n 2"),
     "mp.spawn": ("launches it: mp.spawn(count_words, args=(corpus, stop, 2), nprocs=2)", "launch",
-                 """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, 2)' -n 2"""),
+                 """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, 2)' --cell 11 -n 2"""),
     "xmp.spawn": ("launches it: xmp.spawn(count_words, args=(corpus, stop, 2), nprocs=2, start_method='fork')",
-                  "launch", """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, 2)' -n 2"""),
+                  "launch", """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, 2)' --cell 11 -n 2"""),
     "idist.Parallel.run": ("launches it: idist.Parallel(backend='gloo', nproc_per_node=2).run(count_words, corpus, "
                            "stop, top=2)", "launch",
-                           """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, top=2)' -n 2"""),
+                           """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, top=2)' """
+                           """--cell 11 -n 2"""),
     "with idist.Parallel": ("launches it: parallel.run(count_words, corpus, stop, 2)", "launch",
-                            """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, 2)' -n 2"""),
+                            """--call 'count_words(int(os.environ["LOCAL_RANK"]), corpus, stop, 2)' --cell 11 -n 2"""),
 }
 RANK_NOTES = {"mp.spawn": "mp.spawn", "xmp.spawn": "xmp.spawn", "idist.Parallel.run": "idist.Parallel(...).run",
               "with idist.Parallel": "idist.Parallel(...).run"}
@@ -251,7 +253,7 @@ def test_export_warns_with_the_replay_when_options_cannot_give_the_objects(tmp_p
     assert r.returncode == 0, r.stderr
     assert ("mpify: warning: `count_words` needs `corpus`, `stop`, which an option can only give as a Python "
             "literal; cell 11 passes the notebook's own: notebook_launcher(count_words, (corpus, stop, 2), "
-            "num_processes=2); `--call 'count_words(corpus, stop, 2)'` exports that call") in r.stderr.splitlines()
+            "num_processes=2); `--call 'count_words(corpus, stop, 2)' --cell 11` exports that call") in r.stderr.splitlines()
 
 
 def test_export_with_call_runs_with_python(tmp_path, tmpdir_):
@@ -291,7 +293,7 @@ def test_run_notebook_call_from_python(tmp_path, no_strays):
         run_notebook(nb, "count_words", 2, kwargs={"top": 2})
     assert str(info.value) == ("`count_words` needs `corpus`, `stop`, which were not given; cell 11 launches it "
                                "as `notebook_launcher(count_words, (corpus, stop, 2), num_processes=2)`: replay "
-                               "that with call='count_words(corpus, stop, 2)', nprocs=2")
+                               "that with call='count_words(corpus, stop, 2)', cell=11, nprocs=2")
     assert info.value.missing == ["corpus", "stop"] and info.value.site.cell == 11
 
 
@@ -344,7 +346,8 @@ def test_faithful_accepted_by_deps_run_and_export(tmp_path, tmpdir_):
     nb = word_notebook(tmp_path, "call")
     d = mpify("deps", nb, "--fn", "count_words", "--faithful", tmpdir=tmpdir_)
     assert d.returncode == 0, d.stderr
-    assert d.stdout.startswith(f"count_words (function) in {nb}, as of the end of the notebook\n")
+    # Where the notebook calls it (cell 11), the slice's point (issue 16).
+    assert d.stdout.startswith(f"count_words (function) in {nb}, as of cell 11, line ")
     r = mpify("run", nb, "--call", "count_words(corpus, stop, top=2)", "-n", "2", "--faithful", "--json",
               tmpdir=tmpdir_)
     assert r.returncode == 0, r.stderr

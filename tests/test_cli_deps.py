@@ -45,21 +45,25 @@ def test_report(nbpath):
     r = mpify("deps", nbpath, "--fn", "train")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "train (function)" in out
+    # The notebook launches `train` in cell 5 and then rebinds SCALE: the slice is the state the
+    # launch ran in (issue 16), SCALE = 2.
+    assert out.startswith(f"train (function) in {nbpath}, as of cell 5, line 1, where the notebook runs it: "
+                          "ranch(2, train)\n")
     assert "cell 2, line 1: import math" in out
     assert "cell 4, lines 2-3: def train(x=1): ..." in out
-    assert "cell 5, line 2: SCALE = 3" in out
+    assert "cell 3, line 1: SCALE = 2" in out and "SCALE = 3" not in out
     assert "defines `SCALE`, needed by `train`" in out
-    assert "unused" not in out and "ranch" not in out
+    assert "unused" not in out and "ranch(2" not in out.split("\n", 1)[1]
 
 
 def test_json(nbpath):
     r = mpify("deps", nbpath, "--fn", "train", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["target"] == "train" and d["cells_used"] == [2, 4, 5]
-    assert [(i["cell"], i["lineno"]) for i in d["items"]] == [(2, 1), (4, 2), (5, 2)]
-    assert d["items"][1]["source"].startswith("# the target\ndef train")
+    assert d["target"] == "train" and d["cells_used"] == [2, 3, 4]
+    assert d["run_at"] == {"cell": 5, "lineno": 1, "source": "ranch(2, train)"} and d["upto_cell"] is None
+    assert [(i["cell"], i["lineno"]) for i in d["items"]] == [(2, 1), (3, 1), (4, 2)]
+    assert d["items"][2]["source"].startswith("# the target\ndef train")
 
 
 def test_cell_option(nbpath):
@@ -67,6 +71,9 @@ def test_cell_option(nbpath):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [(i["cell"], i["lineno"]) for i in d["items"]] == [(2, 1), (3, 1), (4, 2)]
+    # --cell K is the end of cell K, even after the launch: SCALE = 3 there.
+    d = json.loads(mpify("deps", nbpath, "--fn", "train", "--cell", "5", "--json").stdout)
+    assert [(i["cell"], i["lineno"]) for i in d["items"]] == [(2, 1), (4, 2), (5, 2)] and d["run_at"] is None
 
 
 @pytest.mark.parametrize("args, match", [

@@ -1,4 +1,5 @@
-"""The CLI's modules import one another one way: app -> commands -> the command modules (-> common).
+"""The CLI's modules import one another one way: app -> commands -> the command modules (-> common),
+and app -> coercion (its option converters).
 
 Read from the source, as a reviewer would: every `import mpify.cli.X` / `from mpify.cli[.X] import`
 in each module of mpify/cli, at any depth (a function-level import counts too)."""
@@ -29,9 +30,9 @@ def cli_imports() -> dict[str, set[str]]:
 
 def test_cli_imports_run_one_way():
     graph = cli_imports()
-    assert graph["app"] == {"commands"}
+    assert graph["app"] == {"commands", "coercion"}
     assert graph["commands"] == {"deps", "run", "export"}
-    for mod in ("deps", "run", "export", "common", "__init__"):
+    for mod in ("deps", "run", "export", "common", "coercion", "__init__"):
         assert not graph[mod] & {"app", "commands"}, f"{mod} imports {graph[mod]}"
     # no cycle at all: a topological order exists
     order, left = [], dict(graph)

@@ -296,7 +296,9 @@ def test_define_and_call_target_dropped_with_downstream(tmp_path):
         "CONFIG['best'] = max(probs)\nsummary = {'n': len(probs), 'best': CONFIG['best']}",
         "CONFIG['scale'] = 3.0",
     ])
-    sl = slice_notebook(path, "decay")
+    # As of the end of the notebook, as run_whole evaluates it (by default the slice would be the
+    # state where cell 3 runs `decay`, before `CONFIG['scale'] = 3.0`: issue 16).
+    sl = slice_notebook(path, "decay", at_run=False)
     # Before: "`probs` is used by cell 4 ... but nothing defines it" (the slice refused).
     assert kept(sl) == [(1, "import math"), (1, "CONFIG = {'scale': 2.0}"), (2, sl.items[2].source.strip()),
                         (5, "CONFIG['scale'] = 3.0")]
@@ -414,8 +416,14 @@ def test_name_defined_only_downstream_of_the_target_is_explained(tmp_path):
         "OFFSET = min(probs)",
     ])
     with pytest.raises(UnresolvedNameError) as ei:
-        slice_notebook(path, "decay")
+        slice_notebook(path, "decay", at_run=False)  # as of the end: cell 4 defines `OFFSET` there
     assert str(ei.value) == (
         "`OFFSET` is used by `decay` (cell 2, line 2) but only cell 4, line 1 defines it, and that "
         "statement reads `probs`, which cell 3, line 1 makes by running `decay`: the slice leaves it "
         "out; define `OFFSET` without the target's result")
+    # By default the slice is the state where cell 3 runs `decay`, before any `OFFSET`; the message
+    # says so, and how to take a later state.
+    with pytest.raises(UnresolvedNameError) as ei:
+        slice_notebook(path, "decay")
+    assert str(ei.value).endswith("it is only defined later, cell 4, line 1; the slice is taken before cell 3, "
+                                  "line 1, where the notebook runs `decay` (--cell K takes it as of a later cell)")

@@ -4,20 +4,22 @@ Public API (used by the export room and the CLI; keep these names and fields sta
 
 - `load_notebook(path) -> Notebook`: `.path`, `.cells` (each `Cell` has `.index` 1-based among all
   cells, `.kind` 'code'/'markdown'/'raw', `.source`, `.execution_count`), `.warnings`.
-- `slice_notebook(path_or_notebook, target, upto_cell=None, *, extra_roots=(), faithful=False)
-  -> Slice`: `.notebook`, `.target`,
+- `slice_notebook(path_or_notebook, target, upto_cell=None, *, extra_roots=(), faithful=False,
+  at_run=True) -> Slice`: `.notebook`, `.target`,
   `.target_kind`, `.items` (`SliceItem`: `.cell`, `.lineno`, `.end_lineno`, `.source_lineno`,
   `.source`, `.reasons`, `.kind`, `.defines`), `.star_imports`, `.unresolved`, `.warnings`,
-  `.cells_used`, `.to_dict()`.
+  `.cells_used`, `.run_at` (the notebook's run of the target the slice is taken before, or None),
+  `.to_dict()`.
 - `render_source(slice) -> str`: the items' sources joined, `# cell K` over each cell's block.
 - Errors: `AnalysisError` and its subclasses in `mpify.analysis.errors`.
 
 The modules, one idea each: notebook (reading files), magics (IPython syntax -> Python, line for
 line), effects (which calls change what: the tables), stars (what a star import supplies, read from
-its module's source), scopes (the scope stack's entries, Python's binding rules), visitor
-(scope-stack facts of one statement), model (statements of a notebook, cross-statement call
-effects), slicer (the backward closure and the report), calls (how the notebook calls or launches
-a target, for `--call`).
+its module's source), diskcache (what was read from a file, kept between runs by its size and
+mtime), scopes (the scope stack's entries, Python's binding rules), visitor (scope-stack facts of
+one statement), model (statements of a notebook, cross-statement call effects), runpoint (where
+the notebook ran the target: the slice's default point), slicer (the backward closure and the
+report), calls (how the notebook calls or launches a target, for `--call`).
 """
 from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
                                    UnknownTargetError, UnresolvedNameError)

@@ -6,7 +6,8 @@ against the statements before the point where it is read:
 
 - definition-time reads of a statement at position j resolve before j;
 - names a function body reads resolve at the point where the function is used: the export point
-  (end of notebook, or end of cell K) for the target and what it calls (late binding: in
+  (end of cell K; else just before the notebook's last run of the target, runpoint.py; else the
+  end of the notebook) for the target and what it calls (late binding: in
   `x = 1; def f(): return x; x = 2` the slice of `f` holds `x = 2`), or position j for a function
   called while statement j runs.
 
@@ -42,6 +43,7 @@ from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTarg
 from mpify.analysis.model import Model, Statement, build_model
 from mpify.analysis.notebook import Notebook, load_notebook
 from mpify.analysis.effects import BARE_STATE_CALLS
+from mpify.analysis.runpoint import last_run
 
 __all__ = ["Slice", "SliceItem", "slice_notebook", "render_source"]
 
@@ -89,7 +91,8 @@ class Slice:
     items: included statements in notebook order. star_imports: modules of the star imports kept.
     unresolved: names nothing defines that a star import may supply. warnings: one string each,
     naming cell and line. cells_used: sorted cell indices of the items. target_kind: 'function',
-    'class', 'lambda', 'variable' or 'import'.
+    'class', 'lambda', 'variable' or 'import'. run_at: (cell, line, source) of the notebook's run
+    of the target the slice is taken before (runpoint.py), or None.
     """
 
     notebook: Notebook
@@ -101,11 +104,13 @@ class Slice:
     unresolved: list
     warnings: list
     cells_used: list
+    run_at: tuple | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready form (what `mpify deps --json` prints)."""
+        run_at = None if self.run_at is None else dict(zip(("cell", "lineno", "source"), self.run_at))
         return {"notebook": self.notebook.path, "target": self.target,
-                "target_kind": self.target_kind, "upto_cell": self.upto_cell,
+                "target_kind": self.target_kind, "upto_cell": self.upto_cell, "run_at": run_at,
                 "cells_used": self.cells_used, "items": [i.to_dict() for i in self.items],
                 "star_imports": self.star_imports, "unresolved": self.unresolved,
                 "warnings": self.warnings}
@@ -131,10 +136,14 @@ def render_source(sl: Slice) -> str:
 
 
 def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots=(),
-                   faithful: bool = False) -> Slice:
+                   faithful: bool = False, at_run: bool = True) -> Slice:
     """Slice what `target` needs out of `nb` (a path or a `Notebook`), as of the end of cell
     `upto_cell` (1-based, all cells counted) or of the notebook. `extra_roots`: names read at that
     point besides the target (the arguments of a `--call`), sliced in as the target's own are.
+
+    at_run: without `upto_cell`, take the slice just before the notebook's last run of the target
+    (a call or a launch after its last definition, runpoint.py), the state it ran in; False: as of
+    the end of the notebook (a `--call` of the user's may use what later cells make).
 
     faithful: the conservative reading, for bit-exact reproduction: star imports are not resolved
     (a call on a name one may supply may change it) and every random draw after the last seed is
@@ -150,14 +159,15 @@ def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _slice(nb, target, upto_cell, extra_roots, faithful)
+        return _slice(nb, target, upto_cell, extra_roots, faithful, at_run)
     finally:
         if enabled:
             gc.enable()
 
 
-def _slice(nb, target, upto_cell, extra_roots, faithful) -> Slice:
+def _slice(nb, target, upto_cell, extra_roots, faithful, at_run) -> Slice:
     model = build_model(nb, faithful=faithful)
+    run = None
     if upto_cell is not None:
         if not 1 <= upto_cell <= len(nb.cells):
             raise CellRangeError(f"--cell {upto_cell} is out of range: {nb.path} has "
@@ -165,10 +175,23 @@ def _slice(nb, target, upto_cell, extra_roots, faithful) -> Slice:
         point = model.cell_end[upto_cell]
     else:
         point = len(model.statements)
+        run = last_run(model.statements, target, point) if at_run else None
+        if run is not None:
+            point = run.index
     slicer = _Slicer(model, target, point, upto_cell)
     for name in extra_roots:
         slicer._push(name, point, "the --call expression")
-    return slicer.run()
+    try:
+        sl = slicer.run()
+    except UnresolvedNameError as e:
+        if run is None or "only defined later" not in str(e):  # not for want of later cells
+            raise
+        raise UnresolvedNameError(e.name, f"{e}; the slice is taken before {run.where()}, where the "
+                                          f"notebook runs {_q(target)} (--cell K takes it as of "
+                                          "a later cell)", e.cell, e.lineno) from None
+    if run is not None:
+        sl.run_at = (run.cell, run.lineno, run.source.splitlines()[run.lineno - run.source_lineno].strip())
+    return sl
 
 
 def _q(name: str) -> str:

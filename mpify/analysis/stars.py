@@ -10,8 +10,8 @@ names are, every `torch.stack(..)` had to be read as "may change `torch`" (issue
   import `a`, running its code) and the file system below it.
 - The file is parsed; if it sets `__all__` from string literals, that is the list; otherwise every
   public top-level binding is supplied, imported modules included (fastai's `from torch import *`
-  style modules hand out `torch` and `np` this way). Its own star imports are followed, a few levels
-  deep (`MAX_DEPTH`).
+  style modules hand out `torch` and `np` this way). Its own star imports are followed, up to
+  `MAX_DEPTH` levels deep.
 - Each supplied name is 'module' (bound by `import`) or 'object' (anything else: a class, a
   function, a constant).
 - `complete` says whether the list is all there is. It is not when the module builds `__all__` in a
@@ -19,21 +19,31 @@ names are, every `torch.stack(..)` had to be read as "may change `torch`" (issue
   C extension); names outside the list may then still come from it, and the slicer stays
   conservative for them.
 
-Parsed modules are cached per file and modification time, so a notebook with many star imports of
-one library reads each file once per process.
+Each file's facts are cached by path, size and modification time, in this process and on disk
+(`diskcache.py`: a library's sixty files are parsed once, not in every `mpify export`). The walk
+over a library's star imports is a graph with many paths to the same module (every fastai module
+star-imports `fastai.torch_basics`); each module's result is computed once per walk and reused
+wherever the cycle and depth cut-offs below cannot make it differ (`_Memo`), which took
+`fastai.vision.all` from 34,000 visits to a few hundred.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from mpify.analysis.diskcache import DiskCache
 
 __all__ = ["StarExports", "resolve_star", "MAX_DEPTH"]
 
 # fastai.vision.all -> fastai.basics -> fastai.data.all -> fastai.torch_basics -> fastai.imports
-# -> fastcore.all -> fastcore.imports: seven levels in the deepest course library we know.
-MAX_DEPTH = 8
+# -> fastcore.all -> fastcore.imports: seven levels in the deepest course library we know, and
+# fastcore's own modules go on below that. The limit was 8 while every path was walked afresh
+# (34,000 visits for fastai.vision.all, with the same names as a walk without the limit); with
+# each module's result reused (`_Memo`) the walk is a few hundred visits, and the limit is only a
+# guard against a pathological chain.
+MAX_DEPTH = 32
 
 
 @dataclass
@@ -58,11 +68,47 @@ class _ModuleFacts:
     dynamic: bool  # module `__getattr__`, `globals().update(..)`: names beyond the bindings
     stars: list  # (module, level) of its own star imports, in order
 
+    def to_json(self) -> list:
+        return [self.bindings, self.all_names, self.all_dynamic, self.dynamic, self.stars]
 
-_FACTS_CACHE: dict = {}  # (path, mtime) -> _ModuleFacts
+    @classmethod
+    def from_json(cls, value) -> "_ModuleFacts":
+        """Facts read back from the disk cache, checked field by field (a cache file is never
+        trusted: anything off raises ValueError and the file is parsed instead)."""
+        if not (isinstance(value, list) and len(value) == 5):
+            raise ValueError("not a facts entry")
+        bindings, all_names, all_dynamic, dynamic, stars = value
+        if not (isinstance(bindings, dict) and all(isinstance(k, str) and v in ("module", "object")
+                                                   for k, v in bindings.items())):
+            raise ValueError("bindings")
+        if all_names is not None and not (isinstance(all_names, list)
+                                          and all(isinstance(n, str) for n in all_names)):
+            raise ValueError("__all__")
+        if type(all_dynamic) is not bool or type(dynamic) is not bool:
+            raise ValueError("flags")
+        if not (isinstance(stars, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+                                                and type(x[1]) is int for x in stars)):
+            raise ValueError("star imports")
+        return cls(bindings, all_names, all_dynamic, dynamic, [tuple(x) for x in stars])
+
+
+@dataclass
+class _Memo:
+    """A module's result within one walk, and when it may be reused. A walk cuts at a file already
+    on its path (a cycle) and below MAX_DEPTH, so a result is the same elsewhere only if none of
+    the files it read is on the other path (`touched`) and the other depth plus `height` (how far
+    below the module the walk went) stays above the cut."""
+
+    exports: StarExports
+    touched: frozenset
+    height: int
+
+
+_FACTS_CACHE: dict = {}  # (path, size, mtime) -> _ModuleFacts | None
+_DISK = DiskCache("stars-v1.json")  # path -> [size, mtime_ns, _ModuleFacts.to_json() or None]
 _FIND_CACHE: dict = {}  # (dotted, search_dir) -> (path, is_package) | None
-# (module, level, search_dir, package) -> (StarExports, [(file read, its mtime)]): valid while
-# none of the files it read changed.
+# (module, level, search_dir, package) -> (StarExports, [(file read, its (size, mtime))]): valid
+# while none of the files it read changed.
 _RESOLVE_CACHE: dict = {}
 
 
@@ -73,45 +119,57 @@ def resolve_star(module: str, level: int = 0, search_dir: str | None = None,
     package the importing file belongs to (None at notebook level)."""
     key = (module, level, search_dir, package)
     hit = _RESOLVE_CACHE.get(key)
-    if hit is not None and all(_mtime(p) == m for p, m in hit[1]):
+    if hit is not None and all(_stamp(p) == m for p, m in hit[1]):
         return hit[0]
-    read: list = []
-    exp = _resolve(module, level, search_dir, package, 0, frozenset(), read)
-    _RESOLVE_CACHE[key] = (exp, [(p, _mtime(p)) for p in read])
+    try:
+        exp, touched, _ = _resolve(module, level, search_dir, package, 0, frozenset(), {})
+    finally:
+        _DISK.flush()
+    _RESOLVE_CACHE[key] = (exp, [(p, _stamp(p)) for p in touched])
     return exp
 
 
-def _mtime(path):
+def _stamp(path):
+    """(size, mtime) of a file: what says it is the version read before."""
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
         return None
+    return (st.st_size, st.st_mtime_ns)
 
 
-def _resolve(module, level, search_dir, package, depth, seen, read) -> StarExports:
+def _resolve(module, level, search_dir, package, depth, seen, memo) -> tuple:
+    """(StarExports, files read, height) of `from <level dots><module> import *` reached at `depth`
+    below the notebook with the files of `seen` on the path. memo: path -> _Memo, for this walk."""
     name = _absolute(module, level, package)
     shown = "." * level + (module or "")
     if name is None:
-        return StarExports(shown, False)
+        return StarExports(shown, False), frozenset(), 0
     found = _find(name, search_dir)
     if found is None:
-        return StarExports(shown, False)
+        return StarExports(shown, False), frozenset(), 0
     path, is_pkg = found
-    read.append(path)
     if path in seen:
         # A cycle (`from pkg import *` inside one of pkg's own modules): Python hands out what the
         # partly initialised module has bound so far, names this walk already collects.
-        return StarExports(shown, True, {}, True, path)
-    if depth >= MAX_DEPTH:
-        return StarExports(shown, True, {}, False, path)  # deeper than we read: may supply more
+        return StarExports(shown, True, {}, True, path), frozenset({path}), 0
+    if depth >= MAX_DEPTH:  # deeper than we read: may supply more
+        return StarExports(shown, True, {}, False, path), frozenset({path}), 0
+    m = memo.get(path)
+    if m is not None and not (m.touched & seen) and depth + m.height < MAX_DEPTH:
+        return replace(m.exports, module=shown), m.touched, m.height
     facts = _facts(path)
     if facts is None:
-        return StarExports(shown, False, {}, False, path)
+        return StarExports(shown, False, {}, False, path), frozenset({path}), 0
     own_pkg = name if is_pkg else name.rpartition(".")[0]
     complete = not facts.dynamic
     supplied: dict = {}
+    touched, height = {path}, 0
+    inner = seen | {path}
     for mod, lvl in facts.stars:
-        sub = _resolve(mod, lvl, search_dir, own_pkg, depth + 1, seen | {path}, read)
+        sub, sub_touched, sub_height = _resolve(mod, lvl, search_dir, own_pkg, depth + 1, inner, memo)
+        touched |= sub_touched
+        height = max(height, sub_height + 1)
         complete = complete and sub.found and sub.complete
         supplied.update(sub.names)
     supplied.update(facts.bindings)
@@ -121,7 +179,10 @@ def _resolve(module, level, search_dir, package, depth, seen, read) -> StarExpor
     else:
         names = {n: k for n, k in supplied.items() if not n.startswith("_")}
         complete = complete and not facts.all_dynamic
-    return StarExports(shown, True, names, complete, path)
+    exp, touched = StarExports(shown, True, names, complete, path), frozenset(touched)
+    if not (touched & seen) and depth + height < MAX_DEPTH:  # cut by neither: reusable
+        memo[path] = _Memo(exp, touched, height)
+    return exp, touched, height
 
 
 def _absolute(module, level, package) -> str | None:
@@ -189,21 +250,37 @@ def _in_dirs(part: str, dirs):
 
 
 def _facts(path: str) -> _ModuleFacts | None:
-    try:
-        key = (path, os.stat(path).st_mtime_ns)
-    except OSError:
+    """The file's facts: from this process's cache, the disk cache, or parsed (then stored in both).
+    None when the file cannot be read or parsed."""
+    stamp = _stamp(path)
+    if stamp is None:
         return None
+    key = (path,) + stamp
     if key in _FACTS_CACHE:
         return _FACTS_CACHE[key]
+    stored = _DISK.get(path, *stamp)
+    if stored is not None:
+        try:
+            facts = _ModuleFacts.from_json(stored) if stored != "unreadable" else None
+        except ValueError:
+            _DISK.forget(path)
+        else:
+            _FACTS_CACHE[key] = facts
+            return facts
+    facts = _parse(path)
+    _FACTS_CACHE[key] = facts
+    _DISK.put(path, *stamp, facts.to_json() if facts is not None else "unreadable")
+    return facts
+
+
+def _parse(path: str) -> _ModuleFacts | None:
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        _FACTS_CACHE[key] = None
         return None
     facts = _ModuleFacts({}, None, False, False, [])
     _scan(tree.body, facts, top=True)
-    _FACTS_CACHE[key] = facts
     return facts
 
 

@@ -38,14 +38,19 @@ def main() -> None:
     except ImportError:
         from click.exceptions import NoSuchOption, UsageError
 
+    from mpify.cli.coercion import convert_plainly
+
+    # The click command typer builds (what `app()` runs), with plain converters for its options.
+    cli = typer.main.get_command(app)
+    convert_plainly(cli)
     if len(sys.argv) < 2:  # bare `mpify`: the help, as typer prints it
-        app()
+        cli()
         return
     try:
-        code = app(standalone_mode=False)
+        code = cli(standalone_mode=False)
     except UsageError as exc:
         command = exc.ctx.command_path if exc.ctx is not None else "mpify"
-        if command == "mpify" and sys.argv[1] in typer.main.get_command(app).commands:
+        if command == "mpify" and sys.argv[1] in cli.commands:
             command = f"mpify {sys.argv[1]}"  # an option's missing value is reported by the root
         hint = f"`{command} --help` lists its options"
         if isinstance(exc, NoSuchOption) and command.endswith(" run"):

@@ -1,29 +1,32 @@
-"""`mpify deps NB --fn NAME [--cell K] [--json]`: show what a function needs from a notebook, and why.
+"""`mpify deps NB --fn NAME [--call EXPR] [--cell K] [--json]`: what a function needs from a notebook, and why.
 
-Thin on purpose: it calls `mpify.analysis.slice_notebook` and prints the report. A user error (bad
+Thin on purpose: it chooses the slice as `mpify run` and `mpify export` do (mpify.export.prepare:
+`--call` slices in the names the call uses, and the notebook's last run of the target bounds the
+slice unless `--cell` or `--call` says otherwise) and prints the report. A user error (bad
 notebook, unknown function with "did you mean", a name nothing defines) is one line
 `mpify: error: ...` on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import typer
 
-from mpify.analysis import AnalysisError, slice_notebook
-from mpify.cli.common import FAITHFUL_HELP
-
-
-def _fail(msg: str) -> None:
-    print(f"mpify: error: {msg}", file=sys.stderr)
-    raise typer.Exit(2)
+from mpify.analysis import AnalysisError
+from mpify.cli.common import CALL_HELP, CELL_HELP, FAITHFUL_HELP, fail
+from mpify.export.errors import ExportError
+from mpify.export.prepare import slice_target
 
 
 def format_report(sl) -> str:
     """The human-readable report printed by `mpify deps`."""
-    upto = f"the end of cell {sl.upto_cell}" if sl.upto_cell else "the end of the notebook"
+    if sl.upto_cell:
+        upto = f"the end of cell {sl.upto_cell}"
+    elif sl.run_at is not None:
+        upto = f"cell {sl.run_at[0]}, line {sl.run_at[1]}, where the notebook runs it: {sl.run_at[2]}"
+    else:
+        upto = "the end of the notebook"
     lines = [f"{sl.target} ({sl.target_kind}) in {sl.notebook.path}, as of {upto}",
              f"{len(sl.items)} statement(s) from cell(s) {', '.join(map(str, sl.cells_used))}", ""]
     for it in sl.items:
@@ -43,18 +46,17 @@ def format_report(sl) -> str:
 
 def deps(
     notebook: str = typer.Argument(..., help="The notebook (.ipynb, or a .py file with `# %%` cells)."),
-    fn: str = typer.Option(..., "--fn", help="The function (or class) to slice out."),
-    cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
-                                       "(1-based, all cells counted, markdown included)."),
+    fn: Optional[str] = typer.Option(None, "--fn", help="The function (or class) to slice out."),
+    call: Optional[str] = typer.Option(None, "--call", help=CALL_HELP),
+    cell: Optional[int] = typer.Option(None, "--cell", help=CELL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
 ) -> None:
     """Show the statements FN needs from NOTEBOOK, with the reason for each."""
     try:
-        sl = slice_notebook(notebook, fn, upto_cell=cell, faithful=faithful)
-    except AnalysisError as e:
-        _fail(str(e))
-        return
+        sl, _ = slice_target(notebook, fn, cell=cell, call=call, faithful=faithful)
+    except (AnalysisError, ExportError) as e:
+        fail(str(e))
     if as_json:
         print(json.dumps(sl.to_dict(), indent=2))
     else:

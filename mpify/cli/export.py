@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from mpify.analysis import AnalysisError
-from mpify.cli.common import CALL_HELP, FAITHFUL_HELP, fail, shell_word
+from mpify.cli.common import CALL_HELP, CELL_HELP, FAITHFUL_HELP, fail, replay_options
 from mpify.export.errors import ExportError, MissingArgumentsError, OutputExistsError
 
 
@@ -29,13 +29,12 @@ def export(
     ddp: bool = typer.Option(False, "--ddp", help="Set up torch.distributed in main() (torchrun's env)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Fix the backend (gloo or nccl) "
                                           "instead of choosing at run time. Needs --ddp."),
-    cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
-                                       "(1-based, all cells counted, markdown included)."),
+    cell: Optional[int] = typer.Option(None, "--cell", help=CELL_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
 ) -> None:
     """Write FN from NOTEBOOK, with what it needs, as a script runnable with python or torchrun."""
-    from mpify.export.runner import prepare
+    from mpify.export.prepare import prepare
 
     try:
         prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell, call=call, faithful=faithful)
@@ -85,5 +84,5 @@ def _object_parameters(prep) -> list[str]:
     except MissingArgumentsError as e:
         return [f"`{e.target}` needs {', '.join(f'`{m}`' for m in e.missing)}, which an option can only "
                 f"give as a Python literal; cell {e.site.cell} passes the notebook's own: {e.site.source}; "
-                f"`--call {shell_word(e.site.replay)}` exports that call"]
+                f"`{' '.join(replay_options(e.site))}` exports that call"]
     return []

@@ -1,6 +1,6 @@
 """`mpify run NB --fn NAME [-n N] [--ddp] ... [-- target options]`: one notebook function on N ranks.
 
-Thin on purpose: it prepares the slice (mpify.export.runner), parses the target's options from its
+Thin on purpose: it prepares the slice (mpify.export.prepare), parses the target's options from its
 signature (mpify.export.signature), runs it with ranch (this process is rank 0) and prints rank 0's
 value (repr, or JSON with --json). `--call "train(model, 3)"` gives the whole call instead, with the
 notebook's own objects as arguments. Exit codes: 0 done; 1 the target raised (its traceback, frames
@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from mpify.analysis import AnalysisError
-from mpify.cli.common import CALL_HELP, FAITHFUL_HELP, fail, shell_word
+from mpify.cli.common import CALL_HELP, CELL_HELP, FAITHFUL_HELP, fail, replay_options
 from mpify.export.errors import ExportError, MissingArgumentsError
 
 # What follows `--` goes to the target's own parser, so click keeps it as extra arguments.
@@ -34,7 +34,7 @@ def missing_lines(e: MissingArgumentsError, command: str, ddp: bool) -> list[str
     verb = "calls" if site.form == "call" else "launches"
     lines = [f"mpify: error: `{e.target}` needs {names}, which the command line does not give; "
              f"cell {site.cell} {verb} it: {site.source}"]
-    options = [f"--call {shell_word(site.replay)}"]
+    options = replay_options(site)
     if command == "run" and site.nprocs is not None:
         options.append(f"-n {site.nprocs}" if site.nprocs.isdigit() else f"-n N (the launch used {site.nprocs})")
     if site.form.split(".")[-1] in ("torchddp_launch", "in_torchddp") and not ddp:
@@ -84,8 +84,7 @@ def run(
     ddp: bool = typer.Option(False, "--ddp", help="Run under torch.distributed (TorchDDPCtx)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="gloo or nccl (default: nccl with "
                                           "one GPU per rank, else gloo). Needs --ddp."),
-    cell: Optional[int] = typer.Option(None, "--cell", help="Slice as of the end of cell K "
-                                       "(1-based, all cells counted, markdown included)."),
+    cell: Optional[int] = typer.Option(None, "--cell", help=CELL_HELP),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes in all (multi-node)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (0 hosts the rendezvous)."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address."),

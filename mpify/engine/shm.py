@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib
 import itertools
 import mmap
 import os
@@ -41,8 +42,21 @@ _launches = itertools.count()
 last_launch = {"shared": 0, "copied": 0}  # bytes, for benchmarks/ and tests
 
 
+def _key(name: str, load: Callable) -> str:
+    # The kind travels as "module:name", the module being the one that registered it: a rank
+    # that has not imported it yet (the engine never imports torch_codec, and `import mpify`
+    # loads its rooms lazily) imports it before loading the buffer (see _provided).
+    return f"{load.__module__}:{name}"
+
+
+def _provided(registry: dict, key: str) -> tuple:
+    if key not in registry:
+        importlib.import_module(key.partition(":")[0])  # registers the kind as it is imported
+    return registry[key]
+
+
 def register(name: str, match: Callable[[Any], bool], dump: Callable, load: Callable) -> None:
-    _kinds[name] = (match, dump, load)
+    _kinds[_key(name, load)] = (match, dump, load)
 
 
 # name -> (match(obj) -> bool, handle(obj) -> picklable handle, open(handle) -> obj): objects
@@ -52,7 +66,7 @@ _handles: dict[str, tuple[Callable, Callable, Callable]] = {}
 
 
 def register_handle(name: str, match: Callable[[Any], bool], handle: Callable, open_: Callable) -> None:
-    _handles[name] = (match, handle, open_)
+    _handles[_key(name, open_)] = (match, handle, open_)
 
 
 def _shm_dir() -> str:
@@ -209,7 +223,7 @@ def persistent_load(pid: Any) -> Any:
     open the handle it travelled as)."""
     if pid[0] == "mpify-handle":
         _, name, handle = pid
-        return _handles[name][2](handle)
+        return _provided(_handles, name)[2](handle)
     tag, name, path, offset, nbytes, meta = pid
     if tag != "mpify-shm":
         raise ValueError(f"unknown persistent id {tag!r}")
@@ -221,7 +235,7 @@ def persistent_load(pid: Any) -> Any:
     finally:
         os.close(fd)
     buf = memoryview(mapping)[skip:skip + nbytes] if skip else mapping
-    return _kinds[name][2](buf, meta)
+    return _provided(_kinds, name)[2](buf, meta)
 
 
 # ---- numpy ------------------------------------------------------------------------------

@@ -12,13 +12,24 @@ Public API (used by the CLI and from notebooks):
 
 The modules, one idea each: payload (slice -> module text + line map), signature (target's
 parameters -> argparse code), script (payload + main()), tracebacks (payload lines -> notebook
-cells), runner (private module file -> ranch), replay (missing parameters -> the notebook's own call).
+cells), prepare (--fn/--call/--cell -> slice and script text), runner (private module file ->
+ranch), replay (missing parameters -> the notebook's own call).
+
+`run_notebook` loads on first use: the runner imports the engine, which `mpify export` and
+`mpify deps` never need (they import this package for its errors and renderers).
 """
 from mpify.export.errors import (ExportError, MissingArgumentsError, OutputExistsError, TargetArgsError,
                                  UntranslatableError)
 from mpify.export.payload import Payload, render_payload
-from mpify.export.runner import run_notebook
 from mpify.export.script import render_script
+
+
+def __getattr__(name: str):
+    if name == "run_notebook":
+        from mpify.export.runner import run_notebook
+
+        return run_notebook
+    raise AttributeError(f"module 'mpify.export' has no attribute {name!r}")
 
 __all__ = ["run_notebook", "render_payload", "render_script", "Payload", "ExportError",
            "UntranslatableError", "TargetArgsError", "MissingArgumentsError", "OutputExistsError"]

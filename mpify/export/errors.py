@@ -46,7 +46,7 @@ class MissingArgumentsError(TargetArgsError):
         n = f", nprocs={site.nprocs}" if site.nprocs else ""
         super().__init__(f"`{target}` needs {', '.join(f'`{m}`' for m in missing)}, which were not "
                          f"given; cell {site.cell} {'calls' if site.form == 'call' else 'launches'} it "
-                         f"as `{site.source}`: replay that with call={site.replay!r}{n}")
+                         f"as `{site.source}`: replay that with call={site.replay!r}, cell={site.cell}{n}")
 
 
 class OutputExistsError(ExportError):

@@ -28,85 +28,15 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from mpify.analysis import UnresolvedNameError, slice_notebook
-from mpify.analysis.calls import CallExpressionError, parse_call
 from mpify.engine.errors import MpifyError, RemoteTraceback
 from mpify.export.errors import ExportError
 from mpify.export.payload import Payload
+from mpify.export.prepare import Prepared, prepare
 from mpify.export.replay import check_required
-from mpify.export.script import render_script
 from mpify.export.signature import target_params
 from mpify.export.tracebacks import attach_mapped_traceback, keep_source
 
 __all__ = ["run_notebook", "prepare", "loaded_payload", "Prepared"]
-
-
-class Prepared:
-    """A notebook function ready to run: its slice, the script text and the target's parameters."""
-
-    def __init__(self, sl, payload: Payload, ddp: bool, backend: str | None, call=None):
-        self.slice = sl
-        self.payload = payload
-        self.ddp = ddp
-        self.backend = backend
-        self.call = call  # the parsed --call (mpify.analysis.calls.CallSpec), or None
-        self.warnings = list(dict.fromkeys(list(sl.warnings) + payload.notes))
-
-
-def prepare(path, fn: str | None, *, ddp: bool = False, backend: str | None = None, cell: int | None = None,
-            call: str | None = None, faithful: bool = False) -> Prepared:
-    """Slice `fn` out of notebook `path` and render it. `call`: a call of the target as a cell
-    would write it (`"train(model, 3)"`); the names it reads are sliced in too, `fn` may then be
-    None. `faithful`: the analyzer's conservative reading (every call on a used module, every
-    draw). Raises AnalysisError / ExportError."""
-    if backend is not None and not ddp:
-        raise ExportError("--backend needs --ddp (without DDP there is no process group)")
-    if backend not in (None, "gloo", "nccl"):
-        raise ExportError(f"--backend must be gloo or nccl, not {backend!r}")
-    spec = None
-    if call is not None:
-        spec = parse_call(call)
-        if fn is not None and fn != spec.target:
-            raise ExportError(f"--fn {fn} and --call {spec.source!r} name different functions; "
-                              "--fn may be left out with --call")
-        fn = spec.target
-    elif fn is None:
-        raise ExportError("say which function: --fn NAME, or --call 'NAME(args...)'")
-    try:
-        sl = slice_notebook(os.fspath(path), fn, upto_cell=cell, extra_roots=spec.names if spec else (),
-                            faithful=faithful)
-    except UnresolvedNameError as e:
-        if spec is None or e.name not in spec.names or e.cell is not None:
-            raise
-        # The name is the --call's own (no cell reads it): say so rather than "used by the target".
-        upto = f" before the end of cell {cell}" if cell else ""
-        raise CallExpressionError(f"--call {spec.source!r} uses `{e.name}`, which {path} does not "
-                                  f"define{upto}") from None
-    if spec is not None:
-        _check_call_names(sl, spec, cell)
-    payload = render_script(sl, ddp=ddp, backend=backend, script=f"{fn}_script.py", call=spec)
-    return Prepared(sl, payload, ddp, backend, spec)
-
-
-def _check_call_names(sl, spec, cell) -> None:
-    """A --call name that nothing in the notebook defines is left to the star imports, which may
-    supply anything (the slicer's rule). Where every one of them was read and lists what it
-    supplies, and none lists the name, it is a typo in the command line: say so now rather than
-    as a NameError in every rank."""
-    from mpify.analysis.stars import resolve_star
-
-    typed = [n for n in spec.names if n in sl.unresolved]
-    if not typed:
-        return
-    search = os.path.dirname(os.path.abspath(sl.notebook.path))
-    exports = [resolve_star(m, search_dir=search) for m in sl.star_imports]
-    if not all(e.found and e.complete for e in exports):
-        return
-    for name in typed:
-        if not any(name in e.names for e in exports):
-            upto = f" before the end of cell {cell}" if cell else ""
-            raise CallExpressionError(f"--call {spec.source!r} uses `{name}`, which {sl.notebook.path} "
-                                      f"does not define{upto}")
 
 
 def _module_name(notebook: str) -> str:
