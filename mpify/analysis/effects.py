@@ -26,10 +26,15 @@ exploration, old training loops and demos (issue 11): `x = torch.stack([a, b]).n
 Assignments, augmented assignments and `del` on an attribute or item (`cfg["lr"] = 0.1`,
 `torch.backends.cudnn.benchmark = True`) are mutations of the root name whatever it is; the visitor
 handles them, this module only names calls.
+
+Through which names a change reaches an object (issue 16) is the may-alias model of aliases.py; the
+tables it reads are at the end of this module (`FRESH_CALLS`, `FRESH_ATTRS`, `COMPUTE_CALLS`,
+`GRAD_CALLS`, `GRAD_OBSERVERS`), with the rules beside them.
 """
 from __future__ import annotations
 
-__all__ = ["SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
+__all__ = ["FRESH_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
+           "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
            "is_query", "is_draw", "external_method_changes_receiver"]
@@ -159,3 +164,59 @@ def external_method_changes_receiver(method: str, dotted: list | None, module_it
     if method in STATE_CALLS or (method in RECEIVER_MUTATORS and not module_itself):
         return True
     return bool(dotted) and "environ" in dotted and not is_query(method)
+
+
+# ---- aliasing (issue 16): through which names a change reaches an object ---------------------------
+#
+# A change made through a name reaches every object that name may share memory or state with. The
+# relation is computed from the statements (aliases.py): a name bound to an expression may share
+# every object the expression reads (`v = x.view(-1)`, `row = x[0]`, `dl = DataLoader(ds)`,
+# `opt = SGD(model.parameters())`, `pair = [a, b]`, `for xb, yb in dl`, `loss = calc_loss(w, x, y)`),
+# because an unknown call may return its argument, a view of it, or an object holding it. Sound by
+# default: a call or expression not listed below shares whatever it reads. The lists only say where
+# that is known not to hold:
+#
+# - `FRESH_CALLS`: the result is a new value that shares nothing with the inputs and carries no
+#   autograd graph (`loss.item()`, `x.tolist()`, `len(xs)`, `copy.deepcopy(m)`,
+#   `x.detach().clone()`, the last one recognised by the visitor as a chain).
+# - `FRESH_ATTRS`: attributes that are new plain values (`n = x.shape[1]` does not hold x).
+# - `COMPUTE_CALLS`, and arithmetic (`a * b`, `-a`, `a @ w`): the result is new memory computed from
+#   the inputs. Changing it in place changes none of them, but it carries their autograd graph
+#   ("derived from" them), so a backward through it writes their `.grad` (see `GRAD_CALLS`), and a
+#   change of one of its elements (`b[0].append(1)` after `b = sorted(a)`: a shallow copy holds the
+#   same elements) reaches them too.
+#
+# Autograd is its own link: `loss.backward()` changes no value of `loss`, but writes the `.grad` of
+# every tensor `loss` was computed from that requires gradients, even by arithmetic, which shares no
+# memory. Which names hold such tensors is not visible statically, so it is read from how the
+# notebook uses them (`GRAD_OBSERVERS`): a name whose `.grad` is read, whose `requires_grad` is set
+# (`requires_grad_()`, `requires_grad=True` in the call that makes it, `nn.Parameter(..)`), whose
+# `parameters()` are taken (an optimizer over it), whose `zero_grad()` is called, or that is called
+# (`model(xb)`: a module). A backward through data that never requires gradients (`X`, `y`) changes
+# nothing the slice reads, so an exploration cell's `loss.backward()` is not kept for `X`.
+
+# Calls whose result shares nothing with its inputs and carries no autograd graph. (`round` and
+# `abs` of a tensor return tensors: not here. `copy` is shallow for lists and dicts: a compute.)
+FRESH_CALLS = _words("""
+item tolist deepcopy len float int str bool repr hash id isinstance issubclass callable format ord
+chr bin hex oct print range hasattr type dir input numel dim size nelement element_size is_contiguous
+""")
+# Attributes that are new plain values, not views of their object (`x.T`, `x.data`, `x.grad` are
+# views or parts: not here).
+FRESH_ATTRS = _words("shape dtype device ndim is_leaf requires_grad")
+# New memory computed from the inputs: derived (autograd graph, shared elements), not shared.
+# (`float`, `to`, `contiguous`, `type` are not here: they return their receiver itself when nothing
+# needs converting. Python's `max`/`min` return an element: not here either.)
+COMPUTE_CALLS = _words("""
+mean sum std var prod norm exp log sqrt matmul mm bmm dot add sub mul div neg pow sigmoid tanh relu
+softmax log_softmax argmax argmin cumsum cumprod clone copy cat stack tensor array sorted list tuple
+set dict clamp clip where floor ceil sign square eq ne gt lt ge le logsumexp mse_loss cross_entropy
+l1_loss nll_loss binary_cross_entropy binary_cross_entropy_with_logits smooth_l1_loss linear
+einsum outer abs
+""")
+# Calls that write the `.grad` of what their tensor was computed from: `loss.backward()`,
+# `torch.autograd.backward(loss)`. `torch.autograd.grad(loss, w)` writes no `.grad` but frees the
+# graph the inputs share (a later backward through it fails): read as a write too, for soundness.
+GRAD_CALLS = _words("backward grad")
+# Methods that show a name holds tensors whose gradients matter (see the notes above).
+GRAD_OBSERVERS = _words("requires_grad_ parameters named_parameters zero_grad")

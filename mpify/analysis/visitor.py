@@ -36,17 +36,32 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
-                                    changes_first_arg, external_method_changes_receiver, is_draw,
-                                    is_query)
+from mpify.analysis.aliases import Sources, expr_sources
+from mpify.analysis.effects import (GRAD_CALLS, GRAD_OBSERVERS, LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS,
+                                    SEED_CALLS, WRITE_CALLS, changes_first_arg,
+                                    external_method_changes_receiver, is_draw, is_query)
 from mpify.analysis.scopes import Scope, dotted, root_name, scope_names
 
-__all__ = ["StatementFacts", "FunctionSummary", "BareCall", "analyse_statement"]
+__all__ = ["StatementFacts", "FunctionSummary", "BareCall", "BodyCall", "analyse_statement",
+           "combine_kinds"]
 
 # The tables of known effects (which calls change what) live in effects.py; the visitor applies them.
 # How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
-# 'call-arg' (passed to a call that may change it), 'draw', 'state', 'seed', 'direct'.
-_MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "state": 2, "seed": 3, "direct": 4}
+# 'call-arg' (passed to a call that may change it), 'draw', 'grad' (a backward writes its `.grad`),
+# 'alias' (changed through a name that may share it, aliases.py), 'state', 'seed', 'direct'.
+_MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "grad": 2, "alias": 2, "state": 2, "seed": 3,
+                  "direct": 4}
+
+
+def combine_kinds(old, new):
+    """Two ways one call changes a name: the stronger, except that a function that seeds a
+    generator and draws from it is a draw (`print_sampled_tokens` seeds, then samples): it leaves
+    the generator somewhere, as any draw does, and a later seed makes that irrelevant."""
+    if old is None or old == new:
+        return new
+    if {old, new} == {"seed", "draw"}:
+        return "draw"
+    return new if _MUTATION_RANK[new] > _MUTATION_RANK[old] else old
 
 
 class BareCall(NamedTuple):
@@ -59,19 +74,39 @@ class BareCall(NamedTuple):
     line: int
 
 
+class BodyCall(NamedTuple):
+    """A call of a notebook function in a function body (`calc_preds(coeffs, indeps)`), followed
+    when the function is called (summaries.py). Each argument is (the parameters and globals it
+    may share, those it may be derived from), as ('param', name) / ('global', name) pairs."""
+
+    callee: str
+    pos: list
+    kws: dict
+
+
 @dataclass
 class FunctionSummary:
-    """What calling a notebook function does to module state, for calls elsewhere in the notebook.
+    """What calling a notebook function does, from its body alone (its calls of other notebook
+    functions are followed by summaries.py, at the call).
 
-    params: positional parameter names in order; mutated_params: those it may mutate;
-    global_writes: module names it assigns through `global`; global_mutates: module names it mutates.
+    params: positional parameter names in order; vararg: the `*args` name; mutated_params: those
+    it may change -> how ('direct', 'draw', ...); global_writes: module names it assigns through
+    `global`; global_mutates: module names it changes -> how; grad_params: parameters whose
+    gradients it uses (`p.grad`, `p.parameters()`, `p(x)`); grad_writes / global_grad_writes:
+    parameters / globals a backward in it runs through (`loss.backward()` with `loss` computed
+    from them); calls: its `BodyCall`s.
     """
 
     params: list[str] = field(default_factory=list)
     kwonly: list[str] = field(default_factory=list)
-    mutated_params: set[str] = field(default_factory=set)
+    vararg: str | None = None
+    mutated_params: dict = field(default_factory=dict)
     global_writes: set[str] = field(default_factory=set)
-    global_mutates: set[str] = field(default_factory=set)
+    global_mutates: dict = field(default_factory=dict)
+    grad_params: set = field(default_factory=set)
+    grad_writes: set = field(default_factory=set)
+    global_grad_writes: set = field(default_factory=set)
+    calls: list = field(default_factory=list)
     is_class: bool = False
 
 
@@ -83,9 +118,12 @@ class StatementFacts:
     dels: name -> True for an unconditional `del name`, False for a conditional one (or `except as`).
     uses_now / uses_later / soft_uses: name -> first line where it is read (soft: annotations that are
     not evaluated, resolved if possible but never an error).
-    mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' (how it may
-    change the object; a seed redefines a generator's state, a draw only moves it).
-    aliases: `a = b` records a -> b (a mutation through a changes b).
+    mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' | 'grad' |
+    'alias' (how it may change the object; a seed redefines a generator's state, a draw only
+    moves it; 'grad' and 'alias' are added by aliases.propagate, with `via`: the name the change
+    was made through). deep: names changed through an element or attribute (`b[0].append(1)`).
+    bindings: ([names], Sources) for each top-level binding (aliases.py reads what it may share).
+    grad_writes: names a backward runs through; grad_names: names whose gradients are used.
     calls: `BareCall`s, the calls of bare global names made now.
     launches: names passed to a launcher call (`ranch(4, train)`).
     """
@@ -96,7 +134,11 @@ class StatementFacts:
     uses_later: dict = field(default_factory=dict)
     soft_uses: dict = field(default_factory=dict)
     mutates: dict = field(default_factory=dict)
-    aliases: dict = field(default_factory=dict)
+    via: dict = field(default_factory=dict)
+    deep: set = field(default_factory=set)
+    bindings: list = field(default_factory=list)
+    grad_writes: set = field(default_factory=set)
+    grad_names: set = field(default_factory=set)
     calls: list = field(default_factory=list)
     called_now: set = field(default_factory=set)
     launches: set = field(default_factory=set)
@@ -183,22 +225,104 @@ class _Visitor(ast.NodeVisitor):
         self.f.defs[name] = self.f.defs.get(name, False) or strong
         self.bound_now.add(name)
 
-    def _mutate(self, name, kind, lineno):
+    def _refs(self, name) -> list:
+        """Where `name`, as read here, lives: [(None, global name)] or [(function Scope, name)];
+        a comprehension target is an element of what its iterable reads: those refs."""
+        owner = self._lookup(name)
+        if owner is None:
+            return [(None, name)]
+        if owner.kind == "function":
+            return [(owner, name)]
+        if owner.kind == "comprehension":
+            return [r for r, _elem in owner.sources.get(name, ())]
+        return []  # a class attribute
+
+    def _mutate(self, name, kind, lineno, deep=False):
+        """`name` may change (`kind`: see _MUTATION_RANK); deep: through an element or attribute."""
         if name is None:
             return
-        owner = self._lookup(name)
-        if owner is not None:
-            if owner.kind == "function" and name in owner.params and owner.summary is not None:
-                owner.summary.mutated_params.add(name)
+        for scope, n in self._refs(name):
+            if scope is not None:
+                scope.pending.append((n, kind, deep))  # resolved when the body is read
+            elif self._later():
+                summ = self._outer_summary()
+                if summ is not None:
+                    summ.global_mutates[n] = combine_kinds(summ.global_mutates.get(n), kind)
+            else:
+                old = self.f.mutates.get(n)
+                if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
+                    self.f.mutates[n] = kind
+                if deep:
+                    self.f.deep.add(n)
+
+    def _grad_writes_of(self, expr):
+        shared, derived = self._value_refs(expr_sources(expr, self._external))
+        for scope, n in {r for r, _ in shared} | derived:
+            if scope is not None:
+                scope.grad_writes.add(n)
+            elif self._later():
+                summ = self._outer_summary()
+                if summ is not None:
+                    summ.global_grad_writes.add(n)
+            else:
+                self.f.grad_writes.add(n)
+
+    def _observe(self, name):
+        """The gradients of `name` are used (effects.GRAD_OBSERVERS)."""
+        for scope, n in self._refs(name) if name is not None else ():
+            if scope is not None:
+                scope.observed.add(n)
+            else:
+                self.f.grad_names.add(n)
+
+    def _external(self, name) -> bool:
+        """A module, or an imported or notebook function or class (aliases.expr_sources)."""
+        return self._kind(name) is not None
+
+    def _value_refs(self, src: Sources) -> tuple[set, set]:
+        """(shared, derived) refs of a value's sources, as `Scope.sources` holds them: modules,
+        notebook functions and classes, and imported functions called, are not values."""
+        def keep(n):
+            return self._lookup(n) is not None or self.kinds.get(n) not in ("module", "notebook")
+
+        shared = {(r, False) for n in src.share if keep(n) for r in self._refs(n)}
+        shared |= {(r, True) for n in src.elems if keep(n) for r in self._refs(n)}
+        shared |= {(r, False) for n in src.callees
+                   if self._lookup(n) is not None or (n not in self.kinds and not hasattr(builtins, n))
+                   for r in self._refs(n)}
+        derived = {r for n in src.derived if keep(n) for r in self._refs(n)}
+        return shared, derived
+
+    def _record_binding(self, targets, value, elements=False):
+        """`targets = value` (or `for targets in value`, `with value as targets`): what the bound
+        names may share (aliases.py). elements: the targets are elements of the value."""
+        names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)
+                 and isinstance(n.ctx, ast.Store)]
+        if not names:
             return
-        if self._later():
-            summ = self._outer_summary()
-            if summ is not None:
-                summ.global_mutates.add(name)
+        src = expr_sources(value, self._external) if value is not None else Sources(set(), set(), set(), set())
+        if elements:
+            src = Sources(set(), src.derived, src.share | src.elems, src.callees)
+        if isinstance(value, ast.Call) and (
+                any(k.arg == "requires_grad" for k in value.keywords)
+                or (isinstance(value.func, (ast.Name, ast.Attribute))
+                    and getattr(value.func, "id", getattr(value.func, "attr", None)) == "Parameter")):
+            for n in names:
+                self._observe(n)  # `w = torch.zeros(3, requires_grad=True)`, `nn.Parameter(..)`
+        if not self.stack:
+            keep = self._value_refs(src)  # top level: names, filtered
+            self.f.bindings.append((names, Sources(
+                {n for (_, n), e in keep[0] if not e}, {n for _, n in keep[1]},
+                {n for (_, n), e in keep[0] if e}, set())))
             return
-        old = self.f.mutates.get(name)
-        if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
-            self.f.mutates[name] = kind
+        scope = self.stack[-1]
+        if scope.kind != "function":
+            return
+        shared, derived = self._value_refs(src)
+        for n in names:
+            if n in scope.local:
+                scope.sources.setdefault(n, set()).update(shared)
+                scope.derived.setdefault(n, set()).update(derived)
 
     def _kind(self, name) -> str | None:
         """'module', 'object' or 'notebook' for a global name known to be one, else None (a
@@ -251,14 +375,18 @@ class _Visitor(ast.NodeVisitor):
             if isinstance(node, ast.Subscript):
                 self.visit(node.slice)
             self._mutate(root_name(node), "direct" if not self._is_module(root_name(node)) else "state",
-                         node.lineno)
+                         node.lineno, deep=_through_element(node.value))
         else:
             self.visit(node)
 
     def visit_Attribute(self, node):
         if not isinstance(node.ctx, ast.Load):
+            if node.attr == "requires_grad":
+                self._observe(root_name(node))
             self._store_target(node)
             return
+        if node.attr == "grad":
+            self._observe(root_name(node))  # `coeffs.grad`: its gradients are used
         self.visit(node.value)
 
     def visit_Subscript(self, node):
@@ -273,14 +401,14 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.value)
         for t in node.targets:
             self._store_target(t)
+        self._record_binding(node.targets[:1], node.value)
+        first = node.targets[0]
+        for t in node.targets[1:]:
+            # `a = b = []` binds one object to both names: b shares a (aliases.py).
+            self._record_binding([t], ast.Name(first.id, ast.Load()) if isinstance(first, ast.Name)
+                                 else node.value)
         if not self.stack:
             names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-            if isinstance(node.value, ast.Name):
-                for n in names:
-                    self.f.aliases[n] = node.value.id  # `a = b`: one object, two names
-            elif len(names) > 1:
-                for n in names[1:]:
-                    self.f.aliases[n] = names[0]  # `a = b = []`
             if isinstance(node.value, ast.Lambda) and len(names) == 1 and self._last_lambda:
                 self.f.summaries[names[0]] = self._last_lambda
 
@@ -310,6 +438,8 @@ class _Visitor(ast.NodeVisitor):
             self.soft = old
         if node.value is not None or not isinstance(node.target, ast.Name):
             self._store_target(node.target)
+        if node.value is not None:
+            self._record_binding([node.target], node.value)
 
     def visit_Delete(self, node):
         for t in node.targets:
@@ -347,6 +477,7 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.iter)
         with self._conditional():
             self._store_target(node.target)
+            self._record_binding([node.target], node.iter, elements=True)
             self._visit_all(node.body + node.orelse)
 
     visit_AsyncFor = visit_For
@@ -361,6 +492,7 @@ class _Visitor(ast.NodeVisitor):
             self.visit(item.context_expr)
             if item.optional_vars is not None:
                 self._store_target(item.optional_vars)
+                self._record_binding([item.optional_vars], item.context_expr)
         for n in node.body:
             self.visit(n)
 
@@ -476,7 +608,8 @@ class _Visitor(ast.NodeVisitor):
         if not isinstance(body, list):
             g, nl = set(), set()  # a lambda's body is an expression: no declarations
         local = (set(allp) | bound) - g - nl
-        summ = FunctionSummary(params=params, kwonly=kwonly)
+        summ = FunctionSummary(params=params, kwonly=kwonly,
+                               vararg=args.vararg.arg if args.vararg is not None else None)
         self.stack.append(Scope("function", set(local), set(g), set(nl), summ, set(allp)))
         return summ
 
@@ -488,7 +621,7 @@ class _Visitor(ast.NodeVisitor):
         summ = self._push_function(node.args, node.body)
         for n in node.body:
             self.visit(n)
-        self.stack.pop()
+        self._pop_function()
         self._merge_nested(summ)
         self._bind(node.name, node.lineno)
         if top:
@@ -496,18 +629,82 @@ class _Visitor(ast.NodeVisitor):
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
+    def _pop_function(self):
+        """The body has been read: its changes, backwards and gradient uses made through locals
+        reach the parameters and globals those may share (the scope's sources, flow-insensitive);
+        those of an enclosing function's names go to that function's scope."""
+        scope = self.stack.pop()
+        summ = scope.summary
+        outer = self._outer_summary() or summ
+        for name, kind, deep in scope.pending:
+            for t in _reach(scope, name, deep):
+                if t[0] == "param":
+                    summ.mutated_params[t[1]] = combine_kinds(summ.mutated_params.get(t[1]), kind)
+                elif t[0] == "global":
+                    outer.global_mutates[t[1]] = combine_kinds(outer.global_mutates.get(t[1]), kind)
+                else:
+                    t[1].pending.append((t[2], kind, deep))
+        for name in scope.grad_writes:
+            for t in _reach(scope, name, True):
+                if t[0] == "param":
+                    summ.grad_writes.add(t[1])
+                elif t[0] == "global":
+                    outer.global_grad_writes.add(t[1])
+                else:
+                    t[1].grad_writes.add(t[2])
+        for name in scope.observed:
+            for t in _reach(scope, name, False):
+                if t[0] == "param":
+                    summ.grad_params.add(t[1])
+                elif t[0] == "global":
+                    self.f.grad_names.add(t[1])
+                else:
+                    t[1].observed.add(t[2])
+        nested = outer is not summ
+        for callee, pos, kws in scope.calls:
+            args = [self._call_targets(scope, refs, nested) for refs in pos]
+            kargs = {k: self._call_targets(scope, refs, nested) for k, refs in kws.items()}
+            outer.calls.append(BodyCall(callee, args, kargs))
+
+    @staticmethod
+    def _call_targets(scope, refs, nested):
+        """An argument's (shared, derived) refs -> (parameters and globals it may share, those it
+        may be derived from). In a nested function, what it passes of its own or of an enclosing
+        function is read as changed (its summary is not the one calls are followed for)."""
+        shared, derived = refs
+        share_t, graph_t = set(), set()
+        for (s, n), elem in shared:
+            share_t.update(_reach_ref(scope, s, n, elem))
+        graph_t = set(share_t)
+        for s, n in derived:
+            graph_t.update(_reach_ref(scope, s, n, True))
+        out = []
+        for ts in (share_t, graph_t):
+            keep = set()
+            for t in ts:
+                if t[0] == "global" or (t[0] == "param" and not nested):
+                    keep.add(t)
+                elif t[0] == "param":
+                    scope.summary.mutated_params[t[1]] = "call-arg"
+                else:
+                    t[1].pending.append((t[2], "call-arg", False))
+            out.append(frozenset(keep))
+        return tuple(out)
+
     def _merge_nested(self, summ):
         """A nested function's effects on module names count for the function that contains it."""
         outer = self._outer_summary()
         if outer is not None and outer is not summ:
             outer.global_writes |= summ.global_writes
-            outer.global_mutates |= summ.global_mutates
+            for g, k in summ.global_mutates.items():
+                outer.global_mutates[g] = combine_kinds(outer.global_mutates.get(g), k)
+            outer.global_grad_writes |= summ.global_grad_writes
 
     def visit_Lambda(self, node):
         self._visit_args_now(node.args)
         summ = self._push_function(node.args, node.body)
         self.visit(node.body)
-        self.stack.pop()
+        self._pop_function()
         self._merge_nested(summ)
         if not self.stack:
             self._last_lambda = summ
@@ -534,14 +731,26 @@ class _Visitor(ast.NodeVisitor):
         targets = set()
         for g in gens:
             targets |= {n.id for n in ast.walk(g.target) if isinstance(n, ast.Name)}
-        self.stack.append(Scope("comprehension", set(targets)))
+        scope = Scope("comprehension", set(targets))
+        self._comprehension_sources(scope, gens[0])  # read in the enclosing scope
+        self.stack.append(scope)
         with self._conditional():
             for i, g in enumerate(gens):
                 if i:
                     self.visit(g.iter)
+                    self._comprehension_sources(scope, g)
                 self._visit_all(g.ifs)
             self._visit_all(elts)
         self.stack.pop()
+
+    def _comprehension_sources(self, scope, gen):
+        """A comprehension's targets are elements of its iterable (`[p.grad.zero_() for p in ps]`
+        changes ps's elements)."""
+        src = expr_sources(gen.iter, self._external)
+        refs = {(r, True) for n in src.share | src.elems | src.derived for r in self._refs(n)}
+        for n in ast.walk(gen.target):
+            if isinstance(n, ast.Name):
+                scope.sources.setdefault(n.id, set()).update(refs)
 
     def visit_ListComp(self, node):
         self._visit_comprehension(node, [node.elt])
@@ -577,6 +786,8 @@ class _Visitor(ast.NodeVisitor):
         if isinstance(func, ast.Name):
             name = func.id
             user = self._lookup(name) is not None or name in self.bound_now
+            if self._kind(name) is None and (self._lookup(name) is not None or not hasattr(builtins, name)):
+                self._observe(name)  # an object called (`model(xb)`): a module, its parameters
             if name in OPAQUE_CALLS and not user:
                 self._opaque(f"calls {name}()")
             elif name == "setattr" and not user and len(node.args) >= 2:
@@ -605,9 +816,22 @@ class _Visitor(ast.NodeVisitor):
                 # running stats), not its arguments (issue 11: `validate(model0)` read as
                 # changing the `X` its body passes to `model`).
                 self._mutate(name, "called", node.lineno)
+            elif self._kind(name) == "notebook":
+                # A notebook function, in a function body: what it changes is followed when the
+                # function is called (summaries.py), with the function then defined under `name`.
+                scope = next(s for s in reversed(self.stack) if s.kind == "function")
+                pos = [self._value_refs(expr_sources(a, self._external)) for a in node.args
+                       if not isinstance(a, ast.Starred)]
+                kws = {k.arg: self._value_refs(expr_sources(k.value, self._external)) for k in node.keywords if k.arg}
+                if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                        k.arg is None for k in node.keywords):
+                    for a in argnodes:  # `f(*xs)`: which parameter gets what is unknown
+                        self._mutate(root_name(a), "call-arg", node.lineno)
+                else:
+                    scope.calls.append((name, pos, kws))
             else:
-                # A notebook function (or a builtin), in a function body: it may mutate its
-                # arguments (notebook functions are resolved precisely only at top level).
+                # A builtin that PURE_BUILTINS does not clear (`next(it)`): it may change its
+                # arguments.
                 for a in argnodes:
                     self._mutate(root_name(a), "call-arg", node.lineno)
         elif isinstance(func, ast.Attribute):
@@ -630,6 +854,16 @@ class _Visitor(ast.NodeVisitor):
         meth = func.attr
         chain = dotted(func)
         kind = self._kind(root)
+        if meth in GRAD_OBSERVERS and kind is None:
+            self._observe(root)
+        if meth == "backward" and kind is None:
+            # `loss.backward()`, `l.sum().backward()` change no value of `loss`: they write the
+            # `.grad` of what it was computed from (aliases.py), so this is not a change of `loss`
+            # or of what it shares.
+            self._grad_writes_of(recv)
+            return
+        if meth in GRAD_CALLS and kind == "module" and chain and "autograd" in chain and node.args:
+            self._grad_writes_of(node.args[0])  # `torch.autograd.backward(loss)`
         if isinstance(recv, ast.Call) and isinstance(recv.func, ast.Name) and recv.func.id == "get_ipython":
             self._opaque(f"uses get_ipython().{meth}")
         elif kind is not None:
@@ -640,8 +874,10 @@ class _Visitor(ast.NodeVisitor):
             elif external_method_changes_receiver(meth, chain, kind == "module" and recv is not None
                                                   and isinstance(recv, ast.Name)):
                 self._mutate(root, "seed" if meth in SEED_CALLS else "state", node.lineno)
-            elif self.faithful and is_draw(meth):
-                self._mutate(root, "draw", node.lineno)  # `np.random.rand()` moves numpy's generator
+            elif is_draw(meth) and (self.faithful or self._later()):
+                # `np.random.rand()` moves numpy's generator. In a function body always: the
+                # function's summary says it draws (summaries.py), its calls decide.
+                self._mutate(root, "draw", node.lineno)
             if meth == "import_module":
                 self._opaque("imports a module by computed name")
         elif root is not None:
@@ -651,11 +887,11 @@ class _Visitor(ast.NodeVisitor):
                 self._mutate(root, "seed", node.lineno)  # `g.manual_seed(0)`: a new state
             elif is_draw(meth) and not inplace:
                 # `rng.normal()` only moves the generator: left out unless faithful.
-                if self.faithful:
+                if self.faithful or self._later():
                     self._mutate(root, "draw", node.lineno)
             elif not (is_query(meth) or meth in WRITE_CALLS) or inplace:
                 # (`tok.save_pretrained(d)`, `df.to_csv(p)` write files; the object stays as it was.)
-                self._mutate(root, "direct", node.lineno)
+                self._mutate(root, "direct", node.lineno, deep=_through_element(recv))
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
             # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
             # `rng.shuffle(xs)`: the argument changes (`x.add_(y)` on a notebook object changes x).
@@ -668,6 +904,53 @@ class _Visitor(ast.NodeVisitor):
 
 
 _DISPATCH: dict = {}  # node type -> _Visitor method (see _Visitor.visit)
+
+
+def _through_element(node) -> bool:
+    """`b[0].append(1)`, `b[0][1] = 2`: the change is made to an element of b, which a shallow copy
+    or a container b was derived from holds too. An attribute chain (`w.grad.zero_()`,
+    `model.weight.data`) is the object's own state: not an element."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Subscript):
+            return True
+        node = node.value
+    return False
+
+
+def _reach(scope, name, graph) -> set:
+    """What a change through `name`, a local of function `scope`, may reach, by the scope's
+    sources (and what they were derived from when `graph`: a backward, or a change of an element):
+    ('param', p), ('global', g) and ('outer', enclosing Scope, name) targets."""
+    out: set = set()
+    seen: set = set()
+    stack = [(name, graph)]
+    while stack:
+        n, g = stack.pop()
+        if (n, g) in seen:
+            continue
+        seen.add((n, g))
+        if n in scope.params:
+            out.add(("param", n))
+        for (s, m), elem in scope.sources.get(n, ()):
+            if s is scope:
+                stack.append((m, g or elem))
+            else:
+                out.add(("global", m) if s is None else ("outer", s, m))
+        if g:
+            for s, m in scope.derived.get(n, ()):
+                if s is scope:
+                    stack.append((m, g))
+                else:
+                    out.add(("global", m) if s is None else ("outer", s, m))
+    return out
+
+
+def _reach_ref(scope, s, n, graph) -> set:
+    if s is None:
+        return {("global", n)}
+    if s is not scope:
+        return {("outer", s, n)}
+    return _reach(scope, n, graph)
 
 
 def _is_name_main(test) -> bool:

@@ -1,0 +1,246 @@
+"""May-alias: through which names a change reaches an object (issue 16).
+
+Why a module of its own: the effect model (effects.py) says what a call changes, `x.add_(1)`
+changes x; this module says which other names see that change. Without it a slice kept the manual
+step of a course notebook (`coeffs.sub_(coeffs.grad * 0.1)`) but not the `loss.backward()` that
+wrote `coeffs.grad`, and the exported script died at import.
+
+Two relations, computed from the statements (the tables and their reasons are in effects.py):
+
+- *shares*: a name bound to an expression may share every object the expression reads
+  (`v = x.view(-1)`, `opt = SGD(model.parameters())`, `dl = DataLoader(ds)`), unless the expression
+  is known to make a fresh value (`x.item()`, `len(xs)`) or new memory (`a * b`, `x.sum()`).
+- *derived from*: arithmetic and `COMPUTE_CALLS` make new memory that still carries the inputs'
+  autograd graph (and, for shallow copies, their elements).
+
+At the top level of a notebook this is a points-to analysis over statements in order (`propagate`):
+every binding makes a new abstract object, and a name points to it plus the objects its sources
+point to. A change through a name changes the objects it points to, and is recorded as a change
+(`'alias'`) of every other name that points to one of them, so the slicer needs nothing new: the
+change is an event of those names. Sharing is not transitive through a result: after
+`loss = calc_loss(w, x, y)`, a change through `w` does not reach `x`, although `loss` may point to
+both. A change of an element (`b[0].append(1)`, `w.grad.zero_()`) reaches what the name was derived
+from too; a backward (`GRAD_CALLS`) reaches, through both relations, the names whose gradients the
+notebook uses (`'grad'`). Inside function bodies the same relations are read flow-insensitively by
+the visitor, for the function's summary.
+"""
+from __future__ import annotations
+
+import ast
+from itertools import count
+from typing import NamedTuple
+
+from mpify.analysis.effects import COMPUTE_CALLS, FRESH_ATTRS, FRESH_CALLS
+
+__all__ = ["Sources", "expr_sources", "propagate"]
+
+# Binding kinds whose changes do not travel to aliases: calling an object (`model(x)`) and passing
+# it to a call that may change it are weak evidence (issue 11's precision), and stay on the name.
+_LOCAL_ONLY = frozenset({"called", "call-arg"})
+
+
+class Sources(NamedTuple):
+    """What a value may share, by name: `share` (the same objects: `v = x.view(-1)`), `elems` (one
+    of their elements: `row = x[0]`, `for xb in dl`, which may be an element of what x was derived
+    from), `derived` (computed from them: their autograd graph), `callees` (objects it calls:
+    `model(x)`; the visitor keeps only values, not functions or classes)."""
+
+    share: set
+    derived: set
+    elems: set
+    callees: set
+
+
+def expr_sources(node, external=None) -> Sources:
+    """The names whose objects the value of `node` may share, hold or be derived from. Names bound
+    inside the expression (comprehension targets, lambda parameters) are left out; the caller
+    filters names that are not values (modules, functions). external(name): True for a module or
+    an imported or notebook function or class: what a call on it returns (`d2l.try_gpu()`,
+    `make_data()`) does not hold it (effects.py: calls on those change nothing unless listed)."""
+    out = Sources(set(), set(), set(), set())
+    _sources(node, out, external or _never)
+    return out
+
+
+def _never(_name) -> bool:
+    return False
+
+
+def _names(node) -> set:
+    """Every name read in node, minus those bound inside it (comprehensions, lambdas)."""
+    bound = set()
+    read = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            (read if isinstance(n.ctx, ast.Load) else bound).add(n.id)
+        elif isinstance(n, ast.arg):
+            bound.add(n.arg)
+    return read - bound
+
+
+def _callee_name(func) -> str | None:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def _sources(node, out: Sources, ext) -> None:
+    if isinstance(node, ast.Name):
+        out.share.add(node.id)
+    elif isinstance(node, (ast.Constant, ast.JoinedStr, ast.Lambda, ast.Compare)):
+        pass  # new values (a comparison gives bools, or a tensor of them: no graph)
+    elif isinstance(node, ast.Attribute):
+        if node.attr not in FRESH_ATTRS:
+            _sources(node.value, out, ext)
+    elif isinstance(node, ast.Subscript):
+        inner = expr_sources(node.value, ext)  # an element or a view
+        out.elems.update(inner.share, inner.elems)
+        out.derived.update(inner.derived)
+        out.callees.update(inner.callees)
+        out.derived.update(_names(node.slice))
+    elif isinstance(node, (ast.Starred, ast.NamedExpr, ast.Await)):
+        _sources(node.value, out, ext)
+    elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        for e in node.elts:
+            _sources(e, out, ext)  # a container holds its elements
+    elif isinstance(node, ast.Dict):
+        for e in [k for k in node.keys if k is not None] + node.values:
+            _sources(e, out, ext)
+    elif isinstance(node, ast.BoolOp):
+        for e in node.values:
+            _sources(e, out, ext)  # `a or b` is one of them
+    elif isinstance(node, ast.IfExp):
+        _sources(node.body, out, ext)
+        _sources(node.orelse, out, ext)
+    elif isinstance(node, ast.UnaryOp):
+        if not isinstance(node.op, ast.Not):
+            out.derived.update(_names(node.operand))
+    elif isinstance(node, ast.BinOp):
+        out.derived.update(_names(node))  # new memory, the operands' graph
+    elif isinstance(node, ast.Call):
+        _call_sources(node, out, ext)
+    else:
+        out.share.update(_names(node))  # comprehensions and anything else: may hold what it reads
+
+
+def _call_sources(node, out: Sources, ext) -> None:
+    func = node.func
+    name = _callee_name(func)
+    if name in FRESH_CALLS:
+        return
+    if (name == "clone" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
+            and _callee_name(func.value.func) == "detach"):
+        return  # `x.detach().clone()`: new memory, no graph
+    inner = Sources(set(), set(), set(), set())
+    if isinstance(func, ast.Attribute):
+        if not (isinstance(func.value, ast.Name) and ext(func.value.id)):
+            _sources(func.value, inner, ext)  # a method may return its receiver or a view of it
+    elif isinstance(func, ast.Name):
+        if not ext(func.id):
+            out.callees.add(func.id)  # calling an object may return its state (`model(x)`)
+    else:
+        _sources(func, inner, ext)
+    for a in list(node.args) + [k.value for k in node.keywords]:
+        _sources(a, inner, ext)
+    out.callees.update(inner.callees)
+    if name in COMPUTE_CALLS:
+        out.derived.update(inner.share, inner.elems, inner.derived)
+    else:
+        out.share.update(inner.share)
+        out.elems.update(inner.elems)
+        out.derived.update(inner.derived)
+
+
+_NOTHING = Sources(frozenset(), frozenset(), frozenset(), frozenset())
+
+
+class _Objects:
+    """The points-to state of the top-level names as the statements run, in order."""
+
+    def __init__(self):
+        self.pts: dict = {}  # name -> abstract objects it may point to
+        self.graph: dict = {}  # name -> objects it may be derived from (its autograd graph)
+        self.holders: dict = {}  # object -> names that may point to it
+        self.new = count()
+
+    def reach(self, names, via_graph: bool) -> set:
+        out = set()
+        for n in names:
+            out |= self.pts.get(n, set())
+            if via_graph:
+                out |= self.graph.get(n, set())
+        return out
+
+    def bind(self, name, src: Sources, strong) -> None:
+        pts = {next(self.new)} | self.reach(src.share, False) | self.reach(src.elems, True)
+        graph = pts | self.reach(src.share | src.elems | src.derived, True)
+        if not strong:
+            pts |= self.pts.get(name, set())
+            graph |= self.graph.get(name, set())
+        self.unbind(name)
+        self.pts[name] = pts
+        self.graph[name] = graph
+        for o in pts:
+            self.holders.setdefault(o, set()).add(name)
+
+    def unbind(self, name) -> None:
+        for o in self.pts.pop(name, ()):
+            self.holders.get(o, set()).discard(name)
+        self.graph.pop(name, None)
+
+    def names_of(self, objects) -> set:
+        out = set()
+        for o in objects:
+            out |= self.holders.get(o, set())
+        return out
+
+
+def propagate(statements, grad_names: set, faithful: bool) -> None:
+    """Record, on each top-level statement, the changes its own changes make through aliases:
+    `facts.mutates[n] = 'alias'` (or `'grad'`, `'seed'`, `'draw'`) and `facts.via[n]` = the name
+    the change was made through. `grad_names`: the names whose gradients the notebook uses."""
+    objs = _Objects()
+    for st in statements:
+        f = st.facts
+        before = _changes(objs, f, grad_names)
+        bound = set()
+        for names, src in f.bindings:
+            for n in names:
+                objs.bind(n, src, f.defs.get(n) is True)
+                bound.add(n)
+        for n, strong in f.defs.items():
+            if n not in bound:
+                objs.bind(n, _NOTHING, strong)  # a def, class, import: a new object
+        for n, strong in f.dels.items():
+            if strong:
+                objs.unbind(n)
+        # The statement's own bindings count too (`for xb in dl: xb.add_(1)` changes dl).
+        after = _changes(objs, f, grad_names)
+        for n, (kind, via) in {**after, **before}.items():
+            if n in f.mutates and f.mutates[n] not in _LOCAL_ONLY:
+                continue
+            if kind == "draw" and not faithful:
+                continue
+            f.mutates[n] = kind
+            f.via[n] = via
+
+
+def _changes(objs, f, grad_names) -> dict:
+    """name -> (kind, via) for the names the statement changes through another name."""
+    out: dict = {}
+    for m, kind in f.mutates.items():
+        if kind in _LOCAL_ONLY or m in f.via:
+            continue
+        written = objs.reach([m], m in f.deep)
+        for n in objs.names_of(written) - {m}:
+            out.setdefault(n, ("seed" if kind == "seed" else "draw" if kind == "draw" else "alias", m))
+    if f.grad_writes:
+        held = objs.reach(grad_names, False)
+        for m in f.grad_writes:
+            written = objs.reach([m], True) & held
+            for n in objs.names_of(written):
+                if n != m or n in grad_names:
+                    out.setdefault(n, ("grad", m))
+    return out
