@@ -79,10 +79,11 @@ to train eval load_state_dict register_buffer register_parameter register_module
 register_forward_hook register_forward_pre_hook register_full_backward_hook requires_grad_ zero_grad
 step add_param_group set_format set_transform reset_format cast_column rename_column_ set_epoch
 """)
-# Module functions that change their first argument.
+# Module functions that change their first argument; and the builtin `next`, which advances its
+# iterator (and what the iterator was made from: a generator is its own iterator).
 ARG_MUTATORS = _words("""
 shuffle heappush heappop heapify heapreplace heappushpop insort insort_left insort_right copyto
-fill_diagonal put place putmask
+fill_diagonal put place putmask next
 """)
 # Methods that only read their receiver or display it (besides the `QUERY_PREFIXES`).
 QUERY_METHODS = _words("""

@@ -407,11 +407,12 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
                     _add_mutation(f, pos[0], "direct")
                 continue
             if callee not in latest:
-                # A builtin that PURE_BUILTINS does not clear (`next(it)`): it may change its
-                # arguments.
-                for arg in list(pos) + list(kws.values()):
+                # A builtin that PURE_BUILTINS does not clear: it may change its arguments;
+                # `next(it)` does change its iterator, and what the iterator was made from
+                # (`it = iter(gen)` is gen itself): a change that reaches aliases.
+                for i, arg in enumerate(list(pos) + list(kws.values())):
                     if arg:
-                        _add_mutation(f, arg, "call-arg")
+                        _add_mutation(f, arg, "direct" if i == 0 and changes_first_arg(callee) else "call-arg")
                 continue
             # Calling a notebook object (`linear_model(X)`): as for a method call on it, it may
             # change the object (a stateful callable), not its arguments (issue 11: `X` was read

@@ -830,10 +830,11 @@ class _Visitor(ast.NodeVisitor):
                 else:
                     scope.calls.append((name, pos, kws))
             else:
-                # A builtin that PURE_BUILTINS does not clear (`next(it)`): it may change its
-                # arguments.
-                for a in argnodes:
-                    self._mutate(root_name(a), "call-arg", node.lineno)
+                # A builtin that PURE_BUILTINS does not clear: it may change its arguments
+                # (`next(it)` does change its first, see effects.ARG_MUTATORS).
+                for i, a in enumerate(argnodes):
+                    self._mutate(root_name(a), "direct" if i == 0 and changes_first_arg(name) else "call-arg",
+                                 node.lineno)
         elif isinstance(func, ast.Attribute):
             self._method_call(node, func, argnodes)
         if isinstance(func, ast.Name) and func.id == "open" and not self._later():

@@ -1,0 +1,87 @@
+"""The may-alias rules and the function summaries of issue 16, one small notebook each: the exact
+statements kept, and the rendered slice run in a fresh interpreter, where the target must see
+what the notebook gives it (the value is written beside each case, as the notebook computes it)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mpify.analysis import render_source, slice_notebook
+from test_analysis_cases import make_nb, srcs
+
+MARK = "MPIFY_RESULT="
+
+# name: (cells, target, kept statements, the target's call, its value after the whole notebook)
+CASES = {
+    # A view, and a slice, share their object's memory: changing them changes it.
+    "view": (["import numpy as np\nx = np.zeros(4)", "v = x.reshape(2, 2)\nv[0, 0] = 1.0",
+              "row = x[1:3]\nrow += 5", "def f():\n    return x.tolist()"], "f",
+             ["import numpy as np", "x = np.zeros(4)", "v = x.reshape(2, 2)", "v[0, 0] = 1.0",
+              "row = x[1:3]", "row += 5", "def f():\n    return x.tolist()"], "f()", [1.0, 5.0, 5.0, 0.0]),
+    # Fresh values share nothing: a list of the values, a copy, a deep copy, a length.
+    "fresh": (["import copy\nimport numpy as np\nx = np.zeros(3)\ncfg = {'lr': 0.1}",
+               "vals = x.tolist()\nvals.append(9)\nc = x.copy()\nc[0] = 7\nd = copy.deepcopy(cfg)\n"
+               "d['lr'] = 1\nn = len(x)", "def f():\n    return x.tolist(), cfg"], "f",
+              ["import numpy as np", "x = np.zeros(3)", "cfg = {'lr': 0.1}",
+               "def f():\n    return x.tolist(), cfg"], "f()", ([0.0, 0.0, 0.0], {"lr": 0.1})),
+    # A container holds its elements; a change of an element reaches them.
+    "container": (["a = [1]\nb = [2]", "pair = [a, b]\npair[0].append(3)", "def f():\n    return a"], "f",
+                  ["a = [1]", "b = [2]", "pair = [a, b]", "pair[0].append(3)", "def f():\n    return a"],
+                  "f()", [1, 3]),
+    # An object built over another (a loader over a dataset) reaches it when it is changed.
+    "wrapper": (["class Loader:\n    def __init__(self, data):\n        self.data = data",
+                 "ds = [1, 2]\ndl = Loader(ds)\ndl.data.append(99)", "def f():\n    return ds"], "f",
+                ["class Loader:\n    def __init__(self, data):\n        self.data = data", "ds = [1, 2]",
+                 "dl = Loader(ds)", "dl.data.append(99)", "def f():\n    return ds"], "f()", [1, 2, 99]),
+    # An iterator advanced with next(): a generator is its own iterator.
+    "iterator": (["def batches():\n    yield from range(5)", "gen = batches()\nit = iter(gen)\nfirst = next(it)",
+                  "def rest():\n    return list(gen)"], "rest",
+                 ["def batches():\n    yield from range(5)", "gen = batches()", "it = iter(gen)",
+                  "first = next(it)", "def rest():\n    return list(gen)"], "rest()", [1, 2, 3, 4]),
+    # Inside a function, a local that shares a parameter: changing it changes the argument.
+    "local_alias": (["def fill(d):\n    e = d\n    e['k'] = 1", "cfg = {}\nfill(cfg)",
+                     "def f():\n    return cfg"], "f",
+                    ["def fill(d):\n    e = d\n    e['k'] = 1", "cfg = {}", "fill(cfg)",
+                     "def f():\n    return cfg"], "f()", {"k": 1}),
+    # Calls of notebook functions are followed: `report` only prints what `norm` computes.
+    "followed": (["def norm(xs):\n    return sum(xs) / len(xs)", "def report(xs):\n    print(norm(xs))",
+                  "def add_one(xs):\n    xs.append(1)", "def twice(xs):\n    add_one(xs)\n    add_one(xs)",
+                  "lst = [4]\nreport(lst)\ntwice(lst)", "def f():\n    return lst"], "f",
+                 ["def add_one(xs):\n    xs.append(1)", "def twice(xs):\n    add_one(xs)\n    add_one(xs)",
+                  "lst = [4]", "twice(lst)", "def f():\n    return lst"], "f()", [4, 1, 1]),
+    # ...with the definitions of the call's time: the first `show(lst)` calls a pure helper, the
+    # second the helper redefined to clear its argument.
+    "late_binding": (["def helper(x):\n    return len(x)", "def show(x):\n    return helper(x)",
+                      "lst = [1, 2]\nshow(lst)", "def helper(x):\n    x.clear()", "show(lst)",
+                      "def f():\n    return lst"], "f",
+                     ["def show(x):\n    return helper(x)", "lst = [1, 2]",
+                      "def helper(x):\n    x.clear()", "show(lst)", "def f():\n    return lst"], "f()", []),
+    # Recursion, direct or mutual, stays conservative: the arguments may change.
+    "recursion": (["def walk(xs, n):\n    return xs if n == 0 else walk(xs, n - 1)",
+                   "def even(xs, n):\n    return True if n == 0 else odd(xs, n - 1)",
+                   "def odd(xs, n):\n    return False if n == 0 else even(xs, n - 1)",
+                   "lst = [1]\nwalk(lst, 3)\neven(lst, 3)", "def f():\n    return lst"], "f",
+                  ["def walk(xs, n):\n    return xs if n == 0 else walk(xs, n - 1)",
+                   "def even(xs, n):\n    return True if n == 0 else odd(xs, n - 1)",
+                   "def odd(xs, n):\n    return False if n == 0 else even(xs, n - 1)",
+                   "lst = [1]", "walk(lst, 3)", "even(lst, 3)", "def f():\n    return lst"], "f()", [1]),
+    # A function that changes a global through a local alias of it.
+    "global_alias": (["REG = []", "def grow():\n    alias = REG\n    alias.append(1)", "grow()",
+                      "def f():\n    return REG"], "f",
+                     ["REG = []", "def grow():\n    alias = REG\n    alias.append(1)", "grow()",
+                      "def f():\n    return REG"], "f()", [1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_alias_and_summary_cases(name, tmp_path):
+    cells, target, want, call, value = CASES[name]
+    sl = slice_notebook(make_nb(tmp_path, cells), target)
+    assert srcs(sl) == want
+    script = tmp_path / "slice.py"
+    script.write_text(render_source(sl) + f"\nprint({MARK!r} + repr({call}))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == MARK + repr(value)
