@@ -15,7 +15,7 @@ import pytest
 from nbformat.v4 import new_code_cell
 
 from conftest import run_notebook
-from mpify.analysis import render_source, slice_notebook
+from mpify.analysis import slice_notebook
 from test_analysis_differential import check_slice
 from test_slice_course_notebooks import LESSONTOOLS, MARK, kept, run_slice, run_whole, write_nb
 

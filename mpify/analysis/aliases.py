@@ -30,9 +30,10 @@ import ast
 from itertools import count
 from typing import NamedTuple
 
-from mpify.analysis.effects import COMPUTE_CALLS, FRESH_ATTRS, FRESH_CALLS
+from mpify.analysis.effects import COMPUTE_CALLS, FRESH_ATTRS, FRESH_CALLS, combine_kinds
+from mpify.analysis.summaries import BodyCall
 
-__all__ = ["Sources", "expr_sources", "propagate"]
+__all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element"]
 
 # Binding kinds whose changes do not travel to aliases: calling an object (`model(x)`) and passing
 # it to a call that may change it are weak evidence (issue 11's precision), and stay on the name.
@@ -244,3 +245,108 @@ def _changes(objs, f, grad_names) -> dict:
                 if n != m or n in grad_names:
                     out.setdefault(n, ("grad", m))
     return out
+
+# ---- inside function bodies: the same relations, flow-insensitive, for the function's summary ----
+
+def close_function(scope, outer, grad_names: set) -> None:
+    """A function body has been read (`scope`, its summary `scope.summary`; `outer`: the summary
+    of the outermost function, which global effects go to). Its changes, backwards and gradient
+    uses made through locals reach the parameters and globals those may share (`Scope.sources`,
+    read flow-insensitively: an alias may be bound after the change, in a loop); those of an
+    enclosing function's names go to that function's scope. Globals whose gradients are used go
+    to grad_names; the notebook functions it calls, with what each argument may reach, to
+    `outer.calls`."""
+    summ = scope.summary
+    for name, kind, deep in scope.pending:
+        for t in _reach(scope, name, deep):
+            if t[0] == "param":
+                summ.mutated_params[t[1]] = combine_kinds(summ.mutated_params.get(t[1]), kind)
+            elif t[0] == "global":
+                outer.global_mutates[t[1]] = combine_kinds(outer.global_mutates.get(t[1]), kind)
+            else:
+                t[1].pending.append((t[2], kind, deep))
+    for names, graph, params, globals_, attr in (
+            (scope.grad_writes, True, summ.grad_writes, outer.global_grad_writes, "grad_writes"),
+            (scope.observed, False, summ.grad_params, grad_names, "observed")):
+        for name in names:
+            for t in _reach(scope, name, graph):
+                if t[0] == "outer":
+                    getattr(t[1], attr).add(t[2])
+                else:
+                    (params if t[0] == "param" else globals_).add(t[1])
+    nested = outer is not summ
+    for callee, pos, kws in scope.calls:
+        outer.calls.append(BodyCall(callee, [_call_targets(scope, refs, nested) for refs in pos],
+                                    {k: _call_targets(scope, refs, nested) for k, refs in kws.items()}))
+
+
+def _call_targets(scope, refs, nested) -> tuple:
+    """An argument's (shared, derived) refs -> (the parameters and globals it may share, those it
+    may be derived from). In a nested function, what it passes of its own or of an enclosing
+    function is read as changed (its summary is not the one calls are followed for)."""
+    shared, derived = refs
+    share_t = set()
+    for (s, n), elem in shared:
+        share_t.update(_reach_ref(scope, s, n, elem))
+    graph_t = set(share_t)
+    for s, n in derived:
+        graph_t.update(_reach_ref(scope, s, n, True))
+    out = []
+    for ts in (share_t, graph_t):
+        keep = set()
+        for t in ts:
+            if t[0] == "global" or (t[0] == "param" and not nested):
+                keep.add(t)
+            elif t[0] == "param":
+                scope.summary.mutated_params[t[1]] = "call-arg"
+            else:
+                t[1].pending.append((t[2], "call-arg", False))
+        out.append(frozenset(keep))
+    return tuple(out)
+
+
+def through_element(node) -> bool:
+    """`b[0].append(1)`, `b[0][1] = 2`: the change is made to an element of b, which a shallow copy
+    or a container b was derived from holds too. An attribute chain (`w.grad.zero_()`,
+    `model.weight.data`) is the object's own state: not an element."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Subscript):
+            return True
+        node = node.value
+    return False
+
+
+def _reach(scope, name, graph) -> set:
+    """What a change through `name`, a local of function `scope`, may reach, by the scope's
+    sources (and what they were derived from when `graph`: a backward, or a change of an element):
+    ('param', p), ('global', g) and ('outer', enclosing Scope, name) targets."""
+    out: set = set()
+    seen: set = set()
+    stack = [(name, graph)]
+    while stack:
+        n, g = stack.pop()
+        if (n, g) in seen:
+            continue
+        seen.add((n, g))
+        if n in scope.params:
+            out.add(("param", n))
+        for (s, m), elem in scope.sources.get(n, ()):
+            if s is scope:
+                stack.append((m, g or elem))
+            else:
+                out.add(("global", m) if s is None else ("outer", s, m))
+        if g:
+            for s, m in scope.derived.get(n, ()):
+                if s is scope:
+                    stack.append((m, g))
+                else:
+                    out.add(("global", m) if s is None else ("outer", s, m))
+    return out
+
+
+def _reach_ref(scope, s, n, graph) -> set:
+    if s is None:
+        return {("global", n)}
+    if s is not scope:
+        return {("outer", s, n)}
+    return _reach(scope, n, graph)

@@ -33,11 +33,29 @@ tables it reads are at the end of this module (`FRESH_CALLS`, `FRESH_ATTRS`, `CO
 """
 from __future__ import annotations
 
-__all__ = ["FRESH_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
+__all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
            "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
            "is_query", "is_draw", "external_method_changes_receiver"]
+
+
+# How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
+# 'call-arg' (passed to a call that may change it), 'draw', 'grad' (a backward writes its `.grad`),
+# 'alias' (changed through a name that may share it, aliases.py), 'state', 'seed', 'direct'.
+MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "grad": 2, "alias": 2, "state": 2, "seed": 3,
+                 "direct": 4}
+
+
+def combine_kinds(old, new):
+    """Two ways one call changes a name: the stronger, except that a function that seeds a
+    generator and draws from it is a draw (`print_sampled_tokens` seeds, then samples): it leaves
+    the generator somewhere, as any draw does, and a later seed makes that irrelevant."""
+    if old is None or old == new:
+        return new
+    if {old, new} == {"seed", "draw"}:
+        return "draw"
+    return new if MUTATION_RANK[new] > MUTATION_RANK[old] else old
 
 
 def _words(text: str) -> frozenset:

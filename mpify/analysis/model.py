@@ -31,7 +31,7 @@ from mpify.analysis.aliases import propagate
 from mpify.analysis.effects import changes_first_arg
 from mpify.analysis.stars import resolve_star
 from mpify.analysis.summaries import effects_of, params_for
-from mpify.analysis.visitor import _MUTATION_RANK, StatementFacts, analyse_statement
+from mpify.analysis.visitor import MUTATION_RANK, StatementFacts, analyse_statement
 
 __all__ = ["Statement", "BrokenCell", "Model", "build_model"]
 
@@ -435,5 +435,5 @@ def _add_effect(f, name, kind, faithful):
 
 def _add_mutation(f, name, kind):
     old = f.mutates.get(name)
-    if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
+    if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
         f.mutates[name] = kind

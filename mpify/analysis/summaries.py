@@ -20,9 +20,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mpify.analysis.visitor import FunctionSummary, combine_kinds
+from typing import NamedTuple
 
-__all__ = ["Effects", "effects_of", "params_for"]
+from mpify.analysis.effects import combine_kinds
+
+__all__ = ["FunctionSummary", "BodyCall", "Effects", "effects_of", "params_for"]
+
+
+class BodyCall(NamedTuple):
+    """A call of a notebook function in a function body (`calc_preds(coeffs, indeps)`), followed
+    when the function is called (summaries.py). Each argument is (the parameters and globals it
+    may share, those it may be derived from), as ('param', name) / ('global', name) pairs."""
+
+    callee: str
+    pos: list
+    kws: dict
+
+
+@dataclass
+class FunctionSummary:
+    """What calling a notebook function does, from its body alone (its calls of other notebook
+    functions are followed by summaries.py, at the call).
+
+    params: positional parameter names in order; vararg: the `*args` name; mutated_params: those
+    it may change -> how ('direct', 'draw', ...); global_writes: module names it assigns through
+    `global`; global_mutates: module names it changes -> how; grad_params: parameters whose
+    gradients it uses (`p.grad`, `p.parameters()`, `p(x)`); grad_writes / global_grad_writes:
+    parameters / globals a backward in it runs through (`loss.backward()` with `loss` computed
+    from them); calls: its `BodyCall`s.
+    """
+
+    params: list[str] = field(default_factory=list)
+    kwonly: list[str] = field(default_factory=list)
+    vararg: str | None = None
+    mutated_params: dict = field(default_factory=dict)
+    global_writes: set[str] = field(default_factory=set)
+    global_mutates: dict = field(default_factory=dict)
+    grad_params: set = field(default_factory=set)
+    grad_writes: set = field(default_factory=set)
+    global_grad_writes: set = field(default_factory=set)
+    calls: list = field(default_factory=list)
+    is_class: bool = False
 
 
 @dataclass

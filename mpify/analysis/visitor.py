@@ -36,34 +36,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mpify.analysis.aliases import Sources, expr_sources
-from mpify.analysis.effects import (GRAD_CALLS, GRAD_OBSERVERS, LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS,
-                                    SEED_CALLS, WRITE_CALLS, changes_first_arg,
-                                    external_method_changes_receiver, is_draw, is_query)
+from mpify.analysis.aliases import Sources, close_function, expr_sources, through_element
+from mpify.analysis.effects import (GRAD_CALLS, GRAD_OBSERVERS, LAUNCHERS, MUTATION_RANK, OPAQUE_CALLS,
+                                    PURE_BUILTINS, SEED_CALLS, WRITE_CALLS, changes_first_arg,
+                                    combine_kinds, external_method_changes_receiver, is_draw,
+                                    is_query)
 from mpify.analysis.scopes import Scope, dotted, root_name, scope_names
+from mpify.analysis.summaries import FunctionSummary
 
-__all__ = ["StatementFacts", "FunctionSummary", "BareCall", "BodyCall", "analyse_statement",
-           "combine_kinds"]
+__all__ = ["StatementFacts", "BareCall", "analyse_statement"]
 
 # The tables of known effects (which calls change what) live in effects.py; the visitor applies them.
-# How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
-# 'call-arg' (passed to a call that may change it), 'draw', 'grad' (a backward writes its `.grad`),
-# 'alias' (changed through a name that may share it, aliases.py), 'state', 'seed', 'direct'.
-_MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "grad": 2, "alias": 2, "state": 2, "seed": 3,
-                  "direct": 4}
-
-
-def combine_kinds(old, new):
-    """Two ways one call changes a name: the stronger, except that a function that seeds a
-    generator and draws from it is a draw (`print_sampled_tokens` seeds, then samples): it leaves
-    the generator somewhere, as any draw does, and a later seed makes that irrelevant."""
-    if old is None or old == new:
-        return new
-    if {old, new} == {"seed", "draw"}:
-        return "draw"
-    return new if _MUTATION_RANK[new] > _MUTATION_RANK[old] else old
-
-
 class BareCall(NamedTuple):
     """A call of a bare global name made when a statement runs (`f(x, k=y)`), resolved later
     against the latest definition of `f` (model._resolve_calls)."""
@@ -72,42 +55,6 @@ class BareCall(NamedTuple):
     pos: list  # root name of each positional argument (None for a literal or a call result)
     kws: dict  # keyword -> root name of its argument
     line: int
-
-
-class BodyCall(NamedTuple):
-    """A call of a notebook function in a function body (`calc_preds(coeffs, indeps)`), followed
-    when the function is called (summaries.py). Each argument is (the parameters and globals it
-    may share, those it may be derived from), as ('param', name) / ('global', name) pairs."""
-
-    callee: str
-    pos: list
-    kws: dict
-
-
-@dataclass
-class FunctionSummary:
-    """What calling a notebook function does, from its body alone (its calls of other notebook
-    functions are followed by summaries.py, at the call).
-
-    params: positional parameter names in order; vararg: the `*args` name; mutated_params: those
-    it may change -> how ('direct', 'draw', ...); global_writes: module names it assigns through
-    `global`; global_mutates: module names it changes -> how; grad_params: parameters whose
-    gradients it uses (`p.grad`, `p.parameters()`, `p(x)`); grad_writes / global_grad_writes:
-    parameters / globals a backward in it runs through (`loss.backward()` with `loss` computed
-    from them); calls: its `BodyCall`s.
-    """
-
-    params: list[str] = field(default_factory=list)
-    kwonly: list[str] = field(default_factory=list)
-    vararg: str | None = None
-    mutated_params: dict = field(default_factory=dict)
-    global_writes: set[str] = field(default_factory=set)
-    global_mutates: dict = field(default_factory=dict)
-    grad_params: set = field(default_factory=set)
-    grad_writes: set = field(default_factory=set)
-    global_grad_writes: set = field(default_factory=set)
-    calls: list = field(default_factory=list)
-    is_class: bool = False
 
 
 @dataclass
@@ -238,7 +185,7 @@ class _Visitor(ast.NodeVisitor):
         return []  # a class attribute
 
     def _mutate(self, name, kind, lineno, deep=False):
-        """`name` may change (`kind`: see _MUTATION_RANK); deep: through an element or attribute."""
+        """`name` may change (`kind`: see MUTATION_RANK); deep: through an element or attribute."""
         if name is None:
             return
         for scope, n in self._refs(name):
@@ -250,7 +197,7 @@ class _Visitor(ast.NodeVisitor):
                     summ.global_mutates[n] = combine_kinds(summ.global_mutates.get(n), kind)
             else:
                 old = self.f.mutates.get(n)
-                if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
+                if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
                     self.f.mutates[n] = kind
                 if deep:
                     self.f.deep.add(n)
@@ -375,7 +322,7 @@ class _Visitor(ast.NodeVisitor):
             if isinstance(node, ast.Subscript):
                 self.visit(node.slice)
             self._mutate(root_name(node), "direct" if not self._is_module(root_name(node)) else "state",
-                         node.lineno, deep=_through_element(node.value))
+                         node.lineno, deep=through_element(node.value))
         else:
             self.visit(node)
 
@@ -630,66 +577,9 @@ class _Visitor(ast.NodeVisitor):
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def _pop_function(self):
-        """The body has been read: its changes, backwards and gradient uses made through locals
-        reach the parameters and globals those may share (the scope's sources, flow-insensitive);
-        those of an enclosing function's names go to that function's scope."""
+        """The body has been read: what it changes through its locals (aliases.close_function)."""
         scope = self.stack.pop()
-        summ = scope.summary
-        outer = self._outer_summary() or summ
-        for name, kind, deep in scope.pending:
-            for t in _reach(scope, name, deep):
-                if t[0] == "param":
-                    summ.mutated_params[t[1]] = combine_kinds(summ.mutated_params.get(t[1]), kind)
-                elif t[0] == "global":
-                    outer.global_mutates[t[1]] = combine_kinds(outer.global_mutates.get(t[1]), kind)
-                else:
-                    t[1].pending.append((t[2], kind, deep))
-        for name in scope.grad_writes:
-            for t in _reach(scope, name, True):
-                if t[0] == "param":
-                    summ.grad_writes.add(t[1])
-                elif t[0] == "global":
-                    outer.global_grad_writes.add(t[1])
-                else:
-                    t[1].grad_writes.add(t[2])
-        for name in scope.observed:
-            for t in _reach(scope, name, False):
-                if t[0] == "param":
-                    summ.grad_params.add(t[1])
-                elif t[0] == "global":
-                    self.f.grad_names.add(t[1])
-                else:
-                    t[1].observed.add(t[2])
-        nested = outer is not summ
-        for callee, pos, kws in scope.calls:
-            args = [self._call_targets(scope, refs, nested) for refs in pos]
-            kargs = {k: self._call_targets(scope, refs, nested) for k, refs in kws.items()}
-            outer.calls.append(BodyCall(callee, args, kargs))
-
-    @staticmethod
-    def _call_targets(scope, refs, nested):
-        """An argument's (shared, derived) refs -> (parameters and globals it may share, those it
-        may be derived from). In a nested function, what it passes of its own or of an enclosing
-        function is read as changed (its summary is not the one calls are followed for)."""
-        shared, derived = refs
-        share_t, graph_t = set(), set()
-        for (s, n), elem in shared:
-            share_t.update(_reach_ref(scope, s, n, elem))
-        graph_t = set(share_t)
-        for s, n in derived:
-            graph_t.update(_reach_ref(scope, s, n, True))
-        out = []
-        for ts in (share_t, graph_t):
-            keep = set()
-            for t in ts:
-                if t[0] == "global" or (t[0] == "param" and not nested):
-                    keep.add(t)
-                elif t[0] == "param":
-                    scope.summary.mutated_params[t[1]] = "call-arg"
-                else:
-                    t[1].pending.append((t[2], "call-arg", False))
-            out.append(frozenset(keep))
-        return tuple(out)
+        close_function(scope, self._outer_summary() or scope.summary, self.f.grad_names)
 
     def _merge_nested(self, summ):
         """A nested function's effects on module names count for the function that contains it."""
@@ -892,7 +782,7 @@ class _Visitor(ast.NodeVisitor):
                     self._mutate(root, "draw", node.lineno)
             elif not (is_query(meth) or meth in WRITE_CALLS) or inplace:
                 # (`tok.save_pretrained(d)`, `df.to_csv(p)` write files; the object stays as it was.)
-                self._mutate(root, "direct", node.lineno, deep=_through_element(recv))
+                self._mutate(root, "direct", node.lineno, deep=through_element(recv))
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
             # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
             # `rng.shuffle(xs)`: the argument changes (`x.add_(y)` on a notebook object changes x).
@@ -905,53 +795,6 @@ class _Visitor(ast.NodeVisitor):
 
 
 _DISPATCH: dict = {}  # node type -> _Visitor method (see _Visitor.visit)
-
-
-def _through_element(node) -> bool:
-    """`b[0].append(1)`, `b[0][1] = 2`: the change is made to an element of b, which a shallow copy
-    or a container b was derived from holds too. An attribute chain (`w.grad.zero_()`,
-    `model.weight.data`) is the object's own state: not an element."""
-    while isinstance(node, (ast.Attribute, ast.Subscript)):
-        if isinstance(node, ast.Subscript):
-            return True
-        node = node.value
-    return False
-
-
-def _reach(scope, name, graph) -> set:
-    """What a change through `name`, a local of function `scope`, may reach, by the scope's
-    sources (and what they were derived from when `graph`: a backward, or a change of an element):
-    ('param', p), ('global', g) and ('outer', enclosing Scope, name) targets."""
-    out: set = set()
-    seen: set = set()
-    stack = [(name, graph)]
-    while stack:
-        n, g = stack.pop()
-        if (n, g) in seen:
-            continue
-        seen.add((n, g))
-        if n in scope.params:
-            out.add(("param", n))
-        for (s, m), elem in scope.sources.get(n, ()):
-            if s is scope:
-                stack.append((m, g or elem))
-            else:
-                out.add(("global", m) if s is None else ("outer", s, m))
-        if g:
-            for s, m in scope.derived.get(n, ()):
-                if s is scope:
-                    stack.append((m, g))
-                else:
-                    out.add(("global", m) if s is None else ("outer", s, m))
-    return out
-
-
-def _reach_ref(scope, s, n, graph) -> set:
-    if s is None:
-        return {("global", n)}
-    if s is not scope:
-        return {("outer", s, n)}
-    return _reach(scope, n, graph)
 
 
 def _is_name_main(test) -> bool:
