@@ -67,6 +67,13 @@ CASES = {
                    "def even(xs, n):\n    return True if n == 0 else odd(xs, n - 1)",
                    "def odd(xs, n):\n    return False if n == 0 else even(xs, n - 1)",
                    "lst = [1]", "walk(lst, 3)", "even(lst, 3)", "def f():\n    return lst"], "f()", [1]),
+    # A comprehension's targets are elements of its iterable, at top level and in a function.
+    "comprehension": (["rows = [[1], [2]]\ncols = [[3]]", "[r.append(0) for r in rows]",
+                       "def reset(xs):\n    [x.clear() for x in xs]", "reset(cols)",
+                       "def f():\n    return rows, cols"], "f",
+                      ["rows = [[1], [2]]", "cols = [[3]]", "[r.append(0) for r in rows]",
+                       "def reset(xs):\n    [x.clear() for x in xs]", "reset(cols)",
+                       "def f():\n    return rows, cols"], "f()", ([[1, 0], [2, 0]], [[]])),
     # A function that changes a global through a local alias of it.
     "global_alias": (["REG = []", "def grow():\n    alias = REG\n    alias.append(1)", "grow()",
                       "def f():\n    return REG"], "f",

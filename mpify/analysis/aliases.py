@@ -90,6 +90,8 @@ def _callee_name(func) -> str | None:
 def _sources(node, out: Sources, ext) -> None:
     if isinstance(node, ast.Name):
         out.share.add(node.id)
+    elif isinstance(node, ast.Call):
+        _call_sources(node, out, ext)
     elif isinstance(node, (ast.Constant, ast.JoinedStr, ast.Lambda, ast.Compare)):
         pass  # new values (a comparison gives bools, or a tensor of them: no graph)
     elif isinstance(node, ast.Attribute):
@@ -120,8 +122,6 @@ def _sources(node, out: Sources, ext) -> None:
             out.derived.update(_names(node.operand))
     elif isinstance(node, ast.BinOp):
         out.derived.update(_names(node))  # new memory, the operands' graph
-    elif isinstance(node, ast.Call):
-        _call_sources(node, out, ext)
     else:
         out.share.update(_names(node))  # comprehensions and anything else: may hold what it reads
 
@@ -198,26 +198,30 @@ class _Objects:
         return out
 
 
-def propagate(statements, grad_names: set, faithful: bool) -> None:
+def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
     """Record, on each top-level statement, the changes its own changes make through aliases:
     `facts.mutates[n] = 'alias'` (or `'grad'`, `'seed'`, `'draw'`) and `facts.via[n]` = the name
-    the change was made through. `grad_names`: the names whose gradients the notebook uses."""
+    the change was made through. `grad_names`: the names whose gradients the notebook uses;
+    kinds: the model's name kinds (modules and notebook functions are no value's alias)."""
     objs = _Objects()
     for st in statements:
         f = st.facts
-        before = _changes(objs, f, grad_names)
+        changes = f.mutates or f.grad_writes
+        before = _changes(objs, f, grad_names) if changes else {}
         bound = set()
         for names, src in f.bindings:
             for n in names:
                 objs.bind(n, src, f.defs.get(n) is True)
                 bound.add(n)
         for n, strong in f.defs.items():
-            if n not in bound:
+            if n not in bound and kinds.get(n) not in ("module", "notebook"):
                 objs.bind(n, _NOTHING, strong)  # a def, class, import: a new object
         for n, strong in f.dels.items():
             if strong:
                 objs.unbind(n)
         # The statement's own bindings count too (`for xb in dl: xb.add_(1)` changes dl).
+        if not changes:
+            continue
         after = _changes(objs, f, grad_names)
         for n, (kind, via) in {**after, **before}.items():
             if n in f.mutates and f.mutates[n] not in _LOCAL_ONLY:

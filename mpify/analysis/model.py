@@ -281,7 +281,7 @@ def build_model(nb: Notebook, faithful: bool = False) -> Model:
     _resolve_calls(statements, kinds, faithful)
     # Changes reach the names that may share the changed object (aliases.py), after the calls
     # are resolved (a call of a notebook function changes what its body changes).
-    propagate(statements, set().union(*(st.facts.grad_names for st in statements)), faithful)
+    propagate(statements, set().union(*(st.facts.grad_names for st in statements)), faithful, kinds)
     stars = {st.index: exports[id(st.node)] for st in statements if id(st.node) in exports}
     events: dict = {}
     for st in statements:
@@ -367,7 +367,7 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
     """Turn `f(x)` calls into mutations/definitions using the latest notebook definition of `f`,
     followed through the notebook functions its body calls (summaries.py)."""
     latest: dict = {}
-    memo: dict = {}  # summaries followed with this `latest`
+    memo: dict = {}  # summaries already followed (summaries.effects_of)
     for st in statements:
         f = st.facts
         for callee, pos, kws, _line in f.calls:  # BareCall
@@ -420,7 +420,6 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
             _add_mutation(f, callee, "called")
         for name in f.defs:
             latest[name] = f.summaries.get(name)
-            memo.clear()
 
 
 def _add_effect(f, name, kind, faithful):

@@ -28,12 +28,15 @@ class Scope:
     # the names its iterable reads (an element of them).
     sources: dict = field(default_factory=dict)
     derived: dict = field(default_factory=dict)
+    bindings: list = field(default_factory=list)  # ([local names], aliases.Sources), not yet read
     # Changes made through the scope's own names, resolved to parameters and globals when the
     # function's body has been read (aliases may be bound after the change, in a loop):
     pending: list = field(default_factory=list)  # (name, kind, deep)
     grad_writes: set = field(default_factory=set)  # names a backward runs through
     observed: set = field(default_factory=set)  # names whose gradients are used
-    calls: list = field(default_factory=list)  # (callee, [pos arg refs], {kw: refs}) of notebook functions
+    # (callee, [pos arg refs], {kw: refs}) of the notebook functions a function calls; for a
+    # comprehension, its generators, until its targets' sources are read (visitor).
+    calls: list = field(default_factory=list)
 
 
 COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)

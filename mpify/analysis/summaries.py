@@ -80,15 +80,19 @@ class Effects:
 
 def effects_of(summ: FunctionSummary, latest: dict, memo: dict, stack=()) -> Effects:
     """The effects of calling the function `summ` summarises, its body's calls resolved in
-    `latest` (name -> the summary of its latest definition, None for a value). memo: summaries
-    already followed with this `latest` (the caller clears it when `latest` changes)."""
+    `latest` (name -> the summary of its latest definition, None for a value). memo: id of a
+    summary -> (its effects, the definitions they were followed through), reused while `latest`
+    still holds those definitions (a notebook redefines its helpers between calls)."""
     key = id(summ)
-    if key in memo:
-        return memo[key]
+    hit = memo.get(key)
+    if hit is not None and all(latest.get(n) is s for n, s in hit[1]):
+        return hit[0]
+    deps: dict = {}
     eff = Effects(dict(summ.mutated_params), dict(summ.global_mutates), set(summ.global_writes),
                   set(summ.grad_params), set(summ.grad_writes), set(summ.global_grad_writes))
     for callee, pos, kws in summ.calls:
         sub = latest.get(callee)
+        deps[callee] = sub
         if sub is not None and sub.is_class:
             continue  # constructing a notebook class: arguments stored, not changed (as at top level)
         args = list(zip(params_for(sub, len(pos)), pos)) + [(k, a) for k, a in kws.items()]
@@ -100,6 +104,7 @@ def effects_of(summ: FunctionSummary, latest: dict, memo: dict, stack=()) -> Eff
                 _grad(eff, graph)
             continue
         inner = effects_of(sub, latest, memo, stack + (key,))
+        deps.update(memo[id(sub)][1])
         for p, (share, graph) in args:
             if p is None:
                 continue
@@ -115,7 +120,7 @@ def effects_of(summ: FunctionSummary, latest: dict, memo: dict, stack=()) -> Eff
         eff.writes |= inner.writes
         eff.global_grad_writes |= inner.global_grad_writes
         eff.grad_globals |= inner.grad_globals
-    memo[key] = eff
+    memo[key] = (eff, tuple(deps.items()))
     return eff
 
 

@@ -181,6 +181,8 @@ class _Visitor(ast.NodeVisitor):
         if owner.kind == "function":
             return [(owner, name)]
         if owner.kind == "comprehension":
+            if owner.calls:
+                self._comprehension_sources(owner)
             return [r for r, _elem in owner.sources.get(name, ())]
         return []  # a class attribute
 
@@ -226,25 +228,33 @@ class _Visitor(ast.NodeVisitor):
         """A module, or an imported or notebook function or class (aliases.expr_sources)."""
         return self._kind(name) is not None
 
-    def _value_refs(self, src: Sources) -> tuple[set, set]:
+    def _value_refs(self, src: Sources, scope=None) -> tuple[set, set]:
         """(shared, derived) refs of a value's sources, as `Scope.sources` holds them: modules,
-        notebook functions and classes, and imported functions called, are not values."""
-        def keep(n):
-            return self._lookup(n) is not None or self.kinds.get(n) not in ("module", "notebook")
+        notebook functions and classes, and imported functions called, are not values. scope: a
+        function scope just popped, whose own names are looked up there, the others here."""
+        def refs(n):
+            return [(scope, n)] if scope is not None and n in scope.local else self._refs(n)
 
-        shared = {(r, False) for n in src.share if keep(n) for r in self._refs(n)}
-        shared |= {(r, True) for n in src.elems if keep(n) for r in self._refs(n)}
-        shared |= {(r, False) for n in src.callees
-                   if self._lookup(n) is not None or (n not in self.kinds and not hasattr(builtins, n))
-                   for r in self._refs(n)}
-        derived = {r for n in src.derived if keep(n) for r in self._refs(n)}
+        def keep(n):
+            return ((scope is not None and n in scope.local) or self._lookup(n) is not None
+                    or self.kinds.get(n) not in _EXTERNAL)
+
+        def value_callee(n):
+            return ((scope is not None and n in scope.local) or self._lookup(n) is not None
+                    or (n not in self.kinds and not hasattr(builtins, n)))
+
+        shared = {(r, False) for n in src.share if keep(n) for r in refs(n)}
+        shared |= {(r, True) for n in src.elems if keep(n) for r in refs(n)}
+        shared |= {(r, False) for n in src.callees if value_callee(n) for r in refs(n)}
+        derived = {r for n in src.derived if keep(n) for r in refs(n)}
         return shared, derived
 
     def _record_binding(self, targets, value, elements=False):
         """`targets = value` (or `for targets in value`, `with value as targets`): what the bound
         names may share (aliases.py). elements: the targets are elements of the value."""
-        names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)
-                 and isinstance(n.ctx, ast.Store)]
+        names = [t.id if isinstance(t, ast.Name) else n.id for t in targets
+                 for n in ((t,) if isinstance(t, ast.Name) else ast.walk(t))
+                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
         if not names:
             return
         src = expr_sources(value, self._external) if value is not None else Sources(set(), set(), set(), set())
@@ -257,19 +267,19 @@ class _Visitor(ast.NodeVisitor):
             for n in names:
                 self._observe(n)  # `w = torch.zeros(3, requires_grad=True)`, `nn.Parameter(..)`
         if not self.stack:
-            keep = self._value_refs(src)  # top level: names, filtered
+            # Top level: every name read is global (comprehension targets are left out by
+            # expr_sources); values only.
+            kinds = self.kinds
             self.f.bindings.append((names, Sources(
-                {n for (_, n), e in keep[0] if not e}, {n for _, n in keep[1]},
-                {n for (_, n), e in keep[0] if e}, set())))
+                {n for n in src.share if kinds.get(n) not in _EXTERNAL}
+                | {n for n in src.callees if n not in kinds and not hasattr(builtins, n)},
+                {n for n in src.derived if kinds.get(n) not in _EXTERNAL},
+                {n for n in src.elems if kinds.get(n) not in _EXTERNAL}, set())))
             return
         scope = self.stack[-1]
-        if scope.kind != "function":
-            return
-        shared, derived = self._value_refs(src)
-        for n in names:
-            if n in scope.local:
-                scope.sources.setdefault(n, set()).update(shared)
-                scope.derived.setdefault(n, set()).update(derived)
+        if scope.kind == "function":
+            # Read when the body is closed, and only if something is changed through a local.
+            scope.bindings.append(([n for n in names if n in scope.local], src))
 
     def _kind(self, name) -> str | None:
         """'module', 'object' or 'notebook' for a global name known to be one, else None (a
@@ -579,6 +589,12 @@ class _Visitor(ast.NodeVisitor):
     def _pop_function(self):
         """The body has been read: what it changes through its locals (aliases.close_function)."""
         scope = self.stack.pop()
+        if scope.pending or scope.grad_writes or scope.observed or scope.calls:
+            for names, src in scope.bindings:
+                shared, derived = self._value_refs(src, scope)
+                for n in names:
+                    scope.sources.setdefault(n, set()).update(shared)
+                    scope.derived.setdefault(n, set()).update(derived)
         close_function(scope, self._outer_summary() or scope.summary, self.f.grad_names)
 
     def _merge_nested(self, summ):
@@ -622,25 +638,34 @@ class _Visitor(ast.NodeVisitor):
         for g in gens:
             targets |= {n.id for n in ast.walk(g.target) if isinstance(n, ast.Name)}
         scope = Scope("comprehension", set(targets))
-        self._comprehension_sources(scope, gens[0])  # read in the enclosing scope
+        scope.calls = list(gens)  # its targets' sources, read if one is changed
         self.stack.append(scope)
         with self._conditional():
             for i, g in enumerate(gens):
                 if i:
                     self.visit(g.iter)
-                    self._comprehension_sources(scope, g)
                 self._visit_all(g.ifs)
             self._visit_all(elts)
         self.stack.pop()
 
-    def _comprehension_sources(self, scope, gen):
-        """A comprehension's targets are elements of its iterable (`[p.grad.zero_() for p in ps]`
-        changes ps's elements)."""
-        src = expr_sources(gen.iter, self._external)
-        refs = {(r, True) for n in src.share | src.elems | src.derived for r in self._refs(n)}
-        for n in ast.walk(gen.target):
-            if isinstance(n, ast.Name):
-                scope.sources.setdefault(n.id, set()).update(refs)
+    def _comprehension_sources(self, scope):
+        """A comprehension's targets are elements of its iterables (`[p.grad.zero_() for p in
+        ps]` changes ps's elements). Read when one of them is first changed (rare: not for every
+        comprehension, the benchmark), with the names of the first iterable looked up in the
+        enclosing scope and the others in the comprehension's."""
+        gens, scope.calls = scope.calls, []
+        saved = self.stack
+        at = saved.index(scope)
+        try:
+            for i, gen in enumerate(gens):
+                self.stack = saved[:at + (1 if i else 0)]
+                src = expr_sources(gen.iter, self._external)
+                refs = {(r, True) for n in src.share | src.elems | src.derived for r in self._refs(n)}
+                for n in ast.walk(gen.target):
+                    if isinstance(n, ast.Name):
+                        scope.sources.setdefault(n.id, set()).update(refs)
+        finally:
+            self.stack = saved
 
     def visit_ListComp(self, node):
         self._visit_comprehension(node, [node.elt])
@@ -795,6 +820,8 @@ class _Visitor(ast.NodeVisitor):
 
 
 _DISPATCH: dict = {}  # node type -> _Visitor method (see _Visitor.visit)
+# Kinds of global names that are not values a binding may share (an imported object may be one).
+_EXTERNAL = frozenset({"module", "notebook"})
 
 
 def _is_name_main(test) -> bool:
