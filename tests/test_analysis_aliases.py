@@ -20,6 +20,13 @@ CASES = {
               "row = x[1:3]\nrow += 5", "def f():\n    return x.tolist()"], "f",
              ["import numpy as np", "x = np.zeros(4)", "v = x.reshape(2, 2)", "v[0, 0] = 1.0",
               "row = x[1:3]", "row += 5", "def f():\n    return x.tolist()"], "f()", [1.0, 5.0, 5.0, 0.0]),
+    # A change of a view made in the same expression.
+    "view_call": (["import numpy as np\nx = np.zeros(4)\ny = np.zeros(2)",
+                   "x.reshape(2, 2).fill(3.0)\nnp.asarray(y).fill(1.0)\n(x + 1).fill(0.0)",
+                   "def f():\n    return x.tolist(), y.tolist()"], "f",
+                  ["import numpy as np", "x = np.zeros(4)", "y = np.zeros(2)", "x.reshape(2, 2).fill(3.0)",
+                   "np.asarray(y).fill(1.0)", "def f():\n    return x.tolist(), y.tolist()"], "f()",
+                  ([3.0, 3.0, 3.0, 3.0], [1.0, 1.0])),
     # Fresh values share nothing: a list of the values, a copy, a deep copy, a length.
     "fresh": (["import copy\nimport numpy as np\nx = np.zeros(3)\ncfg = {'lr': 0.1}",
                "vals = x.tolist()\nvals.append(9)\nc = x.copy()\nc[0] = 7\nd = copy.deepcopy(cfg)\n"
@@ -74,6 +81,12 @@ CASES = {
                       ["rows = [[1], [2]]", "cols = [[3]]", "[r.append(0) for r in rows]",
                        "def reset(xs):\n    [x.clear() for x in xs]", "reset(cols)",
                        "def f():\n    return rows, cols"], "f()", ([[1, 0], [2, 0]], [[]])),
+    # A notebook function's result may be a global it reads (through the functions it calls).
+    "returned_global": (["MODEL = {'w': 0}", "def lookup():\n    return MODEL",
+                         "def get_model():\n    return lookup()", "m = get_model()\nm['w'] = 1",
+                         "def f():\n    return MODEL"], "f",
+                        ["MODEL = {'w': 0}", "def lookup():\n    return MODEL", "def get_model():\n    return lookup()",
+                         "m = get_model()", "m['w'] = 1", "def f():\n    return MODEL"], "f()", {"w": 1}),
     # A function that changes a global through a local alias of it.
     "global_alias": (["REG = []", "def grow():\n    alias = REG\n    alias.append(1)", "grow()",
                       "def f():\n    return REG"], "f",

@@ -43,8 +43,9 @@ _LOCAL_ONLY = frozenset({"called", "call-arg"})
 class Sources(NamedTuple):
     """What a value may share, by name: `share` (the same objects: `v = x.view(-1)`), `elems` (one
     of their elements: `row = x[0]`, `for xb in dl`, which may be an element of what x was derived
-    from), `derived` (computed from them: their autograd graph), `callees` (objects it calls:
-    `model(x)`; the visitor keeps only values, not functions or classes)."""
+    from), `derived` (computed from them: their autograd graph), `callees` (the bare names it
+    calls: a value called (`model(x)`) may return its state, a notebook function what it reads;
+    the visitor sorts them)."""
 
     share: set
     derived: set
@@ -139,12 +140,14 @@ def _call_sources(node, out: Sources, ext) -> None:
         if not (isinstance(func.value, ast.Name) and ext(func.value.id)):
             _sources(func.value, inner, ext)  # a method may return its receiver or a view of it
     elif isinstance(func, ast.Name):
-        if not ext(func.id):
-            out.callees.add(func.id)  # calling an object may return its state (`model(x)`)
+        out.callees.add(func.id)
     else:
         _sources(func, inner, ext)
     for a in list(node.args) + [k.value for k in node.keywords]:
-        _sources(a, inner, ext)
+        if not (isinstance(a, ast.Name) and ext(a.id)):
+            # (a module, function or class passed as an argument, `vision_learner(dls, resnet34)`,
+            # is not held as a value a change could reach)
+            _sources(a, inner, ext)
     out.callees.update(inner.callees)
     if name in COMPUTE_CALLS:
         out.derived.update(inner.share, inner.elems, inner.derived)
@@ -204,12 +207,21 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
     the change was made through. `grad_names`: the names whose gradients the notebook uses;
     kinds: the model's name kinds (modules and notebook functions are no value's alias)."""
     objs = _Objects()
+    reads: dict = {}  # notebook function or class -> the global names its body reads
     for st in statements:
         f = st.facts
+        for name, summ in f.summaries.items():
+            reads[name] = set(f.uses_later) | (set(f.uses_now) if summ.is_class else set())
         changes = f.mutates or f.grad_writes
         before = _changes(objs, f, grad_names) if changes else {}
         bound = set()
         for names, src in f.bindings:
+            if src.callees:
+                # A notebook function's result may be a global it reads (`m = get_model()`), an
+                # instance of a notebook class what its methods read: followed through the
+                # notebook functions they call.
+                src = Sources(src.share | _read_values(src.callees, reads, kinds), src.derived,
+                              src.elems, src.callees)
             for n in names:
                 objs.bind(n, src, f.defs.get(n) is True)
                 bound.add(n)
@@ -230,6 +242,23 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
                 continue
             f.mutates[n] = kind
             f.via[n] = via
+
+
+def _read_values(callees, reads, kinds) -> set:
+    out: set = set()
+    seen: set = set()
+    stack = list(callees)
+    while stack:
+        g = stack.pop()
+        if g in seen or g not in reads:
+            continue
+        seen.add(g)
+        for n in reads[g]:
+            if kinds.get(n) == "notebook":
+                stack.append(n)
+            elif kinds.get(n) is None:
+                out.add(n)
+    return out
 
 
 def _changes(objs, f, grad_names) -> dict:

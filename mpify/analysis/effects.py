@@ -95,8 +95,9 @@ append extend insert remove pop clear sort reverse update setdefault popitem add
 difference_update intersection_update symmetric_difference_update appendleft extendleft popleft rotate
 to train eval load_state_dict register_buffer register_parameter register_module add_module apply
 register_forward_hook register_forward_pre_hook register_full_backward_hook requires_grad_ zero_grad
-step add_param_group set_format set_transform reset_format cast_column rename_column_ set_epoch
+step add_param_group set_format set_transform reset_format cast_column rename_column_ set_epoch fill
 """)
+# (`fill`: numpy's in-place fill, `np.asarray(y).fill(0)`.)
 # Module functions that change their first argument; and the builtin `next`, which advances its
 # iterator (and what the iterator was made from: a generator is its own iterator).
 ARG_MUTATORS = _words("""

@@ -38,9 +38,9 @@ from typing import NamedTuple
 
 from mpify.analysis.aliases import Sources, close_function, expr_sources, through_element
 from mpify.analysis.effects import (GRAD_CALLS, GRAD_OBSERVERS, LAUNCHERS, MUTATION_RANK, OPAQUE_CALLS,
-                                    PURE_BUILTINS, SEED_CALLS, WRITE_CALLS, changes_first_arg,
-                                    combine_kinds, external_method_changes_receiver, is_draw,
-                                    is_query)
+                                    PURE_BUILTINS, RECEIVER_MUTATORS, SEED_CALLS, WRITE_CALLS,
+                                    changes_first_arg, combine_kinds,
+                                    external_method_changes_receiver, is_draw, is_inplace, is_query)
 from mpify.analysis.scopes import Scope, dotted, root_name, scope_names
 from mpify.analysis.summaries import FunctionSummary
 
@@ -274,7 +274,8 @@ class _Visitor(ast.NodeVisitor):
                 {n for n in src.share if kinds.get(n) not in _EXTERNAL}
                 | {n for n in src.callees if n not in kinds and not hasattr(builtins, n)},
                 {n for n in src.derived if kinds.get(n) not in _EXTERNAL},
-                {n for n in src.elems if kinds.get(n) not in _EXTERNAL}, set())))
+                {n for n in src.elems if kinds.get(n) not in _EXTERNAL},
+                {n for n in src.callees if kinds.get(n) == "notebook"})))
             return
         scope = self.stack[-1]
         if scope.kind == "function":
@@ -808,6 +809,15 @@ class _Visitor(ast.NodeVisitor):
             elif not (is_query(meth) or meth in WRITE_CALLS) or inplace:
                 # (`tok.save_pretrained(d)`, `df.to_csv(p)` write files; the object stays as it was.)
                 self._mutate(root, "direct", node.lineno, deep=through_element(recv))
+        elif isinstance(recv, ast.Call) and (is_inplace(meth) or meth in RECEIVER_MUTATORS or any(
+                k.arg == "inplace" for k in node.keywords)):
+            # `x.view(-1).add_(1)`, `torch.as_tensor(arr).zero_()`: the call's result may share what
+            # it was made from (aliases.py), so changing it in place changes that. (Only the known
+            # in-place changes: `is_3(x).float()` of a result is a conversion, not a change of x.)
+            src = expr_sources(recv, self._external)
+            for n in src.share | src.elems:
+                if self._kind(n) not in _EXTERNAL:
+                    self._mutate(n, "direct", node.lineno, deep=n in src.elems)
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
             # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
             # `rng.shuffle(xs)`: the argument changes (`x.add_(y)` on a notebook object changes x).
