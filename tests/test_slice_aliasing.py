@@ -109,16 +109,16 @@ def test_manual_step_with_backward(tmp_path, kernel):
     # t_indep, ..)` read as changing t_indep) without `loss.backward()` (read as changing `loss`
     # only), and the script died at import: "unsupported operand type(s) for *: 'NoneType' and
     # 'float'". calc_loss changes nothing: the exploration through it is left out.
+    head = [(2, "import torch"), (2, "from torch import tensor"),  # numpy is not needed
+            (2, "torch.set_printoptions(linewidth=140, sci_mode=False, edgeitems=7)"),
+            (3, "g = torch.Generator().manual_seed(0)"), (3, "t_indep = torch.rand(200, 4, generator=g)"),
+            (3, "t_dep = (t_indep @ tensor([0.5, -0.3, 0.8, 0.1]) > 0.4).float()")]
+    scale = [(4, "vals,indices = t_indep.max(dim=0)"), (4, "t_indep = t_indep / vals"),
+             (5, "torch.manual_seed(442)"), (5, "n_coeff = t_indep.shape[1]")]
+    helpers = [(9, "def calc_preds(coeffs, indeps): return (indeps*coeffs).sum(axis=1)"),
+               (9, "def calc_loss(coeffs, indeps, deps): return torch.abs(calc_preds(coeffs, indeps)-deps).mean()")]
     train = slice_notebook(path, "train_model")
-    assert firsts(train) == [
-        (2, "import torch"), (2, "from torch import tensor"),  # numpy is not needed
-        (2, "torch.set_printoptions(linewidth=140, sci_mode=False, edgeitems=7)"),
-        (3, "g = torch.Generator().manual_seed(0)"), (3, "t_indep = torch.rand(200, 4, generator=g)"),
-        (3, "t_dep = (t_indep @ tensor([0.5, -0.3, 0.8, 0.1]) > 0.4).float()"),
-        (4, "vals,indices = t_indep.max(dim=0)"), (4, "t_indep = t_indep / vals"),
-        (5, "torch.manual_seed(442)"), (5, "n_coeff = t_indep.shape[1]"),
-        (9, "def calc_preds(coeffs, indeps): return (indeps*coeffs).sum(axis=1)"),
-        (9, "def calc_loss(coeffs, indeps, deps): return torch.abs(calc_preds(coeffs, indeps)-deps).mean()"),
+    assert firsts(train) == head + scale + helpers + [
         (19, "trn_indep,val_indep = t_indep[:160],t_indep[160:]"),
         (19, "trn_dep,val_dep = t_dep[:160],t_dep[160:]"),
         (20, "def update_coeffs(coeffs, lr):"), (21, "def one_epoch(coeffs, lr):"),
@@ -127,16 +127,8 @@ def test_manual_step_with_backward(tmp_path, kernel):
     # The state after the manual step (`mpify deps --cell 17`): the step reads `coeffs.grad`, so
     # the backward that wrote it is kept, through `loss`, which was computed from `coeffs`.
     step = slice_notebook(path, "show_coeffs", upto_cell=17)
-    assert firsts(step)[:3] == firsts(train)[:3]
-    assert firsts(step)[3:] == [
-        (3, "g = torch.Generator().manual_seed(0)"), (3, "t_indep = torch.rand(200, 4, generator=g)"),
-        (3, "t_dep = (t_indep @ tensor([0.5, -0.3, 0.8, 0.1]) > 0.4).float()"),
-        (3, "indep_cols = ['Age', 'SibSp', 'Parch', 'LogFare']"),
-        (4, "vals,indices = t_indep.max(dim=0)"), (4, "t_indep = t_indep / vals"),
-        (5, "torch.manual_seed(442)"), (5, "n_coeff = t_indep.shape[1]"),
-        (5, "coeffs = torch.rand(n_coeff)-0.5"),
-        (9, "def calc_preds(coeffs, indeps): return (indeps*coeffs).sum(axis=1)"),
-        (9, "def calc_loss(coeffs, indeps, deps): return torch.abs(calc_preds(coeffs, indeps)-deps).mean()"),
+    assert firsts(step) == head + [(3, "indep_cols = ['Age', 'SibSp', 'Parch', 'LogFare']")] + scale + [
+        (5, "coeffs = torch.rand(n_coeff)-0.5")] + helpers + [
         (11, "coeffs.requires_grad_()"), (12, "loss = calc_loss(coeffs, t_indep, t_dep)"),
         (13, "loss.backward()"), (15, "with torch.no_grad():"),
         (16, "def show_coeffs(): return dict(zip(indep_cols, [round(c, 4) for c in coeffs.tolist()]))")]

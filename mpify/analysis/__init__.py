@@ -15,9 +15,10 @@ Public API (used by the export room and the CLI; keep these names and fields sta
 The modules, one idea each: notebook (reading files), magics (IPython syntax -> Python, line for
 line), effects (which calls change what: the tables), stars (what a star import supplies, read from
 its module's source), scopes (the scope stack's entries, Python's binding rules), visitor
-(scope-stack facts of one statement), model (statements of a notebook, cross-statement call
-effects), slicer (the backward closure and the report), calls (how the notebook calls or launches
-a target, for `--call`).
+(scope-stack facts of one statement), aliases (through which names a change reaches an object),
+summaries (what a call of a notebook function changes, followed through the functions it calls),
+model (statements of a notebook, cross-statement call effects), slicer (the backward closure and
+the report), calls (how the notebook calls or launches a target, for `--call`).
 """
 from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
                                    UnknownTargetError, UnresolvedNameError)

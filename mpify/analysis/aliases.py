@@ -19,10 +19,11 @@ point to. A change through a name changes the objects it points to, and is recor
 (`'alias'`) of every other name that points to one of them, so the slicer needs nothing new: the
 change is an event of those names. Sharing is not transitive through a result: after
 `loss = calc_loss(w, x, y)`, a change through `w` does not reach `x`, although `loss` may point to
-both. A change of an element (`b[0].append(1)`, `w.grad.zero_()`) reaches what the name was derived
-from too; a backward (`GRAD_CALLS`) reaches, through both relations, the names whose gradients the
-notebook uses (`'grad'`). Inside function bodies the same relations are read flow-insensitively by
-the visitor, for the function's summary.
+both. A notebook function's result may also be a global its body reads (`m = get_model()`). A
+change of an element (`b[0].append(1)`, not `w.grad.zero_()`: an attribute is the object's own)
+reaches what the name was derived from too; a backward (`GRAD_CALLS`) reaches, through both
+relations, the names whose gradients the notebook uses (`'grad'`). Inside function bodies the same
+relations are read flow-insensitively (`close_function`), for the function's summary.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from mpify.analysis.summaries import BodyCall
 
 __all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element"]
 
-# Binding kinds whose changes do not travel to aliases: calling an object (`model(x)`) and passing
-# it to a call that may change it are weak evidence (issue 11's precision), and stay on the name.
+# Kinds of change that do not travel to aliases: calling an object (`model(x)`) and passing it to a
+# call that may change it are weak evidence (issue 11's precision), and stay on the name.
 _LOCAL_ONLY = frozenset({"called", "call-arg"})
 
 
@@ -245,6 +246,8 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
 
 
 def _read_values(callees, reads, kinds) -> set:
+    """The notebook values the notebook functions `callees` read, through the notebook functions
+    they call."""
     out: set = set()
     seen: set = set()
     stack = list(callees)

@@ -21,7 +21,8 @@ exploration, old training loops and demos (issue 11): `x = torch.stack([a, b]).n
   is what the last seed call made it, see `SEED_CALLS`), except in faithful mode, which keeps every
   draw after the last seed, on modules and notebook objects, for exact reproduction.
 - A notebook function changes what its body changes; that is computed from the body by the visitor
-  (`FunctionSummary`), not listed here.
+  (`FunctionSummary`) and followed through the notebook functions it calls (summaries.py), not
+  listed here.
 
 Assignments, augmented assignments and `del` on an attribute or item (`cfg["lr"] = 0.1`,
 `torch.backends.cudnn.benchmark = True`) are mutations of the root name whatever it is; the visitor
