@@ -42,6 +42,16 @@ CASES = {
                  "ds = [1, 2]\ndl = Loader(ds)\ndl.data.append(99)", "def f():\n    return ds"], "f",
                 ["class Loader:\n    def __init__(self, data):\n        self.data = data", "ds = [1, 2]",
                  "dl = Loader(ds)", "dl.data.append(99)", "def f():\n    return ds"], "f()", [1, 2, 99]),
+    # ...but a method not known to change anything changes the holder only: a lesson's training
+    # through a learner is not a change of the data a later `train()` builds its own learner over.
+    "holder_method": (["class Learner:\n    def __init__(self, dls, model):\n        self.dls, self.model = dls, model\n"
+                       "    def fit(self, n):\n        self.model['w'] += n\n        return self",
+                       "dls = [1, 2]\nlearn = Learner(dls, {'w': 0})\nlearn.fit(1)",
+                       "def train(n=2):\n    return Learner(dls, {'w': 0}).fit(n).model, dls"], "train",
+                      ["class Learner:\n    def __init__(self, dls, model):\n        self.dls, self.model = dls, model\n"
+                       "    def fit(self, n):\n        self.model['w'] += n\n        return self", "dls = [1, 2]",
+                       "def train(n=2):\n    return Learner(dls, {'w': 0}).fit(n).model, dls"], "train()",
+                      ({"w": 2}, [1, 2])),
     # An iterator advanced with next(): a generator is its own iterator.
     "iterator": (["def batches():\n    yield from range(5)", "gen = batches()\nit = iter(gen)\nfirst = next(it)",
                   "def rest():\n    return list(gen)"], "rest",

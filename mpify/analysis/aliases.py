@@ -31,7 +31,7 @@ import ast
 from itertools import count
 from typing import NamedTuple
 
-from mpify.analysis.effects import COMPUTE_CALLS, FRESH_ATTRS, FRESH_CALLS, combine_kinds
+from mpify.analysis.effects import COMPUTE_CALLS, FRESH_ATTRS, FRESH_CALLS, VIEW_CALLS, combine_kinds
 from mpify.analysis.summaries import BodyCall
 
 __all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element"]
@@ -52,6 +52,7 @@ class Sources(NamedTuple):
     derived: set
     elems: set
     callees: set
+    holds: set = frozenset()
 
 
 def expr_sources(node, external=None) -> Sources:
@@ -60,7 +61,7 @@ def expr_sources(node, external=None) -> Sources:
     filters names that are not values (modules, functions). external(name): True for a module or
     an imported or notebook function or class: what a call on it returns (`d2l.try_gpu()`,
     `make_data()`) does not hold it (effects.py: calls on those change nothing unless listed)."""
-    out = Sources(set(), set(), set(), set())
+    out = Sources(set(), set(), set(), set(), set())
     _sources(node, out, external or _never)
     return out
 
@@ -104,6 +105,7 @@ def _sources(node, out: Sources, ext) -> None:
         out.elems.update(inner.share, inner.elems)
         out.derived.update(inner.derived)
         out.callees.update(inner.callees)
+        out.holds.update(inner.holds)
         out.derived.update(_names(node.slice))
     elif isinstance(node, (ast.Starred, ast.NamedExpr, ast.Await)):
         _sources(node.value, out, ext)
@@ -136,7 +138,7 @@ def _call_sources(node, out: Sources, ext) -> None:
     if (name == "clone" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
             and _callee_name(func.value.func) == "detach"):
         return  # `x.detach().clone()`: new memory, no graph
-    inner = Sources(set(), set(), set(), set())
+    inner = Sources(set(), set(), set(), set(), set())
     if isinstance(func, ast.Attribute):
         if not (isinstance(func.value, ast.Name) and ext(func.value.id)):
             _sources(func.value, inner, ext)  # a method may return its receiver or a view of it
@@ -151,14 +153,18 @@ def _call_sources(node, out: Sources, ext) -> None:
             _sources(a, inner, ext)
     out.callees.update(inner.callees)
     if name in COMPUTE_CALLS:
-        out.derived.update(inner.share, inner.elems, inner.derived)
-    else:
+        out.derived.update(inner.share, inner.elems, inner.derived, inner.holds)
+    elif name in VIEW_CALLS:
         out.share.update(inner.share)
         out.elems.update(inner.elems)
         out.derived.update(inner.derived)
+        out.holds.update(inner.holds)
+    else:
+        out.holds.update(inner.share, inner.elems, inner.holds)
+        out.derived.update(inner.derived)
 
 
-_NOTHING = Sources(frozenset(), frozenset(), frozenset(), frozenset())
+_NOTHING = Sources(frozenset(), frozenset(), frozenset(), frozenset(), frozenset())
 
 
 class _Objects:
@@ -166,8 +172,9 @@ class _Objects:
 
     def __init__(self):
         self.pts: dict = {}  # name -> abstract objects it may point to
+        self.held: dict = {}  # name -> objects it may hold (a call's result: its arguments)
         self.graph: dict = {}  # name -> objects it may be derived from (its autograd graph)
-        self.holders: dict = {}  # object -> names that may point to it
+        self.holders: dict = {}  # object -> names that may point to it or hold it
         self.new = count()
 
     def reach(self, names, via_graph: bool) -> set:
@@ -178,20 +185,29 @@ class _Objects:
                 out |= self.graph.get(n, set())
         return out
 
+    def holding(self, names) -> set:
+        out = set()
+        for n in names:
+            out |= self.held.get(n, set())
+        return out
+
     def bind(self, name, src: Sources, strong) -> None:
         pts = {next(self.new)} | self.reach(src.share, False) | self.reach(src.elems, True)
-        graph = pts | self.reach(src.share | src.elems | src.derived, True)
+        held = self.reach(src.holds, False) | self.holding(src.share | src.elems | src.holds)
+        graph = pts | held | self.reach(src.share | src.elems | src.derived | src.holds, True)
         if not strong:
             pts |= self.pts.get(name, set())
+            held |= self.held.get(name, set())
             graph |= self.graph.get(name, set())
         self.unbind(name)
         self.pts[name] = pts
+        self.held[name] = held
         self.graph[name] = graph
-        for o in pts:
+        for o in pts | held:
             self.holders.setdefault(o, set()).add(name)
 
     def unbind(self, name) -> None:
-        for o in self.pts.pop(name, ()):
+        for o in self.pts.pop(name, set()) | self.held.pop(name, set()):
             self.holders.get(o, set()).discard(name)
         self.graph.pop(name, None)
 
@@ -221,8 +237,8 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
                 # A notebook function's result may be a global it reads (`m = get_model()`), an
                 # instance of a notebook class what its methods read: followed through the
                 # notebook functions they call.
-                src = Sources(src.share | _read_values(src.callees, reads, kinds), src.derived,
-                              src.elems, src.callees)
+                src = Sources(src.share, src.derived, src.elems, src.callees,
+                              src.holds | _read_values(src.callees, reads, kinds))
             for n in names:
                 objs.bind(n, src, f.defs.get(n) is True)
                 bound.add(n)
@@ -271,6 +287,8 @@ def _changes(objs, f, grad_names) -> dict:
         if kind in _LOCAL_ONLY or m in f.via:
             continue
         written = objs.reach([m], m in f.deep)
+        if m not in f.own:
+            written |= objs.holding([m])  # `opt.step()` changes the parameters opt holds
         for n in objs.names_of(written) - {m}:
             out.setdefault(n, ("seed" if kind == "seed" else "draw" if kind == "draw" else "alias", m))
     if f.grad_writes:
@@ -293,14 +311,14 @@ def close_function(scope, outer, grad_names: set) -> None:
     to grad_names; the notebook functions it calls, with what each argument may reach, to
     `outer.calls`."""
     summ = scope.summary
-    for name, kind, deep in scope.pending:
-        for t in _reach(scope, name, deep):
+    for name, kind, deep, own in scope.pending:
+        for t in _reach(scope, name, deep, own):
             if t[0] == "param":
                 summ.mutated_params[t[1]] = combine_kinds(summ.mutated_params.get(t[1]), kind)
             elif t[0] == "global":
                 outer.global_mutates[t[1]] = combine_kinds(outer.global_mutates.get(t[1]), kind)
             else:
-                t[1].pending.append((t[2], kind, deep))
+                t[1].pending.append((t[2], kind, deep, own))
     for names, graph, params, globals_, attr in (
             (scope.grad_writes, True, summ.grad_writes, outer.global_grad_writes, "grad_writes"),
             (scope.observed, False, summ.grad_params, grad_names, "observed")):
@@ -323,7 +341,7 @@ def _call_targets(scope, refs, nested) -> tuple:
     shared, derived = refs
     share_t = set()
     for (s, n), elem in shared:
-        share_t.update(_reach_ref(scope, s, n, elem))
+        share_t.update(_reach_ref(scope, s, n, bool(elem)))
     graph_t = set(share_t)
     for s, n in derived:
         graph_t.update(_reach_ref(scope, s, n, True))
@@ -336,7 +354,7 @@ def _call_targets(scope, refs, nested) -> tuple:
             elif t[0] == "param":
                 scope.summary.mutated_params[t[1]] = "call-arg"
             else:
-                t[1].pending.append((t[2], "call-arg", False))
+                t[1].pending.append((t[2], "call-arg", False, False))
         out.append(frozenset(keep))
     return tuple(out)
 
@@ -352,10 +370,12 @@ def through_element(node) -> bool:
     return False
 
 
-def _reach(scope, name, graph) -> set:
+def _reach(scope, name, graph, own=False) -> set:
     """What a change through `name`, a local of function `scope`, may reach, by the scope's
-    sources (and what they were derived from when `graph`: a backward, or a change of an element):
-    ('param', p), ('global', g) and ('outer', enclosing Scope, name) targets."""
+    sources (and what they were derived from when `graph`: a backward, or a change of an element;
+    not what it holds when `own`: a method not known to change it): ('param', p), ('global', g)
+    and ('outer', enclosing Scope, name) targets. A source is (ref, False) when shared, (ref,
+    True) when an element of it, (ref, None) when held."""
     out: set = set()
     seen: set = set()
     stack = [(name, graph)]
@@ -367,8 +387,10 @@ def _reach(scope, name, graph) -> set:
         if n in scope.params:
             out.add(("param", n))
         for (s, m), elem in scope.sources.get(n, ()):
+            if elem is None and own and not g:
+                continue
             if s is scope:
-                stack.append((m, g or elem))
+                stack.append((m, g or bool(elem)))
             else:
                 out.add(("global", m) if s is None else ("outer", s, m))
         if g:

@@ -34,7 +34,7 @@ tables it reads are at the end of this module (`FRESH_CALLS`, `FRESH_ATTRS`, `CO
 """
 from __future__ import annotations
 
-__all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
+__all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "VIEW_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
            "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
@@ -234,6 +234,20 @@ softmax log_softmax argmax argmin cumsum cumprod clone copy cat stack tensor arr
 set dict clamp clip where floor ceil sign square eq ne gt lt ge le logsumexp mse_loss cross_entropy
 l1_loss nll_loss binary_cross_entropy binary_cross_entropy_with_logits smooth_l1_loss linear
 einsum outer abs
+""")
+# Calls whose result is the object itself or a view of its memory: a change of the result is a
+# change of the object, whatever the method. Any other call's result may *hold* what it was given
+# (`opt = SGD(model.parameters())`, `dl = DataLoader(ds)`, `learn = Learner(dls, model)`): a known
+# change of it (an in-place op, `RECEIVER_MUTATORS`: `opt.step()`, `opt.zero_grad()`,
+# `load_state_dict`, `append`...) reaches what it holds, a method not known to change anything
+# (`learn.fine_tune(1)`) changes the holder only. Why: issue 11 left a lesson's exploration
+# training out of the slice of a later `train()` that builds its own learner over the same `dls`;
+# reading every method of a learner as a change of its data loaders would keep it again.
+VIEW_CALLS = _words("""
+view view_as reshape reshape_as transpose permute expand expand_as narrow squeeze unsqueeze
+flatten ravel detach numpy as_tensor asarray from_numpy contiguous float double half to type T
+swapaxes movedim unflatten split chunk unbind select diagonal iter reversed zip enumerate get
+items values keys __getitem__ values_list data
 """)
 # Calls that write the `.grad` of what their tensor was computed from: `loss.backward()`,
 # `torch.autograd.backward(loss)`. `torch.autograd.grad(loss, w)` writes no `.grad` but frees the

@@ -433,6 +433,7 @@ def _add_effect(f, name, kind, faithful):
 
 
 def _add_mutation(f, name, kind):
+    f.own.discard(name)  # a called function's change may reach what the object holds
     old = f.mutates.get(name)
     if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
         f.mutates[name] = kind

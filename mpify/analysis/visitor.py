@@ -83,6 +83,7 @@ class StatementFacts:
     mutates: dict = field(default_factory=dict)
     via: dict = field(default_factory=dict)
     deep: set = field(default_factory=set)
+    own: set = field(default_factory=set)
     bindings: list = field(default_factory=list)
     grad_writes: set = field(default_factory=set)
     grad_names: set = field(default_factory=set)
@@ -186,19 +187,24 @@ class _Visitor(ast.NodeVisitor):
             return [r for r, _elem in owner.sources.get(name, ())]
         return []  # a class attribute
 
-    def _mutate(self, name, kind, lineno, deep=False):
-        """`name` may change (`kind`: see MUTATION_RANK); deep: through an element or attribute."""
+    def _mutate(self, name, kind, lineno, deep=False, own=False):
+        """`name` may change (`kind`: see MUTATION_RANK); deep: through an element; own: by a
+        method not known to change what the object holds (aliases.py)."""
         if name is None:
             return
         for scope, n in self._refs(name):
             if scope is not None:
-                scope.pending.append((n, kind, deep))  # resolved when the body is read
+                scope.pending.append((n, kind, deep, own))  # resolved when the body is read
             elif self._later():
                 summ = self._outer_summary()
                 if summ is not None:
                     summ.global_mutates[n] = combine_kinds(summ.global_mutates.get(n), kind)
             else:
                 old = self.f.mutates.get(n)
+                if own and old is None:
+                    self.f.own.add(n)
+                elif not own:
+                    self.f.own.discard(n)
                 if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
                     self.f.mutates[n] = kind
                 if deep:
@@ -245,7 +251,8 @@ class _Visitor(ast.NodeVisitor):
 
         shared = {(r, False) for n in src.share if keep(n) for r in refs(n)}
         shared |= {(r, True) for n in src.elems if keep(n) for r in refs(n)}
-        shared |= {(r, False) for n in src.callees if value_callee(n) for r in refs(n)}
+        shared |= {(r, None) for n in src.holds if keep(n) for r in refs(n)}
+        shared |= {(r, None) for n in src.callees if value_callee(n) for r in refs(n)}
         derived = {r for n in src.derived if keep(n) for r in refs(n)}
         return shared, derived
 
@@ -259,7 +266,7 @@ class _Visitor(ast.NodeVisitor):
             return
         src = expr_sources(value, self._external) if value is not None else Sources(set(), set(), set(), set())
         if elements:
-            src = Sources(set(), src.derived, src.share | src.elems, src.callees)
+            src = Sources(set(), src.derived, src.share | src.elems | src.holds, src.callees)
         if isinstance(value, ast.Call) and (
                 any(k.arg == "requires_grad" for k in value.keywords)
                 or (isinstance(value.func, (ast.Name, ast.Attribute))
@@ -271,11 +278,12 @@ class _Visitor(ast.NodeVisitor):
             # expr_sources); values only.
             kinds = self.kinds
             self.f.bindings.append((names, Sources(
-                {n for n in src.share if kinds.get(n) not in _EXTERNAL}
-                | {n for n in src.callees if n not in kinds and not hasattr(builtins, n)},
+                {n for n in src.share if kinds.get(n) not in _EXTERNAL},
                 {n for n in src.derived if kinds.get(n) not in _EXTERNAL},
                 {n for n in src.elems if kinds.get(n) not in _EXTERNAL},
-                {n for n in src.callees if kinds.get(n) == "notebook"})))
+                {n for n in src.callees if kinds.get(n) == "notebook"},
+                {n for n in src.holds if kinds.get(n) not in _EXTERNAL}
+                | {n for n in src.callees if n not in kinds and not hasattr(builtins, n)})))
             return
         scope = self.stack[-1]
         if scope.kind == "function":
@@ -808,14 +816,17 @@ class _Visitor(ast.NodeVisitor):
                     self._mutate(root, "draw", node.lineno)
             elif not (is_query(meth) or meth in WRITE_CALLS) or inplace:
                 # (`tok.save_pretrained(d)`, `df.to_csv(p)` write files; the object stays as it was.)
-                self._mutate(root, "direct", node.lineno, deep=through_element(recv))
+                # A method not known to change anything (`learn.fine_tune(1)`) changes the object,
+                # not what it was built over (aliases.py: `dls` is not trained).
+                self._mutate(root, "direct", node.lineno, deep=through_element(recv),
+                             own=not (inplace or is_inplace(meth) or meth in RECEIVER_MUTATORS))
         elif isinstance(recv, ast.Call) and (is_inplace(meth) or meth in RECEIVER_MUTATORS or any(
                 k.arg == "inplace" for k in node.keywords)):
             # `x.view(-1).add_(1)`, `torch.as_tensor(arr).zero_()`: the call's result may share what
             # it was made from (aliases.py), so changing it in place changes that. (Only the known
             # in-place changes: `is_3(x).float()` of a result is a conversion, not a change of x.)
             src = expr_sources(recv, self._external)
-            for n in src.share | src.elems:
+            for n in src.share | src.elems | src.holds:
                 if self._kind(n) not in _EXTERNAL:
                     self._mutate(n, "direct", node.lineno, deep=n in src.elems)
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
