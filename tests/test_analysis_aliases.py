@@ -33,10 +33,12 @@ CASES = {
                "d['lr'] = 1\nn = len(x)", "def f():\n    return x.tolist(), cfg"], "f",
               ["import numpy as np", "x = np.zeros(3)", "cfg = {'lr': 0.1}",
                "def f():\n    return x.tolist(), cfg"], "f()", ([0.0, 0.0, 0.0], {"lr": 0.1})),
-    # A container holds its elements; a change of an element reaches them.
-    "container": (["a = [1]\nb = [2]", "pair = [a, b]\npair[0].append(3)", "def f():\n    return a"], "f",
-                  ["a = [1]", "b = [2]", "pair = [a, b]", "pair[0].append(3)", "def f():\n    return a"],
-                  "f()", [1, 3]),
+    # A container holds its elements: a change of an element reaches them, a change of the
+    # container does not; `c, d = b, a` binds each name to its own value.
+    "container": (["a = [1]\nb = [2]", "pair = [a, b]\npair[0].append(3)\npair.append([4])",
+                   "c, d = b, a\nd.append(5)", "def f():\n    return a"], "f",
+                  ["a = [1]", "b = [2]", "pair = [a, b]", "pair[0].append(3)", "c, d = b, a", "d.append(5)",
+                   "def f():\n    return a"], "f()", [1, 3, 5]),
     # An object built over another (a loader over a dataset) reaches it when it is changed.
     "wrapper": (["class Loader:\n    def __init__(self, data):\n        self.data = data",
                  "ds = [1, 2]\ndl = Loader(ds)\ndl.data.append(99)", "def f():\n    return ds"], "f",

@@ -19,7 +19,7 @@ point to. A change through a name changes the objects it points to, and is recor
 (`'alias'`) of every other name that points to one of them, so the slicer needs nothing new: the
 change is an event of those names. Sharing is not transitive through a result: after
 `loss = calc_loss(w, x, y)`, a change through `w` does not reach `x`, although `loss` may point to
-both. A notebook function's result may also be a global its body reads (`m = get_model()`). A
+both. A notebook function's result may also be a global it returns (`m = get_model()`). A
 change of an element (`b[0].append(1)`, not `w.grad.zero_()`: an attribute is the object's own)
 reaches what the name was derived from too; a backward (`GRAD_CALLS`) reaches, through both
 relations, the names whose gradients the notebook uses (`'grad'`). Inside function bodies the same
@@ -55,14 +55,14 @@ class Sources(NamedTuple):
     holds: set = frozenset()
 
 
-def expr_sources(node, external=None) -> Sources:
+def expr_sources(node, external=None, derived=True) -> Sources:
     """The names whose objects the value of `node` may share, hold or be derived from. Names bound
     inside the expression (comprehension targets, lambda parameters) are left out; the caller
     filters names that are not values (modules, functions). external(name): True for a module or
     an imported or notebook function or class: what a call on it returns (`d2l.try_gpu()`,
     `make_data()`) does not hold it (effects.py: calls on those change nothing unless listed)."""
     out = Sources(set(), set(), set(), set(), set())
-    _sources(node, out, external or _never)
+    _sources(node, out, external or _never, derived)
     return out
 
 
@@ -90,47 +90,57 @@ def _callee_name(func) -> str | None:
     return None
 
 
-def _sources(node, out: Sources, ext) -> None:
+def _sources(node, out: Sources, ext, dv) -> None:
+    """dv: collect the derived names too (a walk of every operand; not needed for what a result
+    may share)."""
     if isinstance(node, ast.Name):
         out.share.add(node.id)
     elif isinstance(node, ast.Call):
-        _call_sources(node, out, ext)
+        _call_sources(node, out, ext, dv)
     elif isinstance(node, (ast.Constant, ast.JoinedStr, ast.Lambda, ast.Compare)):
         pass  # new values (a comparison gives bools, or a tensor of them: no graph)
     elif isinstance(node, ast.Attribute):
         if node.attr not in FRESH_ATTRS:
-            _sources(node.value, out, ext)
+            _sources(node.value, out, ext, dv)
     elif isinstance(node, ast.Subscript):
-        inner = expr_sources(node.value, ext)  # an element or a view
+        inner = expr_sources(node.value, ext, dv)  # an element or a view
         out.elems.update(inner.share, inner.elems)
         out.derived.update(inner.derived)
         out.callees.update(inner.callees)
         out.holds.update(inner.holds)
-        out.derived.update(_names(node.slice))
+        if dv:
+            out.derived.update(_names(node.slice))
     elif isinstance(node, (ast.Starred, ast.NamedExpr, ast.Await)):
-        _sources(node.value, out, ext)
-    elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        for e in node.elts:
-            _sources(e, out, ext)  # a container holds its elements
-    elif isinstance(node, ast.Dict):
-        for e in [k for k in node.keys if k is not None] + node.values:
-            _sources(e, out, ext)
+        _sources(node.value, out, ext, dv)
+    elif isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+        # A container's elements: a change of an element of it (`pair[0].append(1)`) reaches
+        # them, a change of the container (`results.append(x)`) does not.
+        elts = node.elts if not isinstance(node, ast.Dict) else (
+            [k for k in node.keys if k is not None] + node.values)
+        for e in elts:
+            inner = expr_sources(e, ext, dv)
+            out.derived.update(inner.share, inner.elems, inner.derived, inner.holds)
+            out.callees.update(inner.callees)
     elif isinstance(node, ast.BoolOp):
         for e in node.values:
-            _sources(e, out, ext)  # `a or b` is one of them
+            _sources(e, out, ext, dv)  # `a or b` is one of them
     elif isinstance(node, ast.IfExp):
-        _sources(node.body, out, ext)
-        _sources(node.orelse, out, ext)
+        _sources(node.body, out, ext, dv)
+        _sources(node.orelse, out, ext, dv)
     elif isinstance(node, ast.UnaryOp):
-        if not isinstance(node.op, ast.Not):
+        if dv and not isinstance(node.op, ast.Not):
             out.derived.update(_names(node.operand))
     elif isinstance(node, ast.BinOp):
-        out.derived.update(_names(node))  # new memory, the operands' graph
+        if dv:
+            out.derived.update(_names(node))  # new memory, the operands' graph
+    elif isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp)):
+        if dv:
+            out.derived.update(_names(node))  # a new container; its elements may be the iterables'
     else:
-        out.share.update(_names(node))  # comprehensions and anything else: may hold what it reads
+        out.share.update(_names(node))  # a generator (it advances what it iterates), and the rest
 
 
-def _call_sources(node, out: Sources, ext) -> None:
+def _call_sources(node, out: Sources, ext, dv) -> None:
     func = node.func
     name = _callee_name(func)
     if name in FRESH_CALLS:
@@ -141,16 +151,16 @@ def _call_sources(node, out: Sources, ext) -> None:
     inner = Sources(set(), set(), set(), set(), set())
     if isinstance(func, ast.Attribute):
         if not (isinstance(func.value, ast.Name) and ext(func.value.id)):
-            _sources(func.value, inner, ext)  # a method may return its receiver or a view of it
+            _sources(func.value, inner, ext, dv)  # a method may return its receiver or a view of it
     elif isinstance(func, ast.Name):
         out.callees.add(func.id)
     else:
-        _sources(func, inner, ext)
+        _sources(func, inner, ext, dv)
     for a in list(node.args) + [k.value for k in node.keywords]:
         if not (isinstance(a, ast.Name) and ext(a.id)):
             # (a module, function or class passed as an argument, `vision_learner(dls, resnet34)`,
             # is not held as a value a change could reach)
-            _sources(a, inner, ext)
+            _sources(a, inner, ext, dv)
     out.callees.update(inner.callees)
     if name in COMPUTE_CALLS:
         out.derived.update(inner.share, inner.elems, inner.derived, inner.holds)
@@ -224,21 +234,23 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
     the change was made through. `grad_names`: the names whose gradients the notebook uses;
     kinds: the model's name kinds (modules and notebook functions are no value's alias)."""
     objs = _Objects()
-    reads: dict = {}  # notebook function or class -> the global names its body reads
+    returns: dict = {}  # notebook function -> (globals its result may be, functions it returns)
     for st in statements:
         f = st.facts
         for name, summ in f.summaries.items():
-            reads[name] = set(f.uses_later) | (set(f.uses_now) if summ.is_class else set())
+            # (A notebook class's instance holds what it was given, not what its methods read.)
+            if not summ.is_class:
+                returns[name] = ((set(f.uses_later) if summ.returns_any else summ.returns),
+                                 summ.return_calls)
         changes = f.mutates or f.grad_writes
         before = _changes(objs, f, grad_names) if changes else {}
         bound = set()
         for names, src in f.bindings:
             if src.callees:
-                # A notebook function's result may be a global it reads (`m = get_model()`), an
-                # instance of a notebook class what its methods read: followed through the
-                # notebook functions they call.
+                # A notebook function's result may be a global it returns (`m = get_model()`),
+                # followed through the notebook functions whose results it returns.
                 src = Sources(src.share, src.derived, src.elems, src.callees,
-                              src.holds | _read_values(src.callees, reads, kinds))
+                              src.holds | _returned_values(src.callees, returns, kinds))
             for n in names:
                 objs.bind(n, src, f.defs.get(n) is True)
                 bound.add(n)
@@ -261,22 +273,24 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
             f.via[n] = via
 
 
-def _read_values(callees, reads, kinds) -> set:
-    """The notebook values the notebook functions `callees` read, through the notebook functions
-    they call."""
+def _returned_values(callees, returns, kinds) -> set:
+    """The notebook values the results of the notebook functions `callees` may be, through the
+    notebook functions whose results they return."""
     out: set = set()
     seen: set = set()
     stack = list(callees)
     while stack:
         g = stack.pop()
-        if g in seen or g not in reads:
+        if g in seen or g not in returns:
             continue
         seen.add(g)
-        for n in reads[g]:
+        values, calls = returns[g]
+        for n in values:
             if kinds.get(n) == "notebook":
                 stack.append(n)
             elif kinds.get(n) is None:
                 out.add(n)
+        stack.extend(calls)
     return out
 
 

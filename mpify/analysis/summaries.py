@@ -60,6 +60,12 @@ class FunctionSummary:
     grad_writes: set = field(default_factory=set)
     global_grad_writes: set = field(default_factory=set)
     calls: list = field(default_factory=list)
+    # What its result may be (aliases.py): globals its `return` values may share or hold, notebook
+    # functions whose results it returns, or anything it reads (`returns_any`: it returns a local,
+    # or yields).
+    returns: set = field(default_factory=set)
+    return_calls: set = field(default_factory=set)
+    returns_any: bool = False
     is_class: bool = False
 
 

@@ -266,7 +266,8 @@ class _Visitor(ast.NodeVisitor):
             return
         src = expr_sources(value, self._external) if value is not None else Sources(set(), set(), set(), set())
         if elements:
-            src = Sources(set(), src.derived, src.share | src.elems | src.holds, src.callees)
+            # `for x in xs`: x is an element of xs, or of what xs was made from (`[a, b]`).
+            src = Sources(set(), set(), src.share | src.elems | src.holds | src.derived, src.callees)
         if isinstance(value, ast.Call) and (
                 any(k.arg == "requires_grad" for k in value.keywords)
                 or (isinstance(value.func, (ast.Name, ast.Attribute))
@@ -367,8 +368,14 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.value)
         for t in node.targets:
             self._store_target(t)
-        self._record_binding(node.targets[:1], node.value)
         first = node.targets[0]
+        if (isinstance(first, (ast.Tuple, ast.List)) and isinstance(node.value, (ast.Tuple, ast.List))
+                and len(first.elts) == len(node.value.elts)
+                and not any(isinstance(e, ast.Starred) for e in first.elts + node.value.elts)):
+            for t, val in zip(first.elts, node.value.elts):
+                self._record_binding([t], val)  # `a, b = b, a`: each name its own value
+        else:
+            self._record_binding(node.targets[:1], node.value)
         for t in node.targets[1:]:
             # `a = b = []` binds one object to both names: b shares a (aliases.py).
             self._record_binding([t], ast.Name(first.id, ast.Load()) if isinstance(first, ast.Name)
@@ -545,6 +552,34 @@ class _Visitor(ast.NodeVisitor):
 
     visit_Nonlocal = visit_Global
 
+    def _returned(self, value):
+        """A value the innermost function returns: what its result may share (aliases.py)."""
+        scope = next((s for s in reversed(self.stack) if s.kind == "function"), None)
+        if scope is None or value is None:
+            return
+        summ = scope.summary
+        src = expr_sources(value, self._external, derived=False)
+        for n in src.share | src.elems | src.holds | src.callees:
+            owner = self._lookup(n)
+            if owner is None and self.kinds.get(n) == "notebook":
+                summ.return_calls.add(n)
+            elif owner is None and self.kinds.get(n) is None and not hasattr(builtins, n):
+                summ.returns.add(n)
+            elif owner is not None and n not in owner.params:
+                summ.returns_any = True  # a local: whatever it was bound to
+
+    def visit_Return(self, node):
+        self._returned(node.value)
+        self.generic_visit(node)
+
+    def visit_Yield(self, node):
+        scope = next((s for s in reversed(self.stack) if s.kind == "function"), None)
+        if scope is not None:
+            scope.summary.returns_any = True  # a generator: its elements are what it yields
+        self.generic_visit(node)
+
+    visit_YieldFrom = visit_Yield
+
     def visit_Await(self, node):
         if not self._later():
             self.f.has_await = True
@@ -618,6 +653,7 @@ class _Visitor(ast.NodeVisitor):
     def visit_Lambda(self, node):
         self._visit_args_now(node.args)
         summ = self._push_function(node.args, node.body)
+        self._returned(node.body)
         self.visit(node.body)
         self._pop_function()
         self._merge_nested(summ)
@@ -825,7 +861,7 @@ class _Visitor(ast.NodeVisitor):
             # `x.view(-1).add_(1)`, `torch.as_tensor(arr).zero_()`: the call's result may share what
             # it was made from (aliases.py), so changing it in place changes that. (Only the known
             # in-place changes: `is_3(x).float()` of a result is a conversion, not a change of x.)
-            src = expr_sources(recv, self._external)
+            src = expr_sources(recv, self._external, derived=False)
             for n in src.share | src.elems | src.holds:
                 if self._kind(n) not in _EXTERNAL:
                     self._mutate(n, "direct", node.lineno, deep=n in src.elems)
