@@ -7,11 +7,14 @@ wrote `coeffs.grad`, and the exported script died at import.
 
 Two relations, computed from the statements (the tables and their reasons are in effects.py):
 
-- *shares*: a name bound to an expression may share every object the expression reads
-  (`v = x.view(-1)`, `opt = SGD(model.parameters())`, `dl = DataLoader(ds)`), unless the expression
-  is known to make a fresh value (`x.item()`, `len(xs)`) or new memory (`a * b`, `x.sum()`).
-- *derived from*: arithmetic and `COMPUTE_CALLS` make new memory that still carries the inputs'
-  autograd graph (and, for shallow copies, their elements).
+- *shares* (a view: `v = x.view(-1)`, `row = x[0]`) and *holds* (any other call's result:
+  `opt = SGD(model.parameters())`, `dl = DataLoader(ds)`): a name bound to an expression may be, or
+  hold, the objects the expression reads, unless the expression is known to make a fresh value
+  (`x.item()`, `len(xs)`) or new memory (`a * b`, `x.sum()`). Any change of a view changes its
+  object; only a known change of a holder (effects.RECEIVER_MUTATORS, in-place ops) reaches what it
+  holds.
+- *derived from*: arithmetic, `COMPUTE_CALLS` and containers make new memory that still carries the
+  inputs' autograd graph (and, for containers and shallow copies, their elements).
 
 At the top level of a notebook this is a points-to analysis over statements in order (`propagate`):
 every binding makes a new abstract object, and a name points to it plus the objects its sources
@@ -31,7 +34,8 @@ import ast
 from itertools import count
 from typing import NamedTuple
 
-from mpify.analysis.effects import COMPUTE_CALLS, FRESH_ATTRS, FRESH_CALLS, VIEW_CALLS, combine_kinds
+from mpify.analysis.effects import (COMPUTE_CALLS, FRESH_ATTRS, FRESH_BUILTINS, FRESH_CALLS, VIEW_CALLS,
+                                    combine_kinds)
 from mpify.analysis.summaries import BodyCall
 
 __all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element"]
@@ -143,7 +147,7 @@ def _sources(node, out: Sources, ext, dv) -> None:
 def _call_sources(node, out: Sources, ext, dv) -> None:
     func = node.func
     name = _callee_name(func)
-    if name in FRESH_CALLS:
+    if name in FRESH_CALLS or (isinstance(func, ast.Name) and name in FRESH_BUILTINS):
         return
     if (name == "clone" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call)
             and _callee_name(func.value.func) == "detach"):

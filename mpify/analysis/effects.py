@@ -34,7 +34,7 @@ tables it reads are at the end of this module (`FRESH_CALLS`, `FRESH_ATTRS`, `CO
 """
 from __future__ import annotations
 
-__all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "VIEW_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
+__all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "FRESH_BUILTINS", "VIEW_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
            "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
@@ -190,16 +190,18 @@ def external_method_changes_receiver(method: str, dotted: list | None, module_it
 # ---- aliasing (issue 16): through which names a change reaches an object ---------------------------
 #
 # A change made through a name reaches every object that name may share memory or state with. The
-# relation is computed from the statements (aliases.py): a name bound to an expression may share
-# every object the expression reads (`v = x.view(-1)`, `row = x[0]`, `dl = DataLoader(ds)`,
-# `opt = SGD(model.parameters())`, `pair = [a, b]`, `for xb, yb in dl`, `loss = calc_loss(w, x, y)`),
-# because an unknown call may return its argument, a view of it, or an object holding it. Sound by
-# default: a call or expression not listed below shares whatever it reads. The lists only say where
-# that is known not to hold:
+# relation is computed from the statements (aliases.py): a name bound to an expression may be, or
+# hold, every object the expression reads (`v = x.view(-1)`, `row = x[0]`, `for xb, yb in dl`,
+# `dl = DataLoader(ds)`, `opt = SGD(model.parameters())`, `loss = calc_loss(w, x, y)`), because an
+# unknown call may return its argument, a view of it, or an object holding it (`VIEW_CALLS` below
+# says which results are the object itself). A list, tuple, dict or comprehension built of values
+# holds them as elements: a change of an element reaches them, a change of the container does not.
+# Sound by default: a call or expression not listed below holds whatever it reads. The lists only
+# say where that is known not to hold:
 #
-# - `FRESH_CALLS`: the result is a new value that shares nothing with the inputs and carries no
-#   autograd graph (`loss.item()`, `x.tolist()`, `len(xs)`, `copy.deepcopy(m)`,
-#   `x.detach().clone()`, the last one recognised by the visitor as a chain).
+# - `FRESH_CALLS`, `FRESH_BUILTINS`: the result is a new value that shares nothing with the inputs
+#   and carries no autograd graph (`loss.item()`, `x.tolist()`, `len(xs)`, `copy.deepcopy(m)`,
+#   `x.detach().clone()`, the last one recognised as a chain).
 # - `FRESH_ATTRS`: attributes that are new plain values (`n = x.shape[1]` does not hold x).
 # - `COMPUTE_CALLS`, and arithmetic (`a * b`, `-a`, `a @ w`): the result is new memory computed from
 #   the inputs. Changing it in place changes none of them, but it carries their autograd graph
@@ -218,9 +220,12 @@ def external_method_changes_receiver(method: str, dotted: list | None, module_it
 
 # Calls whose result shares nothing with its inputs and carries no autograd graph. (`round` and
 # `abs` of a tensor return tensors: not here. `copy` is shallow for lists and dicts: a compute.)
-FRESH_CALLS = _words("""
-item tolist deepcopy len float int str bool repr hash id isinstance issubclass callable format ord
-chr bin hex oct print range hasattr type dir input numel dim size nelement element_size is_contiguous
+FRESH_CALLS = _words("item tolist deepcopy numel dim size nelement element_size is_contiguous")
+# The same for builtins called by name only: `float(x)` is a new number, but the method `x.float()`
+# returns x itself when it is float already (a view, `VIEW_CALLS`).
+FRESH_BUILTINS = _words("""
+len float int str bool repr hash id isinstance issubclass callable format ord chr bin hex oct print
+range hasattr type dir input
 """)
 # Attributes that are new plain values, not views of their object (`x.T`, `x.data`, `x.grad` are
 # views or parts: not here).
