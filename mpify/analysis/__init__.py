@@ -17,9 +17,11 @@ The modules, one idea each: notebook (reading files), magics (IPython syntax -> 
 line), effects (which calls change what: the tables), stars (what a star import supplies, read from
 its module's source), diskcache (what was read from a file, kept between runs by its size and
 mtime), scopes (the scope stack's entries, Python's binding rules), visitor (scope-stack facts of
-one statement), model (statements of a notebook, cross-statement call effects), runpoint (where
-the notebook ran the target: the slice's default point), slicer (the backward closure and the
-report), calls (how the notebook calls or launches a target, for `--call`).
+one statement), aliases (through which names a change reaches an object), summaries (what a call
+of a notebook function changes, followed through the functions it calls), model (statements of a
+notebook, cross-statement call effects), runpoint (where the notebook ran the target: the slice's
+default point), slicer (the backward closure and the report), calls (how the notebook calls or
+launches a target, for `--call`).
 """
 from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
                                    UnknownTargetError, UnresolvedNameError)

@@ -21,18 +21,42 @@ exploration, old training loops and demos (issue 11): `x = torch.stack([a, b]).n
   is what the last seed call made it, see `SEED_CALLS`), except in faithful mode, which keeps every
   draw after the last seed, on modules and notebook objects, for exact reproduction.
 - A notebook function changes what its body changes; that is computed from the body by the visitor
-  (`FunctionSummary`), not listed here.
+  (`FunctionSummary`) and followed through the notebook functions it calls (summaries.py), not
+  listed here.
 
 Assignments, augmented assignments and `del` on an attribute or item (`cfg["lr"] = 0.1`,
 `torch.backends.cudnn.benchmark = True`) are mutations of the root name whatever it is; the visitor
 handles them, this module only names calls.
+
+Through which names a change reaches an object (issue 16) is the may-alias model of aliases.py; the
+tables it reads are at the end of this module (`FRESH_CALLS`, `FRESH_ATTRS`, `COMPUTE_CALLS`,
+`GRAD_CALLS`, `GRAD_OBSERVERS`), with the rules beside them.
 """
 from __future__ import annotations
 
-__all__ = ["SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
+__all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "FRESH_BUILTINS", "VIEW_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
+           "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
            "is_query", "is_draw", "external_method_changes_receiver"]
+
+
+# How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
+# 'call-arg' (passed to a call that may change it), 'draw', 'grad' (a backward writes its `.grad`),
+# 'alias' (changed through a name that may share it, aliases.py), 'state', 'seed', 'direct'.
+MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "grad": 2, "alias": 2, "state": 2, "seed": 3,
+                 "direct": 4}
+
+
+def combine_kinds(old, new):
+    """Two ways one call changes a name: the stronger, except that a function that seeds a
+    generator and draws from it is a draw (`print_sampled_tokens` seeds, then samples): it leaves
+    the generator somewhere, as any draw does, and a later seed makes that irrelevant."""
+    if old is None or old == new:
+        return new
+    if {old, new} == {"seed", "draw"}:
+        return "draw"
+    return new if MUTATION_RANK[new] > MUTATION_RANK[old] else old
 
 
 def _words(text: str) -> frozenset:
@@ -72,12 +96,14 @@ append extend insert remove pop clear sort reverse update setdefault popitem add
 difference_update intersection_update symmetric_difference_update appendleft extendleft popleft rotate
 to train eval load_state_dict register_buffer register_parameter register_module add_module apply
 register_forward_hook register_forward_pre_hook register_full_backward_hook requires_grad_ zero_grad
-step add_param_group set_format set_transform reset_format cast_column rename_column_ set_epoch
+step add_param_group set_format set_transform reset_format cast_column rename_column_ set_epoch fill
 """)
-# Module functions that change their first argument.
+# (`fill`: numpy's in-place fill, `np.asarray(y).fill(0)`.)
+# Module functions that change their first argument; and the builtin `next`, which advances its
+# iterator (and what the iterator was made from: a generator is its own iterator).
 ARG_MUTATORS = _words("""
 shuffle heappush heappop heapify heapreplace heappushpop insort insort_left insort_right copyto
-fill_diagonal put place putmask
+fill_diagonal put place putmask next
 """)
 # Methods that only read their receiver or display it (besides the `QUERY_PREFIXES`).
 QUERY_METHODS = _words("""
@@ -159,3 +185,78 @@ def external_method_changes_receiver(method: str, dotted: list | None, module_it
     if method in STATE_CALLS or (method in RECEIVER_MUTATORS and not module_itself):
         return True
     return bool(dotted) and "environ" in dotted and not is_query(method)
+
+
+# ---- aliasing (issue 16): through which names a change reaches an object ---------------------------
+#
+# A change made through a name reaches every object that name may share memory or state with. The
+# relation is computed from the statements (aliases.py): a name bound to an expression may be, or
+# hold, every object the expression reads (`v = x.view(-1)`, `row = x[0]`, `for xb, yb in dl`,
+# `dl = DataLoader(ds)`, `opt = SGD(model.parameters())`, `loss = calc_loss(w, x, y)`), because an
+# unknown call may return its argument, a view of it, or an object holding it (`VIEW_CALLS` below
+# says which results are the object itself). A list, tuple, dict or comprehension built of values
+# holds them as elements: a change of an element reaches them, a change of the container does not.
+# Sound by default: a call or expression not listed below holds whatever it reads. The lists only
+# say where that is known not to hold:
+#
+# - `FRESH_CALLS`, `FRESH_BUILTINS`: the result is a new value that shares nothing with the inputs
+#   and carries no autograd graph (`loss.item()`, `x.tolist()`, `len(xs)`, `copy.deepcopy(m)`,
+#   `x.detach().clone()`, the last one recognised as a chain).
+# - `FRESH_ATTRS`: attributes that are new plain values (`n = x.shape[1]` does not hold x).
+# - `COMPUTE_CALLS`, and arithmetic (`a * b`, `-a`, `a @ w`): the result is new memory computed from
+#   the inputs. Changing it in place changes none of them, but it carries their autograd graph
+#   ("derived from" them), so a backward through it writes their `.grad` (see `GRAD_CALLS`), and a
+#   change of one of its elements (`b[0].append(1)` after `b = sorted(a)`: a shallow copy holds the
+#   same elements) reaches them too.
+#
+# Autograd is its own link: `loss.backward()` changes no value of `loss`, but writes the `.grad` of
+# every tensor `loss` was computed from that requires gradients, even by arithmetic, which shares no
+# memory. Which names hold such tensors is not visible statically, so it is read from how the
+# notebook uses them (`GRAD_OBSERVERS`): a name whose `.grad` is read, whose `requires_grad` is set
+# (`requires_grad_()`, `requires_grad=True` in the call that makes it, `nn.Parameter(..)`), whose
+# `parameters()` are taken (an optimizer over it), whose `zero_grad()` is called, or that is called
+# (`model(xb)`: a module). A backward through data that never requires gradients (`X`, `y`) changes
+# nothing the slice reads, so an exploration cell's `loss.backward()` is not kept for `X`.
+
+# Calls whose result shares nothing with its inputs and carries no autograd graph. (`round` and
+# `abs` of a tensor return tensors: not here. `copy` is shallow for lists and dicts: a compute.)
+FRESH_CALLS = _words("item tolist deepcopy numel dim size nelement element_size is_contiguous")
+# The same for builtins called by name only: `float(x)` is a new number, but the method `x.float()`
+# returns x itself when it is float already (a view, `VIEW_CALLS`).
+FRESH_BUILTINS = _words("""
+len float int str bool repr hash id isinstance issubclass callable format ord chr bin hex oct print
+range hasattr type dir input
+""")
+# Attributes that are new plain values, not views of their object (`x.T`, `x.data`, `x.grad` are
+# views or parts: not here).
+FRESH_ATTRS = _words("shape dtype device ndim is_leaf requires_grad")
+# New memory computed from the inputs: derived (autograd graph, shared elements), not shared.
+# (`float`, `to`, `contiguous`, `type` are not here: they return their receiver itself when nothing
+# needs converting. Python's `max`/`min` return an element: not here either.)
+COMPUTE_CALLS = _words("""
+mean sum std var prod norm exp log sqrt matmul mm bmm dot add sub mul div neg pow sigmoid tanh relu
+softmax log_softmax argmax argmin cumsum cumprod clone copy cat stack tensor array sorted list tuple
+set dict clamp clip where floor ceil sign square eq ne gt lt ge le logsumexp mse_loss cross_entropy
+l1_loss nll_loss binary_cross_entropy binary_cross_entropy_with_logits smooth_l1_loss linear
+einsum outer abs
+""")
+# Calls whose result is the object itself or a view of its memory: a change of the result is a
+# change of the object, whatever the method. Any other call's result may *hold* what it was given
+# (`opt = SGD(model.parameters())`, `dl = DataLoader(ds)`, `learn = Learner(dls, model)`): a known
+# change of it (an in-place op, `RECEIVER_MUTATORS`: `opt.step()`, `opt.zero_grad()`,
+# `load_state_dict`, `append`...) reaches what it holds, a method not known to change anything
+# (`learn.fine_tune(1)`) changes the holder only. Why: issue 11 left a lesson's exploration
+# training out of the slice of a later `train()` that builds its own learner over the same `dls`;
+# reading every method of a learner as a change of its data loaders would keep it again.
+VIEW_CALLS = _words("""
+view view_as reshape reshape_as transpose permute expand expand_as narrow squeeze unsqueeze
+flatten ravel detach numpy as_tensor asarray from_numpy contiguous float double half to type T
+swapaxes movedim unflatten split chunk unbind select diagonal iter reversed zip enumerate get
+items values keys __getitem__ values_list data
+""")
+# Calls that write the `.grad` of what their tensor was computed from: `loss.backward()`,
+# `torch.autograd.backward(loss)`. `torch.autograd.grad(loss, w)` writes no `.grad` but frees the
+# graph the inputs share (a later backward through it fails): read as a write too, for soundness.
+GRAD_CALLS = _words("backward grad")
+# Methods that show a name holds tensors whose gradients matter (see the notes above).
+GRAD_OBSERVERS = _words("requires_grad_ parameters named_parameters zero_grad")

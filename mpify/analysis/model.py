@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 
 from mpify.analysis.magics import translate_cell
 from mpify.analysis.notebook import Notebook
+from mpify.analysis.aliases import propagate
 from mpify.analysis.effects import changes_first_arg
 from mpify.analysis.stars import resolve_star
-from mpify.analysis.visitor import _MUTATION_RANK, StatementFacts, analyse_statement
+from mpify.analysis.summaries import effects_of, params_for
+from mpify.analysis.visitor import MUTATION_RANK, StatementFacts, analyse_statement
 
 __all__ = ["Statement", "BrokenCell", "Model", "build_model"]
 
@@ -276,17 +278,16 @@ def build_model(nb: Notebook, faithful: bool = False) -> Model:
             else:
                 future = _add_cell(statements, cell, pyc, tree, kinds, future, faithful)
         cell_end[cell.index] = len(statements)
-    _resolve_calls(statements, kinds)
+    _resolve_calls(statements, kinds, faithful)
+    # Changes reach the names that may share the changed object (aliases.py), after the calls
+    # are resolved (a call of a notebook function changes what its body changes).
+    propagate(statements, set().union(*(st.facts.grad_names for st in statements)), faithful, kinds)
     stars = {st.index: exports[id(st.node)] for st in statements if id(st.node) in exports}
     events: dict = {}
     for st in statements:
         f = st.facts
         for name in {**f.defs, **f.dels, **f.mutates}:
             events.setdefault(name, []).append(st.index)
-        for src in set(f.aliases.values()):
-            lst = events.setdefault(src, [])
-            if not lst or lst[-1] != st.index:
-                lst.append(st.index)
     return Model(nb, statements, broken, cell_end, events, stars, faithful, kinds)
 
 
@@ -362,9 +363,11 @@ def _file_pseudo_name(path: str) -> str:
     return f"<file:{path}>"
 
 
-def _resolve_calls(statements, kinds) -> None:
-    """Turn `f(x)` calls into mutations/definitions using the latest notebook definition of `f`."""
+def _resolve_calls(statements, kinds, faithful=False) -> None:
+    """Turn `f(x)` calls into mutations/definitions using the latest notebook definition of `f`,
+    followed through the notebook functions its body calls (summaries.py)."""
     latest: dict = {}
+    memo: dict = {}  # summaries already followed (summaries.effects_of)
     for st in statements:
         f = st.facts
         for callee, pos, kws, _line in f.calls:  # BareCall
@@ -372,16 +375,23 @@ def _resolve_calls(statements, kinds) -> None:
             if summ is not None and summ.is_class:
                 continue  # constructing a notebook class: arguments assumed stored, not mutated
             if summ is not None:
-                for i, arg in enumerate(pos):
-                    if arg and i < len(summ.params) and summ.params[i] in summ.mutated_params:
-                        _add_mutation(f, arg, "direct")
-                for k, arg in kws.items():
-                    if arg and k in summ.mutated_params:
-                        _add_mutation(f, arg, "direct")
-                for g in summ.global_mutates:
-                    _add_mutation(f, g, "direct")
-                for g in summ.global_writes:
+                eff = effects_of(summ, latest, memo, (id(summ),))
+                args = list(zip(params_for(summ, len(pos)), pos)) + list(kws.items())
+                for p, arg in args:
+                    if not arg or p is None:
+                        continue
+                    if p in eff.params:
+                        _add_effect(f, arg, eff.params[p], faithful)
+                    if p in eff.grad_params:
+                        f.grad_names.add(arg)
+                    if p in eff.grad_writes:
+                        f.grad_writes.add(arg)
+                for g, kind in eff.globals.items():
+                    _add_effect(f, g, kind, faithful)
+                for g in eff.writes:
                     f.defs.setdefault(g, False)  # the call may (re)define g: a weak definition
+                f.grad_writes |= eff.global_grad_writes
+                f.grad_names |= eff.grad_globals
                 continue
             if callee not in latest and not hasattr(builtins, callee):
                 # Nothing in the notebook binds it before: a star import's function (an unknown
@@ -397,11 +407,12 @@ def _resolve_calls(statements, kinds) -> None:
                     _add_mutation(f, pos[0], "direct")
                 continue
             if callee not in latest:
-                # A builtin that PURE_BUILTINS does not clear (`next(it)`): it may change its
-                # arguments.
-                for arg in list(pos) + list(kws.values()):
+                # A builtin that PURE_BUILTINS does not clear: it may change its arguments;
+                # `next(it)` does change its iterator, and what the iterator was made from
+                # (`it = iter(gen)` is gen itself): a change that reaches aliases.
+                for i, arg in enumerate(list(pos) + list(kws.values())):
                     if arg:
-                        _add_mutation(f, arg, "call-arg")
+                        _add_mutation(f, arg, "direct" if i == 0 and changes_first_arg(callee) else "call-arg")
                 continue
             # Calling a notebook object (`linear_model(X)`): as for a method call on it, it may
             # change the object (a stateful callable), not its arguments (issue 11: `X` was read
@@ -411,7 +422,18 @@ def _resolve_calls(statements, kinds) -> None:
             latest[name] = f.summaries.get(name)
 
 
+def _add_effect(f, name, kind, faithful):
+    """A change a called function makes: a draw only counts in faithful mode (as a draw at top
+    level); a seed or a module's state stays what it is; any other change is a change."""
+    if kind == "draw":
+        if faithful:
+            _add_mutation(f, name, "draw")
+        return
+    _add_mutation(f, name, kind if kind in ("seed", "state") else "direct")
+
+
 def _add_mutation(f, name, kind):
+    f.own.discard(name)  # a called function's change may reach what the object holds
     old = f.mutates.get(name)
-    if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
+    if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
         f.mutates[name] = kind

@@ -22,6 +22,21 @@ class Scope:
     nonlocals: set = field(default_factory=set)  # `nonlocal` declarations (functions only)
     summary: object = None  # the visitor's FunctionSummary: what calling the function changes
     params: set = field(default_factory=set)  # parameter names, whose mutation the summary records
+    # The may-alias relation inside a function body, read flow-insensitively (aliases.py): local
+    # name -> refs of what it may share / be derived from. A ref is ('L', local or parameter),
+    # ('G', global) or ('O', enclosing function Scope, its name). For a comprehension: target ->
+    # the names its iterable reads (an element of them).
+    sources: dict = field(default_factory=dict)
+    derived: dict = field(default_factory=dict)
+    bindings: list = field(default_factory=list)  # ([local names], aliases.Sources), not yet read
+    # Changes made through the scope's own names, resolved to parameters and globals when the
+    # function's body has been read (aliases may be bound after the change, in a loop):
+    pending: list = field(default_factory=list)  # (name, kind, deep)
+    grad_writes: set = field(default_factory=set)  # names a backward runs through
+    observed: set = field(default_factory=set)  # names whose gradients are used
+    # (callee, [pos arg refs], {kw: refs}) of the notebook functions a function calls; for a
+    # comprehension, its generators, until its targets' sources are read (visitor).
+    calls: list = field(default_factory=list)
 
 
 COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)

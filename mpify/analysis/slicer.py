@@ -13,8 +13,10 @@ against the statements before the point where it is read:
 
 Walking back from that point, an unconditional binding ends the walk; conditional bindings, weak
 updates (`x += 1`, `import a.b`), conditional `del`s and mutations (`x.append(v)`, `x[k] = v`,
-`random.seed(0)` for `random`) are kept and the walk goes on. A mutation through an alias
-(`a = b; a.append(1)`) counts for `b`. An unconditional `del x` before any binding makes `x`
+`random.seed(0)` for `random`) are kept and the walk goes on. A mutation through a name that may
+share the object (`a = b; a.append(1)`, `opt.step()` for the model `opt` was built over) and a
+backward through a tensor computed from it (`loss.backward()` for `coeffs`) are mutations of it
+too: aliases.py records them as such. An unconditional `del x` before any binding makes `x`
 unresolved.
 
 Never included: statements that launch or call the target at module level (`ranch(4, train)`,
@@ -377,40 +379,7 @@ class _Slicer:
                 found.append((j, "maydel"))
             elif name in f.mutates:
                 found.append((j, f.mutates[name]))
-        found += self._alias_mutations(name, strong, p, ev, k)
         return found, deleted, strong
-
-    def _alias_mutations(self, name, strong, p, ev, k):
-        """Mutations through names that alias `name` between its binding and p."""
-        aliases = []  # (alias name, from index, alias statement or None)
-        if strong >= 0:
-            for a, b in self.st[strong].facts.aliases.items():
-                if b == name:
-                    aliases.append((a, strong, None))
-                elif a == name:
-                    aliases.append((b, strong, None))
-        for i in range(bisect_left(ev, strong + 1), k):
-            j = ev[i]
-            for a, b in self.st[j].facts.aliases.items():
-                if b == name and a != name and j != strong:
-                    aliases.append((a, j, j))
-        out = []
-        for a, start, via in aliases:
-            aev = self.m.events.get(a, ())
-            hits = []
-            for jj in aev[bisect_left(aev, start + 1):bisect_left(aev, p)]:
-                f = self.st[jj].facts
-                if jj in self.excluded:
-                    continue
-                if f.defs.get(a) is True:
-                    break
-                if a in f.mutates and f.mutates[a] not in ("call-arg", "called"):
-                    hits.append((jj, "alias-mutation:" + a))
-            if hits:
-                out += hits
-                if via is not None:
-                    out.append((via, "alias:" + a))
-        return out
 
     def _reason(self, role, name, why, j):
         f = self.st[j].facts
@@ -439,10 +408,12 @@ class _Slicer:
             return f"calls {_q(name)}, which may change it, needed by {why}"
         if role == "call-arg":
             return f"may mutate {_q(name)} (passes it to a call), needed by {why}"
-        if role.startswith("alias-mutation:"):
-            return f"mutates {_q(role.split(':', 1)[1])}, an alias of {_q(name)}, needed by {why}"
-        if role.startswith("alias:"):
-            return f"makes {_q(role.split(':', 1)[1])} an alias of {_q(name)}, needed by {why}"
+        via = f.via.get(name)
+        if role == "grad":
+            return (f"writes the gradients of {_q(name)} (a backward through {_q(via)}, computed from "
+                    f"it), needed by {why}")
+        if via is not None:
+            return f"changes {_q(via)}, which may share {_q(name)}, needed by {why}"
         return f"mutates {_q(name)}, needed by {why}"
 
     def _process(self, name, p, why, soft, where, p_late):

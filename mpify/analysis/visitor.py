@@ -36,19 +36,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from mpify.analysis.effects import (LAUNCHERS, OPAQUE_CALLS, PURE_BUILTINS, SEED_CALLS, WRITE_CALLS,
-                                    changes_first_arg, external_method_changes_receiver, is_draw,
-                                    is_query)
+from mpify.analysis.aliases import Sources, close_function, expr_sources, through_element
+from mpify.analysis.effects import (GRAD_CALLS, GRAD_OBSERVERS, LAUNCHERS, MUTATION_RANK, OPAQUE_CALLS,
+                                    PURE_BUILTINS, RECEIVER_MUTATORS, SEED_CALLS, WRITE_CALLS,
+                                    changes_first_arg, combine_kinds,
+                                    external_method_changes_receiver, is_draw, is_inplace, is_query)
 from mpify.analysis.scopes import Scope, dotted, root_name, scope_names
+from mpify.analysis.summaries import FunctionSummary
 
-__all__ = ["StatementFacts", "FunctionSummary", "BareCall", "analyse_statement"]
+__all__ = ["StatementFacts", "BareCall", "analyse_statement"]
 
 # The tables of known effects (which calls change what) live in effects.py; the visitor applies them.
-# How a statement may change a name, weakest first: 'called' (the object is called: `model(x)`),
-# 'call-arg' (passed to a call that may change it), 'draw', 'state', 'seed', 'direct'.
-_MUTATION_RANK = {"called": 0, "call-arg": 0, "draw": 1, "state": 2, "seed": 3, "direct": 4}
-
-
 class BareCall(NamedTuple):
     """A call of a bare global name made when a statement runs (`f(x, k=y)`), resolved later
     against the latest definition of `f` (model._resolve_calls)."""
@@ -60,22 +58,6 @@ class BareCall(NamedTuple):
 
 
 @dataclass
-class FunctionSummary:
-    """What calling a notebook function does to module state, for calls elsewhere in the notebook.
-
-    params: positional parameter names in order; mutated_params: those it may mutate;
-    global_writes: module names it assigns through `global`; global_mutates: module names it mutates.
-    """
-
-    params: list[str] = field(default_factory=list)
-    kwonly: list[str] = field(default_factory=list)
-    mutated_params: set[str] = field(default_factory=set)
-    global_writes: set[str] = field(default_factory=set)
-    global_mutates: set[str] = field(default_factory=set)
-    is_class: bool = False
-
-
-@dataclass
 class StatementFacts:
     """Facts about one top-level statement; line numbers are cell lines.
 
@@ -83,9 +65,12 @@ class StatementFacts:
     dels: name -> True for an unconditional `del name`, False for a conditional one (or `except as`).
     uses_now / uses_later / soft_uses: name -> first line where it is read (soft: annotations that are
     not evaluated, resolved if possible but never an error).
-    mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' (how it may
-    change the object; a seed redefines a generator's state, a draw only moves it).
-    aliases: `a = b` records a -> b (a mutation through a changes b).
+    mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' | 'grad' |
+    'alias' (how it may change the object; a seed redefines a generator's state, a draw only
+    moves it; 'grad' and 'alias' are added by aliases.propagate, with `via`: the name the change
+    was made through). deep: names changed through an element or attribute (`b[0].append(1)`).
+    bindings: ([names], Sources) for each top-level binding (aliases.py reads what it may share).
+    grad_writes: names a backward runs through; grad_names: names whose gradients are used.
     calls: `BareCall`s, the calls of bare global names made now.
     launches: names passed to a launcher call (`ranch(4, train)`).
     """
@@ -96,7 +81,12 @@ class StatementFacts:
     uses_later: dict = field(default_factory=dict)
     soft_uses: dict = field(default_factory=dict)
     mutates: dict = field(default_factory=dict)
-    aliases: dict = field(default_factory=dict)
+    via: dict = field(default_factory=dict)
+    deep: set = field(default_factory=set)
+    own: set = field(default_factory=set)
+    bindings: list = field(default_factory=list)
+    grad_writes: set = field(default_factory=set)
+    grad_names: set = field(default_factory=set)
     calls: list = field(default_factory=list)
     called_now: set = field(default_factory=set)
     launches: set = field(default_factory=set)
@@ -183,22 +173,123 @@ class _Visitor(ast.NodeVisitor):
         self.f.defs[name] = self.f.defs.get(name, False) or strong
         self.bound_now.add(name)
 
-    def _mutate(self, name, kind, lineno):
+    def _refs(self, name) -> list:
+        """Where `name`, as read here, lives: [(None, global name)] or [(function Scope, name)];
+        a comprehension target is an element of what its iterable reads: those refs."""
+        owner = self._lookup(name)
+        if owner is None:
+            return [(None, name)]
+        if owner.kind == "function":
+            return [(owner, name)]
+        if owner.kind == "comprehension":
+            if owner.calls:
+                self._comprehension_sources(owner)
+            return [r for r, _elem in owner.sources.get(name, ())]
+        return []  # a class attribute
+
+    def _mutate(self, name, kind, lineno, deep=False, own=False):
+        """`name` may change (`kind`: see MUTATION_RANK); deep: through an element; own: by a
+        method not known to change what the object holds (aliases.py)."""
         if name is None:
             return
-        owner = self._lookup(name)
-        if owner is not None:
-            if owner.kind == "function" and name in owner.params and owner.summary is not None:
-                owner.summary.mutated_params.add(name)
+        for scope, n in self._refs(name):
+            if scope is not None:
+                scope.pending.append((n, kind, deep, own))  # resolved when the body is read
+            elif self._later():
+                summ = self._outer_summary()
+                if summ is not None:
+                    summ.global_mutates[n] = combine_kinds(summ.global_mutates.get(n), kind)
+            else:
+                old = self.f.mutates.get(n)
+                if own and old is None:
+                    self.f.own.add(n)
+                elif not own:
+                    self.f.own.discard(n)
+                if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
+                    self.f.mutates[n] = kind
+                if deep:
+                    self.f.deep.add(n)
+
+    def _grad_writes_of(self, expr):
+        shared, derived = self._value_refs(expr_sources(expr, self._external))
+        for scope, n in {r for r, _ in shared} | derived:
+            if scope is not None:
+                scope.grad_writes.add(n)
+            elif self._later():
+                summ = self._outer_summary()
+                if summ is not None:
+                    summ.global_grad_writes.add(n)
+            else:
+                self.f.grad_writes.add(n)
+
+    def _observe(self, name):
+        """The gradients of `name` are used (effects.GRAD_OBSERVERS)."""
+        for scope, n in self._refs(name) if name is not None else ():
+            if scope is not None:
+                scope.observed.add(n)
+            else:
+                self.f.grad_names.add(n)
+
+    def _external(self, name) -> bool:
+        """A module, or an imported or notebook function or class (aliases.expr_sources)."""
+        return self._kind(name) is not None
+
+    def _value_refs(self, src: Sources, scope=None) -> tuple[set, set]:
+        """(shared, derived) refs of a value's sources, as `Scope.sources` holds them: modules,
+        notebook functions and classes, and imported functions called, are not values. scope: a
+        function scope just popped, whose own names are looked up there, the others here."""
+        def refs(n):
+            return [(scope, n)] if scope is not None and n in scope.local else self._refs(n)
+
+        def keep(n):
+            return ((scope is not None and n in scope.local) or self._lookup(n) is not None
+                    or self.kinds.get(n) not in _EXTERNAL)
+
+        def value_callee(n):
+            return ((scope is not None and n in scope.local) or self._lookup(n) is not None
+                    or (n not in self.kinds and not hasattr(builtins, n)))
+
+        shared = {(r, False) for n in src.share if keep(n) for r in refs(n)}
+        shared |= {(r, True) for n in src.elems if keep(n) for r in refs(n)}
+        shared |= {(r, None) for n in src.holds if keep(n) for r in refs(n)}
+        shared |= {(r, None) for n in src.callees if value_callee(n) for r in refs(n)}
+        derived = {r for n in src.derived if keep(n) for r in refs(n)}
+        return shared, derived
+
+    def _record_binding(self, targets, value, elements=False):
+        """`targets = value` (or `for targets in value`, `with value as targets`): what the bound
+        names may share (aliases.py). elements: the targets are elements of the value."""
+        names = [t.id if isinstance(t, ast.Name) else n.id for t in targets
+                 for n in ((t,) if isinstance(t, ast.Name) else ast.walk(t))
+                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+        if not names:
             return
-        if self._later():
-            summ = self._outer_summary()
-            if summ is not None:
-                summ.global_mutates.add(name)
+        src = expr_sources(value, self._external) if value is not None else Sources(set(), set(), set(), set())
+        if elements:
+            # `for x in xs`: x is an element of xs, or of what xs was made from (`[a, b]`).
+            src = Sources(set(), set(), src.share | src.elems | src.holds | src.derived, src.callees)
+        if isinstance(value, ast.Call) and (
+                any(k.arg == "requires_grad" for k in value.keywords)
+                or (isinstance(value.func, (ast.Name, ast.Attribute))
+                    and getattr(value.func, "id", getattr(value.func, "attr", None)) == "Parameter")):
+            for n in names:
+                self._observe(n)  # `w = torch.zeros(3, requires_grad=True)`, `nn.Parameter(..)`
+        if not self.stack:
+            # Top level: every name read is global (comprehension targets are left out by
+            # expr_sources); values only.
+            kinds = self.kinds
+            self.f.bindings.append((names, Sources(
+                {n for n in src.share if kinds.get(n) not in _EXTERNAL},
+                {n for n in src.derived if kinds.get(n) not in _EXTERNAL},
+                {n for n in src.elems if kinds.get(n) not in _EXTERNAL},
+                {n for n in src.callees if kinds.get(n) == "notebook"},
+                {n for n in src.holds if kinds.get(n) not in _EXTERNAL}
+                | {n for n in src.callees if n not in kinds and not hasattr(builtins, n)})))
             return
-        old = self.f.mutates.get(name)
-        if old is None or _MUTATION_RANK[kind] > _MUTATION_RANK[old]:
-            self.f.mutates[name] = kind
+        scope = self.stack[-1]
+        if scope.kind == "function":
+            # Read when the body is closed, and only if something is changed through a local.
+            scope.bindings.append(([n for n in names if n in scope.local], src))
 
     def _kind(self, name) -> str | None:
         """'module', 'object' or 'notebook' for a global name known to be one, else None (a
@@ -251,14 +342,18 @@ class _Visitor(ast.NodeVisitor):
             if isinstance(node, ast.Subscript):
                 self.visit(node.slice)
             self._mutate(root_name(node), "direct" if not self._is_module(root_name(node)) else "state",
-                         node.lineno)
+                         node.lineno, deep=through_element(node.value))
         else:
             self.visit(node)
 
     def visit_Attribute(self, node):
         if not isinstance(node.ctx, ast.Load):
+            if node.attr == "requires_grad":
+                self._observe(root_name(node))
             self._store_target(node)
             return
+        if node.attr == "grad":
+            self._observe(root_name(node))  # `coeffs.grad`: its gradients are used
         self.visit(node.value)
 
     def visit_Subscript(self, node):
@@ -273,14 +368,20 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.value)
         for t in node.targets:
             self._store_target(t)
+        first = node.targets[0]
+        if (isinstance(first, (ast.Tuple, ast.List)) and isinstance(node.value, (ast.Tuple, ast.List))
+                and len(first.elts) == len(node.value.elts)
+                and not any(isinstance(e, ast.Starred) for e in first.elts + node.value.elts)):
+            for t, val in zip(first.elts, node.value.elts):
+                self._record_binding([t], val)  # `a, b = b, a`: each name its own value
+        else:
+            self._record_binding(node.targets[:1], node.value)
+        for t in node.targets[1:]:
+            # `a = b = []` binds one object to both names: b shares a (aliases.py).
+            self._record_binding([t], ast.Name(first.id, ast.Load()) if isinstance(first, ast.Name)
+                                 else node.value)
         if not self.stack:
             names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-            if isinstance(node.value, ast.Name):
-                for n in names:
-                    self.f.aliases[n] = node.value.id  # `a = b`: one object, two names
-            elif len(names) > 1:
-                for n in names[1:]:
-                    self.f.aliases[n] = names[0]  # `a = b = []`
             if isinstance(node.value, ast.Lambda) and len(names) == 1 and self._last_lambda:
                 self.f.summaries[names[0]] = self._last_lambda
 
@@ -310,6 +411,8 @@ class _Visitor(ast.NodeVisitor):
             self.soft = old
         if node.value is not None or not isinstance(node.target, ast.Name):
             self._store_target(node.target)
+        if node.value is not None:
+            self._record_binding([node.target], node.value)
 
     def visit_Delete(self, node):
         for t in node.targets:
@@ -347,6 +450,7 @@ class _Visitor(ast.NodeVisitor):
         self.visit(node.iter)
         with self._conditional():
             self._store_target(node.target)
+            self._record_binding([node.target], node.iter, elements=True)
             self._visit_all(node.body + node.orelse)
 
     visit_AsyncFor = visit_For
@@ -361,6 +465,7 @@ class _Visitor(ast.NodeVisitor):
             self.visit(item.context_expr)
             if item.optional_vars is not None:
                 self._store_target(item.optional_vars)
+                self._record_binding([item.optional_vars], item.context_expr)
         for n in node.body:
             self.visit(n)
 
@@ -447,6 +552,34 @@ class _Visitor(ast.NodeVisitor):
 
     visit_Nonlocal = visit_Global
 
+    def _returned(self, value):
+        """A value the innermost function returns: what its result may share (aliases.py)."""
+        scope = next((s for s in reversed(self.stack) if s.kind == "function"), None)
+        if scope is None or value is None:
+            return
+        summ = scope.summary
+        src = expr_sources(value, self._external, derived=False)
+        for n in src.share | src.elems | src.holds | src.callees:
+            owner = self._lookup(n)
+            if owner is None and self.kinds.get(n) == "notebook":
+                summ.return_calls.add(n)
+            elif owner is None and self.kinds.get(n) is None and not hasattr(builtins, n):
+                summ.returns.add(n)
+            elif owner is not None and n not in owner.params:
+                summ.returns_any = True  # a local: whatever it was bound to
+
+    def visit_Return(self, node):
+        self._returned(node.value)
+        self.generic_visit(node)
+
+    def visit_Yield(self, node):
+        scope = next((s for s in reversed(self.stack) if s.kind == "function"), None)
+        if scope is not None:
+            scope.summary.returns_any = True  # a generator: its elements are what it yields
+        self.generic_visit(node)
+
+    visit_YieldFrom = visit_Yield
+
     def visit_Await(self, node):
         if not self._later():
             self.f.has_await = True
@@ -476,7 +609,8 @@ class _Visitor(ast.NodeVisitor):
         if not isinstance(body, list):
             g, nl = set(), set()  # a lambda's body is an expression: no declarations
         local = (set(allp) | bound) - g - nl
-        summ = FunctionSummary(params=params, kwonly=kwonly)
+        summ = FunctionSummary(params=params, kwonly=kwonly,
+                               vararg=args.vararg.arg if args.vararg is not None else None)
         self.stack.append(Scope("function", set(local), set(g), set(nl), summ, set(allp)))
         return summ
 
@@ -488,7 +622,7 @@ class _Visitor(ast.NodeVisitor):
         summ = self._push_function(node.args, node.body)
         for n in node.body:
             self.visit(n)
-        self.stack.pop()
+        self._pop_function()
         self._merge_nested(summ)
         self._bind(node.name, node.lineno)
         if top:
@@ -496,18 +630,32 @@ class _Visitor(ast.NodeVisitor):
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
+    def _pop_function(self):
+        """The body has been read: what it changes through its locals (aliases.close_function)."""
+        scope = self.stack.pop()
+        if scope.pending or scope.grad_writes or scope.observed or scope.calls:
+            for names, src in scope.bindings:
+                shared, derived = self._value_refs(src, scope)
+                for n in names:
+                    scope.sources.setdefault(n, set()).update(shared)
+                    scope.derived.setdefault(n, set()).update(derived)
+        close_function(scope, self._outer_summary() or scope.summary, self.f.grad_names)
+
     def _merge_nested(self, summ):
         """A nested function's effects on module names count for the function that contains it."""
         outer = self._outer_summary()
         if outer is not None and outer is not summ:
             outer.global_writes |= summ.global_writes
-            outer.global_mutates |= summ.global_mutates
+            for g, k in summ.global_mutates.items():
+                outer.global_mutates[g] = combine_kinds(outer.global_mutates.get(g), k)
+            outer.global_grad_writes |= summ.global_grad_writes
 
     def visit_Lambda(self, node):
         self._visit_args_now(node.args)
         summ = self._push_function(node.args, node.body)
+        self._returned(node.body)
         self.visit(node.body)
-        self.stack.pop()
+        self._pop_function()
         self._merge_nested(summ)
         if not self.stack:
             self._last_lambda = summ
@@ -534,7 +682,9 @@ class _Visitor(ast.NodeVisitor):
         targets = set()
         for g in gens:
             targets |= {n.id for n in ast.walk(g.target) if isinstance(n, ast.Name)}
-        self.stack.append(Scope("comprehension", set(targets)))
+        scope = Scope("comprehension", set(targets))
+        scope.calls = list(gens)  # its targets' sources, read if one is changed
+        self.stack.append(scope)
         with self._conditional():
             for i, g in enumerate(gens):
                 if i:
@@ -542,6 +692,25 @@ class _Visitor(ast.NodeVisitor):
                 self._visit_all(g.ifs)
             self._visit_all(elts)
         self.stack.pop()
+
+    def _comprehension_sources(self, scope):
+        """A comprehension's targets are elements of its iterables (`[p.grad.zero_() for p in
+        ps]` changes ps's elements). Read when one of them is first changed (rare: not for every
+        comprehension, the benchmark), with the names of the first iterable looked up in the
+        enclosing scope and the others in the comprehension's."""
+        gens, scope.calls = scope.calls, []
+        saved = self.stack
+        at = saved.index(scope)
+        try:
+            for i, gen in enumerate(gens):
+                self.stack = saved[:at + (1 if i else 0)]
+                src = expr_sources(gen.iter, self._external)
+                refs = {(r, True) for n in src.share | src.elems | src.derived for r in self._refs(n)}
+                for n in ast.walk(gen.target):
+                    if isinstance(n, ast.Name):
+                        scope.sources.setdefault(n.id, set()).update(refs)
+        finally:
+            self.stack = saved
 
     def visit_ListComp(self, node):
         self._visit_comprehension(node, [node.elt])
@@ -577,6 +746,8 @@ class _Visitor(ast.NodeVisitor):
         if isinstance(func, ast.Name):
             name = func.id
             user = self._lookup(name) is not None or name in self.bound_now
+            if self._kind(name) is None and (self._lookup(name) is not None or not hasattr(builtins, name)):
+                self._observe(name)  # an object called (`model(xb)`): a module, its parameters
             if name in OPAQUE_CALLS and not user:
                 self._opaque(f"calls {name}()")
             elif name == "setattr" and not user and len(node.args) >= 2:
@@ -605,11 +776,25 @@ class _Visitor(ast.NodeVisitor):
                 # running stats), not its arguments (issue 11: `validate(model0)` read as
                 # changing the `X` its body passes to `model`).
                 self._mutate(name, "called", node.lineno)
+            elif self._kind(name) == "notebook":
+                # A notebook function, in a function body: what it changes is followed when the
+                # function is called (summaries.py), with the function then defined under `name`.
+                scope = next(s for s in reversed(self.stack) if s.kind == "function")
+                pos = [self._value_refs(expr_sources(a, self._external)) for a in node.args
+                       if not isinstance(a, ast.Starred)]
+                kws = {k.arg: self._value_refs(expr_sources(k.value, self._external)) for k in node.keywords if k.arg}
+                if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                        k.arg is None for k in node.keywords):
+                    for a in argnodes:  # `f(*xs)`: which parameter gets what is unknown
+                        self._mutate(root_name(a), "call-arg", node.lineno)
+                else:
+                    scope.calls.append((name, pos, kws))
             else:
-                # A notebook function (or a builtin), in a function body: it may mutate its
-                # arguments (notebook functions are resolved precisely only at top level).
-                for a in argnodes:
-                    self._mutate(root_name(a), "call-arg", node.lineno)
+                # A builtin that PURE_BUILTINS does not clear: it may change its arguments
+                # (`next(it)` does change its first, see effects.ARG_MUTATORS).
+                for i, a in enumerate(argnodes):
+                    self._mutate(root_name(a), "direct" if i == 0 and changes_first_arg(name) else "call-arg",
+                                 node.lineno)
         elif isinstance(func, ast.Attribute):
             self._method_call(node, func, argnodes)
         if isinstance(func, ast.Name) and func.id == "open" and not self._later():
@@ -630,6 +815,16 @@ class _Visitor(ast.NodeVisitor):
         meth = func.attr
         chain = dotted(func)
         kind = self._kind(root)
+        if meth in GRAD_OBSERVERS and kind is None:
+            self._observe(root)
+        if meth == "backward" and kind is None:
+            # `loss.backward()`, `l.sum().backward()` change no value of `loss`: they write the
+            # `.grad` of what it was computed from (aliases.py), so this is not a change of `loss`
+            # or of what it shares.
+            self._grad_writes_of(recv)
+            return
+        if meth in GRAD_CALLS and kind == "module" and chain and "autograd" in chain and node.args:
+            self._grad_writes_of(node.args[0])  # `torch.autograd.backward(loss)`
         if isinstance(recv, ast.Call) and isinstance(recv.func, ast.Name) and recv.func.id == "get_ipython":
             self._opaque(f"uses get_ipython().{meth}")
         elif kind is not None:
@@ -640,8 +835,10 @@ class _Visitor(ast.NodeVisitor):
             elif external_method_changes_receiver(meth, chain, kind == "module" and recv is not None
                                                   and isinstance(recv, ast.Name)):
                 self._mutate(root, "seed" if meth in SEED_CALLS else "state", node.lineno)
-            elif self.faithful and is_draw(meth):
-                self._mutate(root, "draw", node.lineno)  # `np.random.rand()` moves numpy's generator
+            elif is_draw(meth) and (self.faithful or self._later()):
+                # `np.random.rand()` moves numpy's generator. In a function body always: the
+                # function's summary says it draws (summaries.py), its calls decide.
+                self._mutate(root, "draw", node.lineno)
             if meth == "import_module":
                 self._opaque("imports a module by computed name")
         elif root is not None:
@@ -651,11 +848,23 @@ class _Visitor(ast.NodeVisitor):
                 self._mutate(root, "seed", node.lineno)  # `g.manual_seed(0)`: a new state
             elif is_draw(meth) and not inplace:
                 # `rng.normal()` only moves the generator: left out unless faithful.
-                if self.faithful:
+                if self.faithful or self._later():
                     self._mutate(root, "draw", node.lineno)
             elif not (is_query(meth) or meth in WRITE_CALLS) or inplace:
                 # (`tok.save_pretrained(d)`, `df.to_csv(p)` write files; the object stays as it was.)
-                self._mutate(root, "direct", node.lineno)
+                # A method not known to change anything (`learn.fine_tune(1)`) changes the object,
+                # not what it was built over (aliases.py: `dls` is not trained).
+                self._mutate(root, "direct", node.lineno, deep=through_element(recv),
+                             own=not (inplace or is_inplace(meth) or meth in RECEIVER_MUTATORS))
+        elif isinstance(recv, ast.Call) and (is_inplace(meth) or meth in RECEIVER_MUTATORS or any(
+                k.arg == "inplace" for k in node.keywords)):
+            # `x.view(-1).add_(1)`, `torch.as_tensor(arr).zero_()`: the call's result may share what
+            # it was made from (aliases.py), so changing it in place changes that. (Only the known
+            # in-place changes: `is_3(x).float()` of a result is a conversion, not a change of x.)
+            src = expr_sources(recv, self._external, derived=False)
+            for n in src.share | src.elems | src.holds:
+                if self._kind(n) not in _EXTERNAL:
+                    self._mutate(n, "direct", node.lineno, deep=n in src.elems)
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
             # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
             # `rng.shuffle(xs)`: the argument changes (`x.add_(y)` on a notebook object changes x).
@@ -668,6 +877,8 @@ class _Visitor(ast.NodeVisitor):
 
 
 _DISPATCH: dict = {}  # node type -> _Visitor method (see _Visitor.visit)
+# Kinds of global names that are not values a binding may share (an imported object may be one).
+_EXTERNAL = frozenset({"module", "notebook"})
 
 
 def _is_name_main(test) -> bool:
