@@ -71,10 +71,7 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
     with groups.launch_scope(), enter_ctx(ctx):
         _in_fn.set()
         try:
-            result = fn(*args, **kwargs)
-            if inspect.iscoroutine(result):  # an `async def` fn: every rank runs it to the end
-                result = run_coroutine(result)
-            return result
+            return call_fn(fn, args, kwargs)
         except BaseException as exc:
             # Dated here, before ctx's exit runs: TorchDDPCtx's destroy_process_group is what
             # makes the other ranks fail, and the rank that raised first must stay the earliest.
@@ -84,6 +81,14 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
             raise
         finally:
             _in_fn.clear()
+
+
+def call_fn(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """`fn(*args, **kwargs)`; an `async def` fn is run to its end (every rank runs it so)."""
+    result = fn(*args, **kwargs)
+    if inspect.iscoroutine(result):
+        result = run_coroutine(result)
+    return result
 
 
 def run_coroutine(coro) -> Any:

@@ -9,6 +9,12 @@ from __future__ import annotations
 import signal
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """Add `note` to the exception's notes (shown under its message), once."""
+    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
 class MpifyError(Exception):
     """Base class of every error mpify raises on its own account."""
 

@@ -30,7 +30,7 @@ from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, patched_environ, rank_env
-from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError
+from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.messages import Done, Failed
 from mpify.engine.output import LineForwarder, LineGate, pump, rank_filter
@@ -367,9 +367,7 @@ def _removing(writer: shm.ShmWriter) -> Iterator[None]:
 
 
 def _annotate(exc: BaseException, rank: int, world: int, failed: list[int]) -> None:
-    note = f"mpify: raised in rank {rank} of {world}; failed ranks: {', '.join(map(str, failed))}"
-    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
-        exc.add_note(note)
+    add_note(exc, f"mpify: raised in rank {rank} of {world}; failed ranks: {', '.join(map(str, failed))}")
     try:
         exc.mpify_rank = rank
         exc.mpify_failed_ranks = failed

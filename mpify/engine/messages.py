@@ -105,15 +105,12 @@ class Status:
 
 
 @dataclass
-class ResetGroup:
-    """`rebuild=False`: destroy every process group this rank holds, so peers blocked on it in a
-    collective fail and return to Python. `rebuild=True`: leave the world's ctx and enter it
-    again (a new default group, same namespaces), with `env` set first: the new group meets at
-    a new store (a destroyed group's keys stay in the old one, and a group rebuilt under the
-    same name would read its peers' stale addresses there)."""
+class Rebuild:
+    """Leave the world's ctx and enter it again (a new default group, same namespaces), with
+    `env` set first: the new group meets at a new store (a destroyed group's keys stay in the old
+    one, and a group rebuilt under the same name would read its peers' stale addresses there)."""
 
-    rebuild: bool
-    env: dict | None = None
+    env: dict
 
 
 @dataclass

@@ -20,8 +20,8 @@ How a round stops when a rank failed or the user interrupted (each step bounded)
 1. ask: SIGINT to every child still busy, RankAborted in the caller's rank; ranks in Python
    return at once;
 2. break: a rank still busy after ASK_GRACE is stuck in C++, almost always a collective whose
-   peers will never come. Every rank that is back destroys its process groups, so the stuck
-   rank's connections close and its collective fails; repeated as more ranks come back;
+   peers will never come. Each stuck rank shuts down its own connections to the other ranks,
+   from a thread of its own (unstick.py), so its collective fails;
 3. kill: a child still stuck after BREAK_GRACE is killed, and the world is closed.
 After a break, the world's group is rebuilt (ctx left and entered again in every rank): the
 namespaces are kept, a DDP model wrapped over the old group must be wrapped again.
@@ -31,6 +31,7 @@ may be blocked on it.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import signal
 import sys
@@ -45,13 +46,13 @@ from typing import Any, Callable, Iterable
 import multiprocess.connection as mpc
 
 from mpify.engine import groups, rendezvous, serialize, shm, starter, teardown
-from mpify.engine.child import RankSpec, _in_fn, enter_ctx, stamp_failure
+from mpify.engine.child import RankSpec, _in_fn, call_fn, enter_ctx, stamp_failure
 from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, Topology, rank_env
-from mpify.engine.errors import MpifyError, RankDiedError
+from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
-from mpify.engine.launch import Failure, _annotate, _check_int, _gated
-from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
+from mpify.engine.launch import DEATH_SLACK, Failure, _annotate, _check_int, _gated
+from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
 from mpify.engine.output import LineForwarder, LineGate, pump
 from mpify.engine.unstick import break_pairs
 from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
@@ -175,7 +176,6 @@ class World:
         self._env_set: dict[str, str] = {}
         self._env_before: dict[str, str] = {}
         self._signals_sent: dict[int, set] = {}
-        self._writer = shm.ShmWriter()
         self._atexit = _closer(weakref.ref(self))
         atexit.register(self._atexit)
         want_store = bool(getattr(ctx, "mpify_hosts_store", False))
@@ -192,7 +192,9 @@ class World:
         t0 = time.monotonic()
         meeting = self.meeting
         env0 = rank_env(self.topo, 0, meeting.addr, meeting.port, meeting.env)
-        ctx_blob = serialize.dumps_launch(None, (), {}, {"ctx": self.ctx}, self._writer)
+        writer = shm.ShmWriter()  # the ctx's big buffers, if any: kept until every rank has entered it
+        self._scope.callback(writer.cleanup)
+        ctx_blob = serialize.dumps_launch(None, (), {}, {"ctx": self.ctx}, writer)
         if self.topo.nprocs > 1:
             # Before the rank environment is set here: the forkserver is the one a launch uses.
             mpctx = starter.context()
@@ -235,7 +237,7 @@ class World:
             self._run_round(list(self.members), enter, sent=True)
         except BaseException as exc:
             if not isinstance(exc, KeyboardInterrupt):
-                _note(exc, "mpify: the world could not start; every rank was stopped")
+                add_note(exc, "mpify: the world could not start; every rank was stopped")
             raise
         _debug(f"world ready in {time.monotonic() - t0:.3f} s")
 
@@ -258,7 +260,7 @@ class World:
         writer = shm.ShmWriter()
         try:
             blob = serialize.dumps_launch(fn, args, kwargs, {}, writer) if self.members else b""
-            values = self._run_round(self._live(None), lambda: _call(fn, args, kwargs),
+            values = self._run_round(self._live(None), lambda: call_fn(fn, args, kwargs),
                                      command=lambda m: Call(blob, gather))
         finally:
             writer.cleanup()
@@ -364,7 +366,6 @@ class World:
         stop the round on the first failure or an interrupt; return each rank's value."""
         __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
         if not self._round_lock.acquire(blocking=False):
-            from mpify.engine.errors import LaunchBusyError
             raise LaunchBusyError("this world is already running a round (from another thread); wait for it")
         try:
             if self.broken and not sent:
@@ -494,10 +495,7 @@ class World:
             except (OSError, ValueError):  # it died meanwhile: the supervisor reports it
                 pass
         if caller_stuck:
-            try:
-                break_pairs(self._pids(), self.meeting.port)
-            except Exception as exc:
-                _debug("world: freeing rank 0:", exc)
+            self._free_rank0()
         rnd.broke = True
         with rnd.cond:
             if rnd.cond.wait_for(rnd.settled, BREAK_GRACE):
@@ -507,9 +505,16 @@ class World:
         if stuck:
             rnd.killed = [m.rank for m in stuck]
             _debug("world: ranks still stuck, killed:", rnd.killed)
-            for m in stuck:
-                self._signals_sent.setdefault(m.proc.pid, set()).add(signal.SIGKILL)
             teardown.stop_ranks([m.proc.pid for m in stuck], first=signal.SIGKILL, sent=self._signals_sent)
+
+    def _free_rank0(self) -> bool:
+        """Shut down the caller's connections to the other ranks (see unstick.py)."""
+        try:
+            break_pairs(self._pids(), self.meeting.port)
+            return True
+        except Exception as exc:  # psutil cannot see them: the ladder goes on to its next step
+            _debug("world: freeing rank 0:", exc)
+            return False
 
     def _pids(self) -> list[int]:
         return [os.getpid()] + [m.proc.pid for m in self.members if not m.exited]
@@ -523,17 +528,14 @@ class World:
     def _outcome(self, rnd: _Round, caller_value: Any) -> dict[int, Any]:
         __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
         notes = []
-        if rnd.killed or self.lost_reason is not None:
-            cause = self.lost_reason
-            self.close()
+        closed = bool(rnd.killed) or self.lost_reason is not None
+        if closed:
+            why = (f"rank(s) {', '.join(map(str, rnd.killed))} stayed stuck and were killed" if rnd.killed
+                   else str(self.lost_reason))
             lost = ", ".join(str(m.rank) for m in self.members)
-            if rnd.killed:
-                notes.append(f"mpify: rank(s) {', '.join(map(str, rnd.killed))} stayed stuck and were killed; "
-                             f"the world is closed: the namespaces of ranks {lost} are lost, rank 0's (this "
-                             "process's) is untouched; start a new world")
-            else:
-                notes.append(f"mpify: {cause}; the world is closed: the namespaces of ranks {lost} are lost, "
-                             "rank 0's (this process's) is untouched; start a new world")
+            self.close()
+            notes.append(f"mpify: {why}; the world is closed: the namespaces of ranks {lost} are lost, rank 0's "
+                         "(this process's) is untouched; start a new world")
         elif rnd.broke:
             notes.append(self._rebuild())
         causes = sorted((f for f in rnd.failures if f.when <= rnd.stop_time), key=lambda f: f.when)
@@ -543,15 +545,15 @@ class World:
             first = causes[0]
             exc = first.error
             _annotate(exc, first.rank, self.topo.world_size, sorted({f.rank for f in causes}))
-        elif notes and (rnd.killed or self.lost_reason is not None):
-            exc = self.lost_reason if isinstance(self.lost_reason, BaseException) else WorldClosedError(notes[0])
+        elif closed:
+            exc = self.lost_reason if self.lost_reason is not None else WorldClosedError(notes[0])
         else:
             values = {self.topo.global_rank(0): caller_value}
             for rank, reply in rnd.replies.items():
                 values[rank] = serialize.loads(reply.blob) if reply.blob is not None else None
             return values
         for note in notes:
-            _note(exc, note)
+            add_note(exc, note)
         raise exc
 
     def _rebuild(self) -> str:
@@ -571,7 +573,7 @@ class World:
         rnd = _Round(live, True, None)
         self._round = rnd
         for m in live:
-            self._send(m, ResetGroup(rebuild=True, env=env), "round", rnd)
+            self._send(m, Rebuild(env), "round", rnd)
         failure = None
         try:
             scope, self._scope = self._scope, ExitStack()
@@ -683,10 +685,7 @@ class World:
                 os.sep.join(("torch", "distributed")) in name for name in inside):
             return
         _debug("world: rank 0 stuck in torch.distributed outside a round: freeing it")
-        try:
-            break_pairs(self._pids(), self.meeting.port)
-        except Exception as exc:
-            _debug("world: freeing rank 0:", exc)
+        if not self._free_rank0():
             return
         self.broken = True
         _CurrentStream("stderr").write(
@@ -729,7 +728,7 @@ class World:
         if not ours:
             self.lost_reason = death
             if rnd is not None and rnd.guard is not None:
-                self._record(rnd, Failure(member.rank, time.monotonic() - 0.5, death))
+                self._record(rnd, Failure(member.rank, time.monotonic() - DEATH_SLACK, death))
             else:  # between rounds: say so where the user looks now
                 _CurrentStream("stderr").write(f"mpify: {death}; the world is closed (ranks' namespaces lost); "
                                                "start a new one\n")
@@ -748,8 +747,6 @@ class World:
         goes first: a caller blocked in init_process_group on the dead rank fails at once."""
         self.meeting.close()
         pids = [m.proc.pid for m in self.members if not m.exited]
-        for pid in pids:
-            self._signals_sent.setdefault(pid, set()).update((signal.SIGTERM, signal.SIGKILL))
         teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
         self.closed = True
         rnd = self._round
@@ -803,7 +800,6 @@ class World:
                 os.close(fd)
             except OSError:
                 pass
-        self._writer.cleanup()
         if getattr(self, "meeting", None) is not None:
             self.meeting.close()
         # The rank environment goes; what the user changed meanwhile stays.
@@ -816,20 +812,6 @@ class World:
         _debug("world closed")
 
 
-def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
-    from mpify.engine.child import run_coroutine
-
-    value = fn(*args, **kwargs)
-    if hasattr(value, "__await__") and hasattr(value, "send"):
-        value = run_coroutine(value)
-    return value
-
-
-def _note(exc: BaseException, note: str) -> None:
-    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
-        exc.add_note(note)
-
-
 def _closer(ref: "weakref.ref[World]") -> Callable[[], None]:
     def close() -> None:
         world = ref()
@@ -838,11 +820,4 @@ def _closer(ref: "weakref.ref[World]") -> Callable[[], None]:
     return close
 
 
-def _counter():
-    n = 0
-    while True:
-        n += 1
-        yield n
-
-
-_cell_numbers = _counter()
+_cell_numbers = itertools.count(1)

@@ -29,9 +29,9 @@ from contextlib import ExitStack
 from typing import Any
 
 from mpify.engine import groups, serialize
-from mpify.engine.child import RankSpec, become_rank, enter_ctx, run_coroutine, stamp_failure
+from mpify.engine.child import RankSpec, become_rank, call_fn, enter_ctx, stamp_failure
 from mpify.engine.unstick import break_pairs
-from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, ResetGroup, Status
+from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
 
 # Set while user code runs in this rank: only then does SIGINT raise KeyboardInterrupt.
 _busy = threading.Event()
@@ -135,9 +135,7 @@ class _Rank:
     # ---- the commands ------------------------------------------------------------------------
     def call(self, msg: Call) -> Any:
         fn, args, kwargs, _ = serialize.loads(msg.blob)
-        value = fn(*args, **kwargs)
-        if hasattr(value, "__await__") and hasattr(value, "send"):
-            value = run_coroutine(value)
+        value = call_fn(fn, args, kwargs)
         return serialize.dumps_result(self.spec.rank, value) if msg.send_result else None
 
     def exec(self, msg: Exec) -> None:
@@ -155,19 +153,16 @@ class _Rank:
             raise NameError(f"name {msg.name!r} is not defined in rank {self.spec.rank}")
         return serialize.dumps_result(self.spec.rank, self.namespace[msg.name])
 
-    def reset(self, msg: ResetGroup) -> None:
-        if msg.rebuild:
-            self.leave()
-            destroy_groups()  # one the user made in a cell, if ctx did not
-            gc.collect()
-            os.environ.update(msg.env or {})
-            self.enter()
-        else:
-            destroy_groups()
+    def rebuild(self, msg: Rebuild) -> None:
+        self.leave()
+        destroy_groups()  # one the user made in a cell, if ctx did not
+        gc.collect()
+        os.environ.update(msg.env)
+        self.enter()
 
     def serve(self, cmd_r) -> None:
         handlers = {Call: self.call, Exec: self.exec, Push: self.push, Pull: self.pull,
-                    Status: lambda msg: serialize.dumps(memory_status()), ResetGroup: self.reset}
+                    Status: lambda msg: serialize.dumps(memory_status()), Rebuild: self.rebuild}
         while True:
             try:
                 msg = serialize.loads(cmd_r.recv_bytes())
