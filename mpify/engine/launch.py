@@ -71,7 +71,7 @@ class Launch:
         self.caller_rank = caller_rank
         self.gather = gather
         self.show = show
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.deadline: float | None = None  # set once the ranks are started (start)
         self.timeout = timeout
         self.guard = guard
         self.meeting = meeting
@@ -123,6 +123,9 @@ class Launch:
                 for end in (result_w, alive_r, out_w, err_w):
                     end.close()
         _debug("started", [(c.rank, c.proc.pid) for c in self.children], "port", self.meeting.port)
+        # The timeout is the ranks' time: a wait for a forkserver to be ready is not counted.
+        if self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
         self._supervisor = threading.Thread(target=self._supervise, name="mpify-supervisor", daemon=True)
         self._supervisor.start()
         if not self.children:
@@ -441,7 +444,8 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     The caller runs rank ``caller_rank`` (0 by default; None: every rank is a child process).
     ``ctx``: a context manager, or a factory of one, entered around fn in every rank.
     ``gather=True`` returns the list of every local rank's result instead of rank 0's.
-    ``timeout``: seconds after which every rank is stopped and LaunchTimeoutError raised.
+    ``timeout``: seconds from the ranks' start after which every rank is stopped and LaunchTimeoutError
+    raised.
     ``show_ranks``: whose output to show (None: every rank; an int or a collection of ranks).
     ``nnodes``/``node_rank``/``master_addr``/``master_port``: multi-node; RANK is
     node_rank * nprocs + local_rank, and node 0's launcher hosts the rendezvous store.
