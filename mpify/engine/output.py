@@ -17,6 +17,7 @@ import time
 from typing import Callable, Iterable, TextIO
 
 from mpify.engine.bars import INTERVAL, TerminalBars, choose
+from mpify.engine.debug import debug as _debug
 
 # How long a rank's line waits for the caller's rank to finish the line it is printing (print()
 # writes the text and the newline separately); a line left open longer (a progress bar redrawn
@@ -162,8 +163,8 @@ class LineForwarder:
             try:
                 bars.frame(self.key, self.prefix + self._frame)
                 self._shown_on = bars
-            except (OSError, ValueError):  # the caller's stream was closed
-                pass
+            except Exception as exc:  # a display that fails must not stop the launch: whole lines then
+                _debug("live bar of", self.prefix, "not shown:", repr(exc))
         self._frame = None
         self._next = now + INTERVAL
         return None
@@ -181,8 +182,8 @@ class LineForwarder:
             try:
                 if bars.end(self.key, self.prefix + self._last_frame(lines[0])):
                     lines = lines[1:]
-            except (OSError, ValueError):
-                lines = lines[1:]
+            except Exception as exc:  # as in tick: the line is then written as an ordinary one
+                _debug("live bar of", self.prefix, "not ended:", repr(exc))
         if not lines:
             return
         text = "".join(self.prefix + self._last_frame(line) + "\n" for line in lines)
