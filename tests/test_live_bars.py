@@ -238,3 +238,41 @@ def test_pipe_gets_whole_lines_with_the_final_frame_only(notebook, tmp_path):
         assert len(mine) == 1, mine
         assert "\r" not in mine[0] and mine[0].startswith(f"[rank {rank}] 100%") and "8/8" in mine[0], mine
     assert p.stdout.splitlines()[-1] == "'done'"
+
+
+def test_terminal_rank_lines_and_bars_go_above_the_callers_open_line():
+    """The gate on a real terminal device: a rank's line arriving while the caller's own line is
+    open goes above it at once; a bar sits between the finished lines and the open one; a line the
+    caller ends goes above the bar; a bar whose line ends stays as an ordinary line."""
+    from mpify.engine.bars import TerminalBars
+    from mpify.engine.output import LineGate
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    tty = open(slave, "w", encoding="utf-8", closefd=True)
+    try:
+        bars = TerminalBars(tty)
+        gate = LineGate(tty, bars)
+        steps = [
+            lambda: gate.write("abc"),
+            lambda: gate.write_lines("[rank 1] hi\n"),
+            lambda: bars.frame((1, "stderr"), "[rank 1]  50%|#####     |"),
+            lambda: gate.write("\r 10%"),
+            lambda: gate.write("\r 20%\n"),
+            lambda: bars.end((1, "stderr"), "[rank 1] 100%|##########|"),
+            lambda: gate.write("done\n"),
+        ]
+        screens, seen = [], b""
+        for step in steps:
+            step()
+            while select.select([master], [], [], 0.05)[0]:
+                seen += os.read(master, 65536)
+            screens.append([line for line in emulate(seen.decode(), 80) if line])
+    finally:
+        tty.close()
+        os.close(master)
+    assert screens[1] == ["[rank 1] hi", "abc"]
+    assert screens[2] == ["[rank 1] hi", "[rank 1]  50%|#####     |", "abc"]
+    assert screens[3] == ["[rank 1] hi", "[rank 1]  50%|#####     |", " 10%"]
+    assert screens[4] == ["[rank 1] hi", " 20%", "[rank 1]  50%|#####     |"]
+    assert screens[6] == ["[rank 1] hi", " 20%", "[rank 1] 100%|##########|", "done"]

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import threading
+import unicodedata
 from typing import TextIO
 
 # Seconds between two frames of one bar (4 a second): a user reads a bar at that rate, and a
@@ -152,7 +153,7 @@ class TerminalBars:
 
     @staticmethod
     def _rows(text: str, cols: int) -> int:
-        width = len(_ESCAPE.sub("", text))
+        width = sum(map(_width, _ESCAPE.sub("", text)))
         return max(1, -(-width // cols))
 
     def _draw(self, above: str = "") -> None:
@@ -160,7 +161,7 @@ class TerminalBars:
         each clipped to one row, then the caller's open line. One write, so no flicker."""
         cols = self._cols()
         parts = [f"\x1b[{self._up}A" if self._up else "", "\r\x1b[J", above]
-        parts += [text[:cols - 1] + "\n" for _, text in sorted(self._bars.items())]
+        parts += [_clip(text, cols - 1) + "\n" for _, text in sorted(self._bars.items())]
         parts.append(self._open)
         try:
             self.out.write("".join(parts))
@@ -168,6 +169,27 @@ class TerminalBars:
         except (OSError, ValueError):  # the terminal went away; nothing left to show it on
             self._closed = True
         self._up = len(self._bars) + self._rows(self._open, cols) - 1
+
+
+def _width(ch: str) -> int:
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _clip(text: str, width: int) -> str:
+    """`text` cut to `width` columns, so that a bar never wraps (which would break the count of
+    rows to go back up); escape sequences (colours) are kept whole and take no column."""
+    out, used, i = [], 0, 0
+    while i < len(text):
+        escape = _ESCAPE.match(text, i)
+        if escape:
+            out.append(escape.group())
+            i = escape.end()
+            continue
+        used += _width(text[i])
+        if used <= width:  # past the width only the escapes are kept (a colour's reset)
+            out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
 def _last_frame(text: str) -> str:
