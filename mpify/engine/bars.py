@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import unicodedata
+import uuid
 from typing import TextIO
 
 # Seconds between two frames of one bar (4 a second): a user reads a bar at that rate, and a
@@ -41,17 +42,23 @@ class JupyterBars:
 
     def __init__(self) -> None:
         self._ids: dict[Key, str] = {}
+        # A display id must never come back: a frontend updates every output with that id, in
+        # whichever cell it is (an earlier launch's bar would change).
+        self._prefix = f"mpify-bar-{uuid.uuid4().hex}"
         self._count = 0
+        self._closed = False
 
     def frame(self, key: Key, text: str) -> None:
         from IPython.display import display, update_display
 
+        if self._closed:  # the launch or the round is over; its cell may not be the running one
+            return
         bundle = {"text/plain": text}
         if key in self._ids:
             update_display(bundle, raw=True, display_id=self._ids[key])
         else:
             self._count += 1
-            self._ids[key] = f"mpify-{os.getpid()}-{id(self):x}-{self._count}"
+            self._ids[key] = f"{self._prefix}-{self._count}"
             display(bundle, raw=True, display_id=self._ids[key])
 
     def end(self, key: Key, text: str) -> bool:
@@ -66,6 +73,7 @@ class JupyterBars:
         return True
 
     def close(self) -> None:
+        self._closed = True
         self._ids.clear()
 
 
