@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 
-def fresh_times(code: str, timeout: float = 600) -> list | str:
+def fresh_times(code: str, timeout: float = 600, env_extra: dict | None = None) -> list | str:
     """The printed times, or a short reason ("skipped: ...", "timed out")."""
     env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # each picks its own port
+    env.update(env_extra or {})
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -8,10 +8,16 @@ notebook_launcher (fork). Prints a table of medians and ratios to mpify; `--png 
 
     python benchmarks/bench_launch.py -n 4 --repeat 5 [--fn trivial|gloo_allreduce|ddp_train] [--png out.png]
     python benchmarks/bench_launch.py --ddp-workload [--png out.png]
+    python benchmarks/bench_launch.py --first [--repeat 3]
 
 `--ddp-workload` is the table for the real workload: for N=2 and 4, mpify's warm gloo
 init+all_reduce (the trivial launch), then `ddp_train` (a torchrun-style function: its own group,
 DDP, 20 steps, destroy) under mpify, accelerate and torch.multiprocessing.spawn.
+
+`--first` is the first launch of a session (N=4, gloo init + all_reduce), right after the launcher's
+import and 3 s after it (a notebook's rhythm), each in a fresh process that imported torch first:
+mpify in a script, and as in an interactive session (MPIFY_PREWARM=1: what `import mpify` does in
+a Jupyter kernel), with accelerate beside them. Medians of `--repeat` fresh processes.
 """
 from __future__ import annotations
 
@@ -74,6 +80,54 @@ print("TIMES", json.dumps(times))
 """
 
 
+FIRST = """
+import json, os, sys, time
+sys.path.insert(0, {here!r})
+import torch
+import _workers
+N, FN = {n}, {fn!r}
+{imports}
+time.sleep({pause})
+times = []
+for _ in range(2):
+    t = time.perf_counter()
+    launch()
+    times.append(time.perf_counter() - t)
+print("TIMES", json.dumps(times))
+"""
+
+FIRST_RUNNERS = {  # (launcher, session): (import and launch code, environment)
+    ("mpify ranch", "script"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
+                                {"MPIFY_PREWARM": "0"}),
+    ("mpify ranch", "notebook (prewarm)"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
+                                            {"MPIFY_PREWARM": "1"}),
+    ("accelerate notebook_launcher", "any"): ("from accelerate import notebook_launcher\n"
+                                              "launch = lambda: notebook_launcher(getattr(_workers, FN), (), num_processes=N)",
+                                              {}),
+}
+
+
+def first_launch(n: int, fn: str, repeat: int) -> None:
+    rows = {}
+    for (name, session), (imports, env) in FIRST_RUNNERS.items():
+        for pause in (0, 3):
+            runs = [fresh_times(FIRST.format(here=HERE, n=n, fn=fn, imports=imports, pause=pause), env_extra=env)
+                    for _ in range(repeat)]
+            ok = [r for r in runs if isinstance(r, list)]
+            rows[name, session, pause] = (ok, next((r for r in runs if isinstance(r, str)), None))
+    print(f"\nFirst launch of a session, N={n}, fn={fn}, fresh process with torch imported, median of "
+          f"{repeat}; {machine()}")
+    print(f"{'launcher':30} {'session':20} {'right after import (s)':>23} {'3 s after (s)':>14} {'2nd launch (s)':>15}")
+    for name, session in FIRST_RUNNERS:
+        cells = []
+        for pause in (0, 3):
+            ok, why = rows[name, session, pause]
+            cells.append(f"{statistics.median(r[0] for r in ok):.3f}" if ok else (why or "failed")[:14])
+        ok = rows[name, session, 3][0] or rows[name, session, 0][0]
+        second = f"{statistics.median(r[1] for r in ok):.3f}" if ok else "-"
+        print(f"{name:30} {session:20} {cells[0]:>23} {cells[1]:>14} {second:>15}")
+
+
 def measure(name: str, n: int, fn: str, repeat: int) -> list[float] | str:
     return fresh_times(PRELUDE.format(here=HERE, n=n, fn=fn, repeat=repeat) + textwrap.dedent(RUNNERS[name]) + MAIN)
 
@@ -83,12 +137,16 @@ def main() -> None:
     ap.add_argument("-n", "--nprocs", type=int, default=4)
     ap.add_argument("--fn", default="gloo_allreduce", choices=["trivial", "gloo_allreduce", "ddp_train"])
     ap.add_argument("--ddp-workload", action="store_true", help="the DDP workload table, N=2 and 4")
+    ap.add_argument("--first", action="store_true", help="the first launch of a session: right after import, 3 s after")
     ap.add_argument("--repeat", type=int, default=5, help="warm calls after the first")
     ap.add_argument("--only", nargs="*", help="launchers to run (default: all)")
     ap.add_argument("--png", help="write a bar chart here (needs matplotlib)")
     a = ap.parse_args()
     if a.ddp_workload:
         ddp_workload(a.repeat, a.png)
+        return
+    if a.first:
+        first_launch(a.nprocs, a.fn, a.repeat)
         return
     names = [k for k in RUNNERS if not a.only or any(o in k for o in a.only)]
     rows = {name: measure(name, a.nprocs, a.fn, a.repeat) for name in names}

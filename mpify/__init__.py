@@ -12,10 +12,18 @@ them 0.1 s of a 0.3 s `mpify --help`. The first public name asked for loads them
 the eager import did, with the modules that register torch's parts with the engine (the store
 host and the shared-memory tensor codec, `_REGISTRARS`), whichever name a user imports first. A
 rank that meets a tensor kind it has not registered imports its module itself (engine/shm.py).
+
+In an interactive session (a Jupyter kernel, IPython, `python -i`) importing mpify also starts the
+forkservers the first launch will fork its ranks from, in a thread, so that a notebook's first
+launch finds them ready (engine/starter.py's `prewarm`). MPIFY_PREWARM=0 turns that off,
+MPIFY_PREWARM=1 turns it on in any process.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import threading
 
 __version__ = "0.3.0"
 
@@ -74,3 +82,27 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+def _interactive() -> bool:
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    return (get is not None and get() is not None) or hasattr(sys, "ps1")
+
+
+def _prewarm() -> None:
+    from mpify.engine import starter
+
+    starter.prewarm()
+
+
+def _maybe_prewarm() -> None:
+    flag = os.environ.get("MPIFY_PREWARM", "")
+    # Never in a forkserver (it imports mpify to preload the rank's code, with MPIFY_PRELOAD set)
+    # nor in a rank: only the process that launches starts forkservers.
+    if flag == "0" or "MPIFY_PRELOAD" in os.environ or (flag != "1" and not _interactive()):
+        return
+    threading.Thread(target=_prewarm, name="mpify-prewarm", daemon=True).start()
+
+
+_maybe_prewarm()

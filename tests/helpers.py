@@ -9,14 +9,16 @@ import psutil
 
 
 def keepers() -> set[int]:
-    """Processes mpify keeps on purpose between launches: the warm forkserver and the resource
+    """Processes mpify keeps on purpose between launches: the warm forkservers and the resource
     tracker of multiprocess."""
     pids = set()
     try:
-        from multiprocess import forkserver, resource_tracker
-        for pid in (forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid):
-            if pid:
-                pids.add(pid)
+        from multiprocess import resource_tracker
+
+        from mpify.engine import starter
+        pids |= starter.server_pids()
+        if resource_tracker._resource_tracker._pid:
+            pids.add(resource_tracker._resource_tracker._pid)
     except Exception:
         pass
     return pids

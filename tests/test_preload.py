@@ -30,10 +30,16 @@ def test_a_torch_caller_gets_ranks_that_already_hold_dynamo(tmp_path, no_strays)
             return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
                                       "torch.distributed.nn.functional", "sympy") if m in sys.modules)
 
+        from mpify.engine import starter
+
+        print("first", ranch(2, held, caller_rank=None, gather=True))  # served by a quick forkserver
+        starter.wait_complete()  # the one started in the background after the first launch
         print("held", ranch(2, held, caller_rank=None, gather=True))
     ''')
     assert proc.returncode == 0, proc.stderr[-2000:]
     everything = ["sympy", "torch._dynamo", "torch.distributed.nn.functional", "torch.nn.parallel.distributed"]
+    first = next(line for line in proc.stdout.splitlines() if line.startswith("first "))
+    assert "torch._dynamo" not in first  # the first launch did not wait for what it does not use
     assert f"held {[everything, everything]}" in proc.stdout
 
 
@@ -65,21 +71,23 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
         import sys
         sys.path.insert(0, {str(site)!r})
         import plainpkg, chattypkg
-        from multiprocess import forkserver
         from mpify import ranch
+        from mpify.engine import starter
 
         def held():
             import os
             mine = os.getpid()
             return plainpkg.IMPORTED_BY != mine, chattypkg.IMPORTED_BY != mine, plainpkg.VALUE + chattypkg.VALUE
 
+        print("quick", ranch(2, held, caller_rank=None, gather=True))
+        print("forkserver", starter.wait_complete())
         print("held", ranch(2, held, caller_rank=None, gather=True))
-        print("forkserver", forkserver._forkserver._forkserver_pid)
-        print("again", ranch(2, held, caller_rank=None, gather=True), forkserver._forkserver._forkserver_pid)
+        print("again", ranch(2, held, caller_rank=None, gather=True), starter.wait_complete())
         import tinypkg  # one module, as a kernel imports lazily: not worth a new forkserver
-        print("small", ranch(2, tinypkg.value, caller_rank=None, gather=True), forkserver._forkserver._forkserver_pid)
+        print("small", ranch(2, tinypkg.value, caller_rank=None, gather=True), starter.wait_complete())
     ''', {"MPIFY_DEBUG": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quick [(False, False, 42), (False, False, 42)]" in proc.stdout  # the ranks imported both
     assert "held [(True, False, 42), (True, False, 42)]" in proc.stdout
     assert "not preloading chattypkg: it started a thread in the forkserver" in proc.stderr
     server = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("forkserver "))
@@ -94,11 +102,12 @@ def test_the_forkserver_runs_no_extra_thread(tmp_path, no_strays):
     proc = run(tmp_path, '''
         import os, sys
         import torch
-        from multiprocess import forkserver
         from mpify import ranch
+        from mpify.engine import starter
         baseline = len(os.listdir("/proc/self/task"))  # this process, torch imported: the same import
         ranch(2, int, caller_rank=None)
-        pid = forkserver._forkserver._forkserver_pid
+        pid = starter.wait_complete()
+        assert set(ranch(2, os.getppid, caller_rank=None, gather=True)) == {pid}
         print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
     ''')
     assert proc.returncode == 0, proc.stderr[-2000:]

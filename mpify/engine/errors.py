@@ -7,12 +7,26 @@ whose exception could not be rebuilt, a timeout, and arguments that cannot trave
 from __future__ import annotations
 
 import signal
+import sys
+
+if sys.version_info < (3, 11):
+    # Exceptions have no notes before 3.11 (PEP 678). The backport's import makes tracebacks and
+    # the default sys.excepthook print `__notes__` as 3.11 does; IPython 8 prints them itself.
+    __import__("exceptiongroup")
 
 
 def add_note(exc: BaseException, note: str) -> None:
     """Add `note` to the exception's notes (shown under its message), once."""
-    if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+    notes = getattr(exc, "__notes__", None) or []
+    if note in notes:
+        return
+    if hasattr(exc, "add_note"):
         exc.add_note(note)
+    else:  # 3.10: the attribute PEP 678 reads, set by hand
+        try:
+            exc.__notes__ = [*notes, note]
+        except AttributeError:  # a type with __slots__ and no __dict__: nowhere to put it
+            pass
 
 
 class MpifyError(Exception):

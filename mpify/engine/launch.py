@@ -440,7 +440,7 @@ def _only_this_thread() -> Iterator[None]:
 
 
 def shutdown() -> None:
-    """Stop the warm forkserver and free the argument snapshots kept between launches; the
+    """Stop the warm forkservers and free the argument snapshots kept between launches; the
     next launch starts afresh."""
     starter.shutdown()
     shm.release()
@@ -501,4 +501,6 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
             launch.begin_stop("interrupt")
         finally:
             launch.teardown()
+    if has_children:
+        starter.catch_up()
     return launch.outcome()

@@ -1,24 +1,37 @@
-"""How rank processes are started: a warm forkserver (spawn on Windows).
+"""How rank processes are started: warm forkservers (spawn on Windows).
 
 fork is fast but breaks once the caller has touched CUDA ("Cannot re-initialize CUDA in forked
 subprocess"); spawn is safe but re-imports torch in every rank, every launch (seconds). A
 forkserver is a fresh interpreter that imports the heavy modules once and never touches CUDA,
 then forks a rank per request: fork speed with spawn's safety.
 
-Only modules that the caller has already imported are preloaded, so a launch of a torch-free
-function from a torch-free process stays light: numpy and torch; when the caller has torch, what
-DDP's first construction imports (torch._dynamo, ~1.5 s per rank otherwise); and the other
-installed packages the caller imported (pandas, transformers, fastai...), each checked in the
-forkserver for threads and CUDA (engine/warm.py); one that fails the check is left out, and
-MPIFY_DEBUG says so. When that set changes (the notebook imported torch after the first launch)
-or an environment variable read at import time changes, the forkserver is restarted once, on
-the next launch.
+What a forkserver preloads follows the caller: numpy and torch when the caller has them; when it
+has torch, what DDP's first construction imports (torch._dynamo, ~1.5 s per rank otherwise); and
+the other installed packages the caller imported (pandas, transformers, fastai...), each checked
+in the forkserver for threads and CUDA (engine/warm.py); one that fails the check is left out,
+and MPIFY_DEBUG says so. A torch-free caller's ranks stay light.
+
+No launch waits for a preload it can do without. Each forkserver is a `Server`, and more than one
+may exist at a time:
+- a *quick* server preloads only the heavy modules (numpy, torch): it can fork in about 1.5 s;
+- a *complete* server also preloads the extras (torch._dynamo and the caller's packages), about
+  3 s more.
+A launch is served by a complete server when one is ready; else by any ready server whose heavy
+modules and import-time environment fit (its ranks import the missing extras themselves), while a
+complete one starts in the background; a launch waits only when no ready server fits at all (the
+first launch of a process, or the caller changed an import-time variable such as OMP_*), and then
+only for a quick one. When a complete server takes over, the others retire: each stops once its
+last rank (a live world's, say) has exited. In an interactive kernel both kinds start at
+`import mpify` (`prewarm`), so the first launch of a notebook usually finds one ready;
+MPIFY_PREWARM=0 turns that off, MPIFY_PREWARM=1 turns it on anywhere.
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -27,7 +40,6 @@ import time
 import multiprocess as mp
 
 from mpify.engine.debug import debug
-from mpify.engine.env import patched_environ
 from mpify.engine.groups import IMPORT_EARLY
 from mpify.engine.rendezvous import AGENT_ENV_NAMES
 
@@ -61,9 +73,9 @@ _IMPORT_TIME_ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "LD_", "PYTHON", "TORC
 _PRELOAD_WAIT = 600.0
 
 _lock = threading.Lock()
-_signature: tuple | None = None
+_servers: list["Server"] = []  # oldest first: starting, serving and retiring forkservers
+_serving: "Server | None" = None  # the one the current launch forks its ranks from (RankPopen)
 _refused: set[str] = set()  # modules that failed the check once: never preloaded again
-_present: set[str] = set()  # top-level modules the running forkserver holds (engine/warm.py's verdict)
 _packages_seen: tuple[int, tuple] = (-1, ())
 
 
@@ -92,8 +104,16 @@ def _installed_packages() -> tuple:
     return _packages_seen[1]
 
 
-def _wanted_signature() -> tuple:
-    heavy = tuple(m for m in HEAVY_MODULES if m in sys.modules)
+def _wanted_signature(installed_heavy: bool = False) -> tuple:
+    """(heavy modules, extras, import-time environment) for the caller as it is now.
+    installed_heavy: count the heavy modules that are installed, not only those imported (prewarm:
+    a notebook imports torch after mpify as often as before)."""
+    if installed_heavy:
+        from importlib.util import find_spec
+
+        heavy = tuple(m for m in HEAVY_MODULES if m in sys.modules or find_spec(m) is not None)
+    else:
+        heavy = tuple(m for m in HEAVY_MODULES if m in sys.modules)
     extras = (TORCH_EXTRAS if "torch" in heavy else ()) + _installed_packages()
     extras = tuple(m for m in extras if m not in _refused)
     # The rendezvous variables mpify itself sets are read at init, not at import: a live world
@@ -105,12 +125,131 @@ def _wanted_signature() -> tuple:
 
 
 if sys.platform != "win32":
-    from multiprocess import forkserver as _fs
-    from multiprocess import popen_forkserver, reduction, spawn, util
+    from multiprocess import connection, popen_forkserver, reduction, resource_tracker, spawn, util
     from multiprocess.context import ForkServerProcess, set_spawning_popen
+    from multiprocess.forkserver import ForkServer
+
+    class Server(ForkServer):
+        """One forkserver process, with what it preloads and whether it has finished preloading.
+
+        multiprocess keeps one forkserver per process (its module global) and restarts it in
+        place, so a launch would wait for every restart; mpify starts its own instances, each
+        with its own socket and alive pipe, and chooses among them per launch (process_class)."""
+
+        def __init__(self, signature: tuple, quick: bool):
+            super().__init__()
+            heavy, extras, env = signature
+            self.signature = (heavy, () if quick else extras, env)
+            self.quick = quick
+            self.proc = None  # subprocess.Popen of the forkserver
+            self.verdict: dict | None = None  # engine/warm.py's, once its preloading is done
+            self.present: set[str] = set()  # top-level modules it holds (the verdict's)
+            self.started = time.monotonic()
+            self.retired = False
+            fd, self.report = tempfile.mkstemp(prefix="mpify-preload-", suffix=".json")
+            os.close(fd)
+            os.unlink(self.report)
+
+        def launch(self) -> None:
+            """Start the forkserver process. As multiprocess's ensure_running, except that the
+            environment is passed to the new process rather than set in os.environ around it: a
+            prewarm runs beside the user's code, which must not see mpify's variables come and go."""
+            import subprocess
+
+            from mpify.engine import warm
+
+            heavy, extras, _ = self.signature
+            resource_tracker.ensure_running()  # its fd goes to every rank (connect_to_new_process)
+            preload = list(BASE_MODULES) + list(heavy) + ["mpify.engine.warm"]
+            env = dict(os.environ, **{warm.LIST_ENV: json.dumps(list(extras)), warm.REPORT_ENV: self.report,
+                                      warm.PATH_ENV: json.dumps(sys.path)})
+            with socket.socket(socket.AF_UNIX) as listener:
+                address = connection.arbitrary_address("AF_UNIX")
+                listener.bind(address)
+                if not util.is_abstract_socket_namespace(address):
+                    os.chmod(address, 0o600)
+                listener.listen()
+                # Every rank holds the write end of "alive" too: the forkserver exits once the
+                # caller and all its ranks have closed it.
+                alive_r, alive_w = os.pipe()
+                try:
+                    cmd = (f"from multiprocess.forkserver import main; "
+                           f"main({listener.fileno()}, {alive_r}, {preload!r})")
+                    exe = spawn.get_executable()
+                    self.proc = subprocess.Popen([exe, *util._args_from_interpreter_flags(), "-c", cmd],
+                                                 pass_fds=(listener.fileno(), alive_r), env=env,
+                                                 stdin=subprocess.DEVNULL)
+                except BaseException:
+                    os.close(alive_w)
+                    raise
+                finally:
+                    os.close(alive_r)
+            self._forkserver_address = address
+            self._forkserver_alive_fd = alive_w
+            self._forkserver_pid = self.proc.pid
+            debug("forkserver", self.proc.pid, "starting,", "quick" if self.quick else "complete",
+                  "preload", heavy, self.signature[1])
+
+        def ensure_running(self) -> None:
+            # Called by connect_to_new_process: never restart in place (process_class chooses).
+            if self._forkserver_address is None:
+                raise RuntimeError("mpify: this forkserver was stopped")
+
+        def alive(self) -> bool:
+            return self.proc is not None and self.proc.poll() is None
+
+        def ready(self) -> bool:
+            """Whether its preloading is done (so it forks at once), reading its verdict once."""
+            if self.verdict is None and os.path.exists(self.report):
+                with open(self.report) as f:
+                    self.verdict = json.load(f)
+                _unlink(self.report)
+                self.present = set(self.verdict.get("present", ()))
+                debug("forkserver", self.proc.pid, "ready after", round(time.monotonic() - self.started, 2),
+                      "s: preloaded", self.signature[0], self.verdict["loaded"],
+                      "; could not import", self.verdict["missing"])
+            return self.verdict is not None
+
+        def fits(self, wanted: tuple) -> bool:
+            """It can serve `wanted` now or once ready: the heavy modules and the environment."""
+            return (not self.retired and set(self.signature[0]) >= set(wanted[0])
+                    and self.signature[2] == wanted[2])
+
+        def complete(self, wanted: tuple) -> bool:
+            """It holds (or will hold) every extra `wanted` asks for. A package it already holds
+            as another's dependency counts (sympy comes with torch._dynamo)."""
+            return self.fits(wanted) and set(wanted[1]) <= self.present | set(self.signature[1]) | _refused
+
+        def retire(self, kill: bool = False) -> None:
+            """Let it go: it exits once its ranks have (kill: at once, for one that has none)."""
+            if self.retired:
+                return
+            self.retired = True
+            if kill and self.proc is not None:
+                self.proc.kill()
+            try:
+                os.close(self._forkserver_alive_fd)
+            except (OSError, TypeError):
+                pass
+            address = self._forkserver_address
+            self._forkserver_alive_fd = self._forkserver_address = None
+
+            def reap():
+                if self.proc is not None:
+                    self.proc.wait()
+                if address and not util.is_abstract_socket_namespace(address):
+                    _unlink(address)
+                _unlink(self.report)
+                with _lock:
+                    if self in _servers:
+                        _servers.remove(self)
+
+            # A retiring server may have ranks still running (a live world's): wait off the launch.
+            threading.Thread(target=reap, name="mpify-forkserver-reaper", daemon=True).start()
 
     class RankPopen(popen_forkserver.Popen):
-        """popen_forkserver.Popen, minus the two keys that make the child import `__main__`.
+        """popen_forkserver.Popen, minus the two keys that make the child import `__main__`, and
+        forking from the server this launch chose rather than multiprocess's own.
 
         multiprocess, like multiprocessing, re-imports the parent's main script in every child so
         that functions defined there can be found by name. mpify ships fn by value (dill), so that
@@ -128,12 +267,12 @@ if sys.platform != "win32":
                 reduction.dump(process_obj, buf)
             finally:
                 set_spawning_popen(None)
-            self.sentinel, w = _fs.connect_to_new_process(self._fds)
+            self.sentinel, w = _serving.connect_to_new_process(self._fds)
             _parent_w = os.dup(w)  # the child's view of its parent's liveness, as upstream
             self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
             with open(w, "wb", closefd=True) as f:
                 f.write(buf.getbuffer())
-            self.pid = _fs.read_signed(self.sentinel)
+            self.pid = _fs_read_signed(self.sentinel)
 
     class RankProcess(ForkServerProcess):
         # At module level, not made in a function: the process object is pickled to the
@@ -145,143 +284,187 @@ if sys.platform != "win32":
             return RankPopen(process_obj)
 
 
-def process_class():
-    """The Process class to start ranks with, its forkserver (re)started as needed."""
-    if sys.platform == "win32":
-        return mp.get_context("spawn").Process
-    context()
-    return RankProcess
+def _fs_read_signed(fd):
+    from multiprocess.forkserver import read_signed
+
+    return read_signed(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def context() -> mp.context.BaseContext:
-    """The multiprocess context to start ranks with, its forkserver (re)started as needed."""
-    if sys.platform == "win32":
-        return mp.get_context("spawn")
-    global _signature
-    ctx = mp.get_context("forkserver")
-    from multiprocess import forkserver
+    """The multiprocess context whose Pipes the ranks' ends are made with."""
+    return mp.get_context("spawn" if sys.platform == "win32" else "forkserver")
 
+
+def process_class():
+    """The Process class to start this launch's ranks with, its forkserver chosen (see the
+    module's docstring): complete and ready, else ready and fitting, else the first to be ready."""
+    if sys.platform == "win32":
+        return mp.get_context("spawn").Process
+    global _serving
     with _lock:
         wanted = _wanted_signature()
-        if _outdated(wanted):
-            # The running forkserver (if any) preloaded other modules or saw other settings.
-            _start(wanted)
-            _signature = wanted
-        forkserver.ensure_running()
-    return ctx
+        _poll()
+        ready = [s for s in _servers if not s.retired and s.ready()]
+        chosen = next((s for s in reversed(ready) if s.complete(wanted)), None)
+        if chosen is None:
+            chosen = next((s for s in reversed(ready) if s.fits(wanted)), None)
+        if chosen is None:
+            if not any(s.fits(wanted) for s in _servers if not s.retired):
+                _start(wanted, quick=True)
+            chosen = _first_ready(wanted)
+        # The others retire, but for a complete one still starting while a quick one serves.
+        keep_starting = not chosen.complete(wanted)
+        for s in list(_servers):
+            if s is chosen or s.retired or (keep_starting and not s.ready() and s.complete(wanted)):
+                continue
+            s.retire(kill=not s.ready())  # one still starting has no rank: stop it now
+        _serving = chosen
+        debug("ranks fork from forkserver", chosen.proc.pid, "(complete)" if chosen.complete(wanted) else
+              "(not complete: the ranks import what it lacks themselves)")
+    return RankProcess
 
 
-def _outdated(wanted: tuple) -> bool:
-    """Whether the running forkserver lacks a module the caller now has, or saw other settings.
-    A package the forkserver already holds as another's dependency needs no restart."""
-    if _signature is None:
-        return True
-    heavy, extras, env = wanted
-    if (heavy, env) != (_signature[0], _signature[2]):
-        return True
-    return not set(extras) <= _present | set(_signature[1]) | _refused
+def catch_up() -> None:
+    """Once a launch has its ranks: start a complete forkserver in the background if none is
+    ready or starting, so the next launches find one (the caller may have imported a package
+    during the launch, or this one was served by a quick one). Never waits, never raises: a
+    failure to start one is not this launch's, and the next launch meets it if it persists."""
+    if sys.platform == "win32":
+        return
+    try:
+        with _lock:
+            wanted = _wanted_signature()
+            _poll()
+            if not any(s.complete(wanted) for s in _servers if not s.retired):
+                _start(wanted, quick=False)
+    except Exception as exc:
+        debug("could not start a forkserver in the background:", repr(exc))
 
 
-def _start(wanted: tuple) -> None:
-    """(Re)start the forkserver with `wanted`'s modules; leave out any extra that fails the check."""
-    from multiprocess import forkserver
-
-    heavy, extras, _ = wanted
-    while True:
-        forkserver._forkserver._stop()
-        _present.clear()
-        forkserver.set_forkserver_preload(list(BASE_MODULES) + list(heavy) + ["mpify.engine.warm"])
-        verdict = _start_checked(list(extras))
-        if verdict is not None:
-            _present.update(verdict.get("present", ()))
-        if verdict is None or not verdict.get("refused"):
-            debug("forkserver preloaded", heavy, verdict and verdict["loaded"],
-                  "; could not import", verdict and verdict["missing"])
-            return
-        refused = verdict["refused"]
-        debug(f"not preloading {refused}: {verdict['why']} in the forkserver; ranks import it themselves")
-        _refused.add(refused)
-        extras = tuple(m for m in extras if m != refused)
+def prewarm() -> None:
+    """Start a quick and a complete forkserver now, for the launches to come (no waiting)."""
+    if sys.platform == "win32":
+        return
+    with _lock:
+        wanted = _wanted_signature(installed_heavy=True)
+        _poll()
+        live = [s for s in _servers if not s.retired]
+        if not any(s.fits(wanted) for s in live):
+            _start(wanted, quick=True)
+        if not any(s.complete(wanted) for s in live):
+            _start(wanted, quick=False)
 
 
-def _start_checked(extras: list[str]) -> dict | None:
-    """Start the forkserver with `extras` for engine/warm.py to import, and wait for its verdict
-    (None if the forkserver went away first, or took too long)."""
-    from multiprocess import forkserver
+def _start(wanted: tuple, quick: bool) -> "Server":
+    server = Server(wanted, quick)
+    server.launch()
+    _servers.append(server)
+    return server
 
-    from mpify.engine import warm
 
-    fd, report = tempfile.mkstemp(prefix="mpify-preload-", suffix=".json")
-    os.close(fd)
-    os.unlink(report)
-    with patched_environ({warm.LIST_ENV: json.dumps(extras), warm.REPORT_ENV: report,
-                          warm.PATH_ENV: json.dumps(sys.path)}):
-        forkserver.ensure_running()  # the forkserver inherits os.environ as of now
-    pid = forkserver._forkserver._forkserver_pid
+def _poll() -> None:
+    """Read the verdicts that came in; a server that preloaded a refused module is replaced."""
+    for s in list(_servers):
+        if s.retired:
+            continue
+        if not s.alive():
+            debug("forkserver", s.proc.pid, "is gone")
+            s.retire()
+        elif s.ready() and s.verdict.get("refused"):
+            refused = s.verdict["refused"]
+            debug(f"not preloading {refused}: {s.verdict['why']} in the forkserver; ranks import it themselves")
+            _refused.add(refused)
+            s.retire(kill=True)  # it holds the module it refused: never fork from it
+            _start((s.signature[0], tuple(m for m in s.signature[1] if m != refused), s.signature[2]), quick=False)
+
+
+def _first_ready(wanted: tuple) -> "Server":
+    """Wait for the first fitting server to finish preloading (the ranks would wait for it anyway:
+    a forkserver forks only once it is done)."""
     deadline = time.monotonic() + _PRELOAD_WAIT
-    try:
-        while not os.path.exists(report):
-            if time.monotonic() > deadline or not _alive(pid):
-                return None
-            time.sleep(0.005)
-        with open(report) as f:
-            return json.load(f)
-    finally:
-        for path in (report, report + ".part"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    while True:
+        _poll()
+        fitting = [s for s in _servers if s.fits(wanted)]
+        for s in fitting:
+            if s.ready():
+                return s
+        if not fitting:  # every candidate died: start another (raises if it cannot start)
+            _start(wanted, quick=True)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mpify: no forkserver was ready after {_PRELOAD_WAIT:.0f} s")
+        time.sleep(0.005)
 
 
-def _alive(pid: int | None) -> bool:
-    """Whether the forkserver still runs, without reaping it (multiprocess reaps it on stop)."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
+def wait_complete(timeout: float = _PRELOAD_WAIT) -> int:
+    """Wait until a complete forkserver is ready for the caller as it is now (starting one if
+    none is on its way), so that the next launch's ranks hold every preload; its pid. For
+    benchmarks of the warm launch and for tests: a launch itself never waits for one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _lock:
+            wanted = _wanted_signature()
+            _poll()
+            live = [s for s in _servers if not s.retired and s.complete(wanted)]
+            for s in live:
+                if s.ready():
+                    return s.proc.pid
+            if not live:
+                _start(wanted, quick=False)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"mpify: no complete forkserver was ready after {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def server_pids() -> set[int]:
+    """The forkservers of this process, starting, serving or retiring (for tests and tools)."""
+    with _lock:
+        return {s.proc.pid for s in _servers if s.proc is not None and s.proc.poll() is None}
 
 
 def shutdown() -> None:
-    """Stop the warm forkserver; the next launch starts a new one."""
-    global _signature
+    """Stop the warm forkservers; the next launch starts a new one."""
     if sys.platform == "win32":
         return
-    from multiprocess import forkserver
-
     with _lock:
-        forkserver._forkserver._stop()
-        _signature = None
+        servers = list(_servers)
+    for s in servers:
+        s.retire(kill=not s.ready())
+    for s in servers:
+        if s.proc is not None:
+            s.proc.wait()
+
+
+def _kill_starting() -> None:
+    """At exit: a forkserver still preloading notices its caller has gone only when it is done
+    (seconds of CPU for nothing); one that has no rank yet is stopped now."""
+    for s in list(_servers):
+        if not s.retired and s.verdict is None:
+            s.retire(kill=True)
 
 
 def _forget_inherited_forkserver() -> None:
-    """In a child forked from a caller: start its own forkserver when it launches.
+    """In a child forked from a caller: start its own forkservers when it launches.
 
-    The parent's forkserver is not this process's child (waitpid on it fails, so multiprocess
-    would raise ChildProcessError) and its socket belongs to the parent. Its alive pipe is closed
-    here so that it still stops when the parent goes."""
-    global _signature, _lock
+    The parent's forkservers are not this process's children (waiting on them fails) and their
+    sockets belong to the parent. Their alive pipes are closed here so that they still stop when
+    the parent goes."""
+    global _lock, _servers, _serving
     _lock = threading.Lock()  # another thread of the parent may have held it at the fork
-    _signature = None
-    module = sys.modules.get("multiprocess.forkserver")
-    server = getattr(module, "_forkserver", None)
-    if server is None or server._forkserver_pid is None:
-        return
-    alive = server._forkserver_alive_fd
-    server._forkserver_alive_fd = server._forkserver_pid = server._forkserver_address = None
-    server._lock = threading.Lock()
-    try:
-        os.close(alive)
-    except (OSError, TypeError):
-        pass
+    for s in _servers:
+        try:
+            os.close(s._forkserver_alive_fd)
+        except (OSError, TypeError):
+            pass
+    _servers, _serving = [], None
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_inherited_forkserver)
+atexit.register(_kill_starting)

@@ -248,6 +248,8 @@ class World:
                 add_note(exc, "mpify: the world could not start; every rank was stopped")
             raise
         _debug(f"world ready in {time.monotonic() - t0:.3f} s")
+        if self.members:
+            starter.catch_up()  # for the launches and worlds to come, in the background
 
     # ---- the public calls ------------------------------------------------------------------------
     @property

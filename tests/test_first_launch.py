@@ -1,0 +1,148 @@
+"""The first launch of a session, and the launches after the caller imported something new
+(engine/starter.py): forkservers started ahead of need in an interactive session, a first launch
+that does not wait for preloads it does not use, and a new forkserver that never blocks a launch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+from helpers import die_with_parent
+
+
+def forkservers_of(pid: int) -> set[int]:
+    """The forkserver processes among `pid`'s children, as `ps` shows them."""
+    out = set()
+    for p in psutil.Process(pid).children():
+        try:
+            if any("multiprocess.forkserver" in part for part in p.cmdline()):
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def execute(kc, code: str, timeout: float = 120) -> str:
+    """Run a cell; its stdout (raises on an error)."""
+    out = []
+
+    def hook(msg):
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            out.append("\n".join(msg["content"]["traceback"]))
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    assert reply["content"]["status"] == "ok", "".join(out)
+    return "".join(out)
+
+
+def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, no_strays):
+    """`import mpify` in a notebook starts them; 3 s later (a notebook's rhythm) the first launch
+    forks its ranks from one of them rather than starting one."""
+    from conftest import jupyter_kernel
+
+    with jupyter_kernel(kernel_name) as (km, kc):
+        kernel = km.provisioner.process.pid
+        execute(kc, "import os, time, torch")
+        assert forkservers_of(kernel) == set()
+        execute(kc, "import mpify")
+        deadline = time.monotonic() + 5
+        while not forkservers_of(kernel) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ahead = forkservers_of(kernel)
+        assert ahead, "no forkserver started at import"
+        time.sleep(3)
+        out = execute(kc, textwrap.dedent("""
+            def allreduce():
+                import torch.distributed as dist
+                dist.init_process_group("gloo")
+                t = torch.ones(1)
+                dist.all_reduce(t)
+                dist.destroy_process_group()
+                return t.item(), os.getppid()
+            t = time.perf_counter()
+            got = mpify.ranch(4, allreduce, gather=True)
+            print("took", time.perf_counter() - t)
+            print("parents", sorted({p for _, p in got[1:]}), "sums", {s for s, _ in got})
+        """))
+        parents = eval(out.split("parents ", 1)[1].split(" sums")[0])
+        assert set(parents) <= ahead and len(parents) == 1, (parents, ahead)
+        assert "sums {4.0}" in out
+        # How fast: benchmarks/bench_launch.py --first (a time bound here would only measure the
+        # machine's load).
+
+
+def interactive(body: str, env_extra: dict) -> subprocess.CompletedProcess:
+    """`python -i` fed `body` on stdin, as a REPL user types it."""
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-i", "-q"], input=textwrap.dedent(body), capture_output=True,
+                          text=True, timeout=120, env=env, preexec_fn=die_with_parent)
+
+
+def test_prewarm_is_for_interactive_sessions_and_can_be_turned_off(no_strays):
+    look = """
+        import time, os
+        import mpify
+        time.sleep(1.0)
+        import psutil
+        print("SERVERS", sum(any("multiprocess.forkserver" in c for c in p.cmdline())
+                             for p in psutil.Process().children()))
+    """
+    assert "SERVERS 2" in interactive(look, {}).stdout  # a quick one and a complete one
+    assert "SERVERS 0" in interactive(look, {"MPIFY_PREWARM": "0"}).stdout
+    script = subprocess.run([sys.executable, "-c", textwrap.dedent(look)], capture_output=True, text=True,
+                            timeout=120, preexec_fn=die_with_parent)
+    assert "SERVERS 0" in script.stdout, script.stderr  # a script starts them at its first launch
+
+
+def test_a_launch_never_waits_for_a_new_forkserver(tmp_path, no_strays):
+    """The caller imports a slow, big package after its launches began: the next launch is served
+    at once by the forkserver it had (its ranks import the package themselves), while a new one
+    preloads the package in the background; the launch after that finds it there."""
+    site = tmp_path / "site-packages"
+    (site / "slowpkg").mkdir(parents=True)
+    for i in range(10):  # big enough to be worth preloading (starter._WORTH_PRELOADING)
+        (site / "slowpkg" / f"part{i}.py").write_text(f"N = {i}\n")
+    (site / "slowpkg" / "__init__.py").write_text(
+        "import os, time\n" + "".join(f"from . import part{i}\n" for i in range(10))
+        + "time.sleep(4)  # a package that takes seconds to import (transformers, fastai)\n"
+        + "IMPORTED_BY = os.getpid()\n")
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f'''
+        import os, sys, time
+        sys.path.insert(0, {str(site)!r})
+        import torch
+        from mpify import ranch
+        from mpify.engine import starter
+
+        def where():
+            slow = sys.modules.get("slowpkg")
+            return os.getppid(), slow is not None and slow.IMPORTED_BY != os.getpid()
+
+        ranch(2, where)
+        before = starter.wait_complete()
+        import slowpkg
+        t = time.perf_counter()
+        got = ranch(2, where, caller_rank=None, gather=True)
+        print("after import", round(time.perf_counter() - t, 2), got, before)
+        after = starter.wait_complete()
+        print("new", ranch(2, where, caller_rank=None, gather=True), after)
+    '''))
+    proc = subprocess.run([sys.executable, "-u", str(script)], capture_output=True, text=True, timeout=240,
+                          preexec_fn=die_with_parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("after import"))
+    took, rest = line.split()[2], line.split(" ", 3)[3]
+    before = int(rest.rsplit(" ", 1)[1])
+    # Served at once by the forkserver it had, which does not hold slowpkg (this fn does not use
+    # it); not after the 4 s a new forkserver spends importing it.
+    assert f"[({before}, False), ({before}, False)]" in rest, line
+    assert float(took) < 4.0, line
+    new = next(x for x in proc.stdout.splitlines() if x.startswith("new"))
+    after = int(new.rsplit(" ", 1)[1])
+    assert after != before and f"[({after}, True), ({after}, True)]" in new, new
