@@ -33,7 +33,7 @@ from mpify.engine.env import Topology, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.messages import Done, Failed
-from mpify.engine.output import LineForwarder, LineGate, pump, rank_filter
+from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump, rank_filter
 
 # A death is only seen after it happened, while a rank blocked on the dead one may raise
 # (e.g. gloo's "Connection closed by peer") a moment before the supervisor notices. Deaths are
@@ -116,8 +116,8 @@ class Launch:
                 proc = Process(target=rank_main, name=f"mpify-rank{rank}",
                                args=(spec, launch, result_w, alive_r, out_w, err_w))
                 child = Child(rank, local, proc, result_r, alive_w)
-                child.streams = {out_r: LineForwarder(rank, stdout, self.show(rank)),
-                                 err_r: LineForwarder(rank, stderr, self.show(rank))}
+                child.streams = {out_r: LineForwarder(rank, stdout, self.show(rank), "stdout"),
+                                 err_r: LineForwarder(rank, stderr, self.show(rank), "stderr")}
                 self.children.append(child)
                 proc.start()
                 for end in (result_w, alive_r, out_w, err_w):
@@ -165,6 +165,11 @@ class Launch:
                 wait_for = max(0.0, self.deadline - time.monotonic())
             else:
                 wait_for = None
+            # A bar frame held back by the throttle (output.py) is shown when it is due.
+            due = next_due(fwd for c in self.children for fwd in c.streams.values())
+            if due is not None:
+                wait_for = max(0.0, due - time.monotonic()) if wait_for is None else \
+                    min(wait_for, max(0.0, due - time.monotonic()))
             table = self._waitables()
             for obj in mpc.wait(list(table), wait_for):
                 table[obj]()
@@ -362,6 +367,15 @@ def _gated(out: LineGate, err: LineGate, caller_prints: bool) -> Iterator[None]:
 
 
 @contextmanager
+def _closing(*streams: LineGate) -> Iterator[None]:
+    """The gates' live renderers end with the launch (after its teardown)."""
+    try:
+        yield
+    finally:
+        close_gates(*streams)
+
+
+@contextmanager
 def _removing(writer: shm.ShmWriter) -> Iterator[None]:
     try:
         yield
@@ -473,8 +487,8 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     blob = None
     writer = shm.ShmWriter()
     want_store = bool(getattr(ctx, "mpify_hosts_store", False))
-    stdout, stderr = LineGate(sys.stdout), LineGate(sys.stderr)
-    with _only_this_thread(), InterruptGuard() as guard, _removing(writer), \
+    stdout, stderr = gates(sys.stdout, sys.stderr)
+    with _only_this_thread(), InterruptGuard() as guard, _removing(writer), _closing(stdout, stderr), \
             _gated(stdout, stderr, caller_rank is not None):
         if has_children:
             shm.sweep_stale()

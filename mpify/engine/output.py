@@ -4,12 +4,20 @@ Each child's fd 1 and 2 are pipes read by the launch's supervisor thread. Bytes 
 lines here and written to the caller's sys.stdout / sys.stderr as captured at launch, so in
 Jupyter they land in the cell that launched the ranks (ipykernel routes a thread's output to the
 cell that started it), one whole line at a time, never interleaved mid-line between ranks.
+
+A line still being redrawn with '\r' (a progress bar) is handed, a few frames a second, to the
+live renderer of the caller's stream where it has one (a notebook cell, a terminal: bars.py); a
+pipe or a file gets the whole line once it ends, as the final frame only.
 """
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable, Iterable, TextIO
+
+from mpify.engine.bars import INTERVAL, TerminalBars, choose
+from mpify.engine.debug import debug as _debug
 
 # How long a rank's line waits for the caller's rank to finish the line it is printing (print()
 # writes the text and the newline separately); a line left open longer (a progress bar redrawn
@@ -21,10 +29,15 @@ class LineGate:
     """Stands in for the caller's sys.stdout / sys.stderr during a launch, so that the ranks'
     lines are written between the caller's own lines, never into the middle of one.
 
-    Everything but `write` is the wrapped stream's (fileno, encoding, isatty, getvalue...)."""
+    Everything but `write` is the wrapped stream's (fileno, encoding, isatty, getvalue...).
+    `live_bars` is the stream's live renderer (bars.py) or None; on a terminal every write, the
+    caller's and the ranks', goes through it, so rank lines go above the caller's open line
+    rather than waiting for it to end."""
 
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: TextIO, live_bars=None):
         self._stream = stream
+        self.live_bars = live_bars
+        self._screen = live_bars if isinstance(live_bars, TerminalBars) else None
         self._cond = threading.Condition()
         self._at_line_start = True
         self._waiting = 0  # ranks' forwarders waiting for the caller's line to end
@@ -36,7 +49,10 @@ class LineGate:
             if text and self._at_line_start and self._waiting:
                 # A rank's lines are waiting for this line break: let them in before a new line.
                 self._cond.wait_for(lambda: not self._waiting, timeout=PATIENCE)
-            n = self._stream.write(text)
+            if self._screen is not None:
+                n = self._screen.caller_write(self._stream, text)
+            else:
+                n = self._stream.write(text)
             if text:
                 self._at_line_start = text.endswith("\n")
                 if self._at_line_start:
@@ -50,6 +66,9 @@ class LineGate:
 
     def write_lines(self, text: str) -> None:
         """Whole lines from a rank: after the caller's current line, if it ends soon."""
+        if self._screen is not None:
+            self._screen.lines(text)
+            return
         with self._cond:
             self._waiting += 1
             try:
@@ -64,6 +83,18 @@ class LineGate:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def gates(stdout: TextIO, stderr: TextIO) -> tuple[LineGate, LineGate]:
+    """The gates for a launch's (or a round's) caller streams, with their live renderers."""
+    out_bars, err_bars = choose(stdout, stderr)
+    return LineGate(stdout, out_bars), LineGate(stderr, err_bars)
+
+
+def close_gates(*gates: LineGate) -> None:
+    for gate in gates:
+        if gate.live_bars is not None:
+            gate.live_bars.close()
 
 
 def rank_filter(show_ranks: None | int | Iterable[int]) -> Callable[[int], bool]:
@@ -86,22 +117,57 @@ def rank_filter(show_ranks: None | int | Iterable[int]) -> Callable[[int], bool]
 
 
 class LineForwarder:
-    """Collects one stream of one rank and emits it line by line to `sink` with a prefix."""
+    """Collects one stream of one rank and emits it line by line to `sink` with a prefix; a line
+    being redrawn with '\r' goes meanwhile, as its latest frame, to the sink's live renderer
+    (`sink.live_bars`, looked up at each frame), at most one frame per INTERVAL: the frame waits
+    here, and the supervisor calls `tick` when it is due (see `next_due`)."""
 
-    def __init__(self, rank: int, sink: TextIO, shown: bool):
+    def __init__(self, rank: int, sink: TextIO, shown: bool, name: str = ""):
         self.prefix = f"[rank {rank}] "
+        self.key = (rank, name)
         self.sink = sink
         self.shown = shown
         self._pending = b""
+        self._frame: str | None = None  # the open line's latest frame, not shown yet
+        self._next = 0.0  # when the next frame may be shown
+        self._shown_on = None  # the renderer showing this line's bar
 
     def feed(self, data: bytes) -> None:
         if not self.shown:
             return
         self._pending += data
-        if b"\n" not in data:
+        if b"\n" in data:
+            *lines, self._pending = self._pending.split(b"\n")
+            self._emit(lines)
+        if b"\r" not in self._pending:
             return
-        *lines, self._pending = self._pending.split(b"\n")
-        self._emit(lines)
+        # The open line is being redrawn. Only its last frame counts: the frames before it go (an
+        # hour-long bar would otherwise keep every frame it drew until its line ends).
+        frame_at = self._pending.rstrip(b"\r").rfind(b"\r")
+        if frame_at > 0:
+            self._pending = self._pending[frame_at:]
+        if getattr(self.sink, "live_bars", None) is not None:
+            frame = self._pending.rstrip(b"\r").rsplit(b"\r", 1)[-1]
+            # A frame cut by the read (a multi-byte character at its end) loses only that character.
+            self._frame = frame.decode("utf-8", errors="ignore")
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> float | None:
+        """Show the waiting frame if its time has come; when it must wait, the time it is due."""
+        if self._frame is None:
+            return None
+        if now < self._next:
+            return self._next
+        bars = getattr(self.sink, "live_bars", None)
+        if bars is not None:
+            try:
+                bars.frame(self.key, self.prefix + self._frame)
+                self._shown_on = bars
+            except Exception as exc:  # a display that fails must not stop the launch: whole lines then
+                _debug("live bar of", self.prefix, "not shown:", repr(exc))
+        self._frame = None
+        self._next = now + INTERVAL
+        return None
 
     def close(self) -> None:
         if self._pending and self.shown:
@@ -109,6 +175,17 @@ class LineForwarder:
         self._pending = b""
 
     def _emit(self, lines: list[bytes]) -> None:
+        self._frame = None
+        if self._shown_on is not None and lines:
+            # The bar's line ended: its final frame stays where the bar was.
+            bars, self._shown_on = self._shown_on, None
+            try:
+                if bars.end(self.key, self.prefix + self._last_frame(lines[0])):
+                    lines = lines[1:]
+            except Exception as exc:  # as in tick: the line is then written as an ordinary one
+                _debug("live bar of", self.prefix, "not ended:", repr(exc))
+        if not lines:
+            return
         text = "".join(self.prefix + self._last_frame(line) + "\n" for line in lines)
         try:
             if isinstance(self.sink, LineGate):
@@ -124,6 +201,14 @@ class LineForwarder:
         # A progress bar redraws with '\r'; a terminal would only show the last frame.
         text = line.decode("utf-8", errors="backslashreplace").rstrip("\r")
         return text.rsplit("\r", 1)[-1]
+
+
+def next_due(forwarders: Iterable[LineForwarder]) -> float | None:
+    """Show the bar frames whose time has come; the earliest time another one is due (None when
+    no frame waits), for the supervisor's next wake-up."""
+    now = time.monotonic()
+    due = [t for t in (f.tick(now) for f in forwarders) if t is not None]
+    return min(due, default=None)
 
 
 def pump(streams: dict, conn) -> None:

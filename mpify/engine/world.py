@@ -53,7 +53,7 @@ from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.launch import DEATH_SLACK, Failure, _annotate, _check_int, _gated
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
-from mpify.engine.output import LineForwarder, LineGate, pump
+from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump
 from mpify.engine.unstick import break_pairs
 from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
 
@@ -79,13 +79,20 @@ class _CurrentStream:
     """The caller's sys.stdout or sys.stderr as it is when a rank's line arrives, not as it was
     when the world started: in Jupyter a line then lands in the cell that runs now (ipykernel
     routes a thread's output by the kernel's current parent), and during a round between the
-    caller's own lines (LineGate)."""
+    caller's own lines (the round's LineGate, in `gates` while the round lasts, whose live
+    renderer shows the ranks' bars in the cell or on the terminal)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, gates: dict | None = None):
         self.name = name
+        self.gates = {} if gates is None else gates
+
+    @property
+    def live_bars(self):
+        gate = self.gates.get(self.name)
+        return None if gate is None else gate.live_bars
 
     def write(self, text: str) -> None:
-        stream = getattr(sys, self.name)
+        stream = self.gates.get(self.name) or getattr(sys, self.name)
         if isinstance(stream, LineGate):
             stream.write_lines(text)
         else:
@@ -170,6 +177,7 @@ class World:
         self._supervisor: threading.Thread | None = None
         self._synced = threading.Event()
         self._relay = WakeupRelay()
+        self._gates: dict[str, LineGate] = {}  # the round's, by stream name (see _CurrentStream)
         self._freeing: threading.Thread | None = None
         self.broken = False  # rank 0 was freed from a collective outside a round: rebuild first
         self._scope = ExitStack()  # the caller's rank: launch_scope + ctx
@@ -219,8 +227,8 @@ class World:
                 proc = Process(target=world_main, name=f"mpify-world-rank{rank}",
                                args=(spec, ctx_blob, cmd_r, reply_w, break_r, alive_r, out_w, err_w))
                 member = _Member(rank, local, proc, cmd_w, reply_r, break_w, alive_w)
-                member.streams = {out_r: LineForwarder(rank, _CurrentStream("stdout"), True),
-                                  err_r: LineForwarder(rank, _CurrentStream("stderr"), True)}
+                member.streams = {out_r: LineForwarder(rank, _CurrentStream("stdout", self._gates), True, "stdout"),
+                                  err_r: LineForwarder(rank, _CurrentStream("stderr", self._gates), True, "stderr")}
                 member.expect.append("round")  # its start
                 self.members.append(member)
                 proc.start()
@@ -376,6 +384,8 @@ class World:
                 if self.closed:
                     raise WorldClosedError(note)
                 print(note, file=sys.stderr)
+            out, err = gates(sys.stdout, sys.stderr)
+            self._gates.update(stdout=out, stderr=err)
             with InterruptGuard() as guard:
                 rnd = _Round(members, caller_part is not None, guard)
                 rnd.starting = sent
@@ -391,12 +401,14 @@ class World:
                             self._send(m, command(m), "round", rnd)
                     caller_value = None
                     if caller_part is not None:
-                        with _gated(LineGate(sys.stdout), LineGate(sys.stderr), True):
+                        with _gated(out, err, True):
                             caller_value = self._run_caller(rnd, caller_part)
                     self._wait(rnd)
                 finally:
                     self._round = None
                     self._sync()  # the supervisor stops watching the guard's pipe before it closes
+                    self._gates.clear()
+                    close_gates(out, err)
             return self._outcome(rnd, caller_value)
         finally:
             self._round = None
@@ -644,7 +656,9 @@ class World:
                 table[m.reply_r] = lambda m=m: self._on_reply(m)
             if not m.exited:
                 table[m.proc.sentinel] = lambda m=m: self._on_exit(m)
-        ready = mpc.wait(list(table), None)
+        # A bar frame held back by the throttle (output.py) is shown when it is due.
+        due = next_due(fwd for m in self.members for fwd in m.streams.values())
+        ready = mpc.wait(list(table), None if due is None else max(0.0, due - time.monotonic()))
         # Output first: a rank writes its output before its reply, so the cell gets every line
         # before the round ends.
         ready.sort(key=lambda obj: 0 if any(obj in m.streams for m in self.members) else 1)
