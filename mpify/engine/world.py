@@ -45,8 +45,8 @@ from typing import Any, Callable, Iterable
 
 import multiprocess.connection as mpc
 
-from mpify.engine import groups, rendezvous, serialize, shm, starter, teardown
-from mpify.engine.child import RankSpec, _in_fn, call_fn, enter_ctx, stamp_failure
+from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine.child import RankSpec, _in_fn, call_fn, rank_scope, stamp_failure
 from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, Topology, rank_env
 from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_note
@@ -230,8 +230,7 @@ class World:
         _debug("world started", [(m.rank, m.proc.pid) for m in self.members], "port", meeting.port)
 
         def enter() -> None:
-            self._scope.enter_context(groups.launch_scope())
-            self._scope.enter_context(enter_ctx(self.ctx))
+            self._scope.enter_context(rank_scope(self.ctx))
 
         try:
             self._run_round(list(self.members), enter, sent=True)
@@ -583,8 +582,7 @@ class World:
                 _debug("world: leaving rank 0's ctx:", exc)
             destroy_groups()
             os.environ.update(env)  # after ctx's exit, which puts back the environment it found
-            self._scope.enter_context(groups.launch_scope())
-            self._scope.enter_context(enter_ctx(self.ctx))
+            self._scope.enter_context(rank_scope(self.ctx))
         except BaseException as exc:
             failure = exc
         finally:
