@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from mpify.engine import frameworks, groups, serialize
+from mpify.engine.env import follow_threads
 from mpify.engine.messages import Done, Failed
 
 # Set while the user's fn itself runs (not ctx enter/exit), so an abort request is delivered only
@@ -167,7 +168,7 @@ def _route_output(out_w, err_w) -> None:
 def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
     """A child's first steps, for a launch's rank and a world's alike: its own process group, the
     watchdog on the caller, fd 1/2 into the caller's pipes, the caller's environment, working
-    directory and sys.path as of the start."""
+    directory and sys.path as of the start, torch's thread pool sized from that environment."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -175,6 +176,7 @@ def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
     _route_output(out_w, err_w)
     os.environ.clear()
     os.environ.update(spec.environ)
+    follow_threads()  # torch, imported in the forkserver, sized its pool before OMP_NUM_THREADS was set
     os.chdir(spec.cwd)
     sys.path[:] = spec.sys_path
 
