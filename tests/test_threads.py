@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from multiprocess import forkserver
 
 from helpers import die_with_parent
 from mpify import World, ranch
@@ -36,7 +37,14 @@ def test_each_rank_gets_one_thread_and_the_caller_gets_its_own_back(three_thread
     # a live world: rank 0 holds one thread for the world's life
     with World(2) as world:
         assert world.run(seen, gather=True) == [("1", 1), ("1", 1)]
+        assert seen() == ("1", 1)
+        # the world's own OMP_NUM_THREADS=1 in the caller is no user change: a launch beside the
+        # world, and one after it, reuse the forkserver (an OMP_* change would restart it)
+        server = forkserver._forkserver._forkserver_pid
+        assert ranch(2, seen, gather=True) == [("1", 1), ("1", 1)]
     assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == 3
+    assert ranch(2, seen, gather=True) == [("1", 1), ("1", 1)]
+    assert forkserver._forkserver._forkserver_pid == server
 
 
 def test_one_rank_is_left_alone(three_threads):
