@@ -16,7 +16,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402  (imported first, as in a notebook doing PyTorch work)
+import torch  # noqa: E402,F401  (imported first, as in a notebook doing PyTorch work)
 
 import _workers  # noqa: E402
 from _machine import machine  # noqa: E402
@@ -24,7 +24,6 @@ from mpify import ranch  # noqa: E402
 
 
 def work(threads: int) -> float:
-    import torch
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
     torch.set_num_threads(threads)
     return _workers.ddp_train()

@@ -9,7 +9,6 @@ launch saw, and the test reads it.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
