@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Callable
 
-from mpify.engine import rendezvous
+from mpify.engine import frameworks, rendezvous
 from mpify.engine.child import enter_ctx
 from mpify.engine import world
 from mpify.engine.launch import ranch
@@ -92,6 +92,10 @@ class TorchDDPCtx:
             if dist.is_initialized():
                 dist.destroy_process_group()
         finally:
+            # The group is gone: what frameworks keep about it goes too, here as well as at the
+            # launch's end, for a TorchDDPCtx used on its own (`with TorchDDPCtx():` twice in a
+            # script): accelerate's state would otherwise still describe the first group.
+            frameworks.reset()
             self._restore()
 
     def _restore(self) -> None:

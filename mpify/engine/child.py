@@ -15,11 +15,12 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from mpify.engine import groups, serialize
+from mpify.engine import frameworks, groups, serialize
+from mpify.engine.env import follow_threads
 from mpify.engine.messages import Done, Failed
 
 # Set while the user's fn itself runs (not ctx enter/exit), so an abort request is delivered only
@@ -53,6 +54,17 @@ def enter_ctx(ctx: Any):
     raise TypeError(f"ctx must be a context manager or a factory of one, not {type(ctx).__name__}")
 
 
+@contextmanager
+def rank_scope(ctx: Any) -> Iterator[Any]:
+    """What surrounds fn in every rank, a launch's for one call and a world's for its life:
+    frameworks' process-wide state set aside and reset (frameworks.py), then the groups created
+    inside recorded (groups.py), then ctx. Leaving runs them the other way round, so the groups
+    are released after ctx's exit (destroy_process_group), outside any frame that held a DDP
+    model, and the frameworks are reset once the groups they describe are gone."""
+    with frameworks.launch_state(), groups.launch_scope(), enter_ctx(ctx) as value:
+        yield value
+
+
 def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "",
              need: dict | None = None, on_raise: Callable[[BaseException], None] | None = None) -> Any:
     """Run `fn(*args, **kwargs)` inside ctx. `need` and `imports` are the original mpify's way
@@ -66,9 +78,7 @@ def run_rank(fn: Callable, args: tuple, kwargs: dict, ctx: Any, imports: str = "
         glb.update(need)
     if imports:
         exec(compile(imports, "<mpify imports>", "exec"), glb)
-    # groups.launch_scope outermost: the groups fn or ctx create are released after ctx's exit
-    # (destroy_process_group), outside any frame that held a DDP model (see groups.py).
-    with groups.launch_scope(), enter_ctx(ctx):
+    with rank_scope(ctx):
         _in_fn.set()
         try:
             return call_fn(fn, args, kwargs)
@@ -158,7 +168,7 @@ def _route_output(out_w, err_w) -> None:
 def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
     """A child's first steps, for a launch's rank and a world's alike: its own process group, the
     watchdog on the caller, fd 1/2 into the caller's pipes, the caller's environment, working
-    directory and sys.path as of the start."""
+    directory and sys.path as of the start, torch's thread pool sized from that environment."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -166,6 +176,7 @@ def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
     _route_output(out_w, err_w)
     os.environ.clear()
     os.environ.update(spec.environ)
+    follow_threads()  # torch, imported in the forkserver, sized its pool before OMP_NUM_THREADS was set
     os.chdir(spec.cwd)
     sys.path[:] = spec.sys_path
 

@@ -29,7 +29,7 @@ import multiprocess.connection as mpc
 from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
-from mpify.engine.env import Topology, patched_environ, rank_env
+from mpify.engine.env import Topology, caller_threads, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.messages import Done, Failed
@@ -275,7 +275,7 @@ class Launch:
                 self.record(Failure(self._caller_global_rank(), stamp_failure(exc), exc))
 
         try:
-            with patched_environ(env), rendezvous.caller_group_guard():
+            with patched_environ(env), caller_threads(env), rendezvous.caller_group_guard():
                 self.caller_value = run_rank(fn, args, kwargs, ctx, imports, need, on_raise=on_raise)
         except RankAborted as exc:
             self.kept_alive = exc

@@ -40,6 +40,7 @@ import time
 import multiprocess as mp
 
 from mpify.engine.debug import debug
+from mpify.engine.env import held
 from mpify.engine.groups import IMPORT_EARLY
 from mpify.engine.rendezvous import AGENT_ENV_NAMES
 
@@ -119,7 +120,8 @@ def _wanted_signature(installed_heavy: bool = False) -> tuple:
     # The rendezvous variables mpify itself sets are read at init, not at import: a live world
     # keeps them in the caller's environment, and a launch beside it must not restart anything.
     env = tuple(sorted((k, v) for k, v in os.environ.items()
-                       if k.startswith(_IMPORT_TIME_ENV_PREFIXES) and k not in AGENT_ENV_NAMES))
+                       if k.startswith(_IMPORT_TIME_ENV_PREFIXES) and k not in AGENT_ENV_NAMES
+                       and held.get(k) != v))
     # sys.path is not part of it: the ranks get the caller's sys.path with every launch.
     return heavy, extras, env
 

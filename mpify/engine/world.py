@@ -45,10 +45,10 @@ from typing import Any, Callable, Iterable
 
 import multiprocess.connection as mpc
 
-from mpify.engine import groups, rendezvous, serialize, shm, starter, teardown
-from mpify.engine.child import RankSpec, _in_fn, call_fn, enter_ctx, stamp_failure
+from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine.child import RankSpec, _in_fn, call_fn, rank_scope, stamp_failure
 from mpify.engine.debug import debug as _debug
-from mpify.engine.env import LAUNCH_PORT_VAR, Topology, rank_env
+from mpify.engine.env import LAUNCH_PORT_VAR, THREADS_VAR, Topology, caller_threads, held, rank_env
 from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.launch import DEATH_SLACK, Failure, _annotate, _check_int, _gated
@@ -182,6 +182,7 @@ class World:
         self.broken = False  # rank 0 was freed from a collective outside a round: rebuild first
         self._scope = ExitStack()  # the caller's rank: launch_scope + ctx
         self._env_set: dict[str, str] = {}
+        self._threads = ExitStack()  # torch's thread count in the caller, put back at close
         self._env_before: dict[str, str] = {}
         self._signals_sent: dict[int, set] = {}
         self._atexit = _closer(weakref.ref(self))
@@ -210,6 +211,10 @@ class World:
         self._env_before = dict(os.environ)
         self._env_set = env0
         os.environ.update(env0)
+        if THREADS_VAR in env0:
+            held[THREADS_VAR] = env0[THREADS_VAR]
+            self._threads.callback(held.pop, THREADS_VAR, None)
+        self._threads.enter_context(caller_threads(env0))
         if self.topo.nprocs > 1:
             base_env = dict(os.environ)
             cwd, sys_path = os.getcwd(), list(sys.path)
@@ -238,8 +243,7 @@ class World:
         _debug("world started", [(m.rank, m.proc.pid) for m in self.members], "port", meeting.port)
 
         def enter() -> None:
-            self._scope.enter_context(groups.launch_scope())
-            self._scope.enter_context(enter_ctx(self.ctx))
+            self._scope.enter_context(rank_scope(self.ctx))
 
         try:
             self._run_round(list(self.members), enter, sent=True)
@@ -597,8 +601,7 @@ class World:
                 _debug("world: leaving rank 0's ctx:", exc)
             destroy_groups()
             os.environ.update(env)  # after ctx's exit, which puts back the environment it found
-            self._scope.enter_context(groups.launch_scope())
-            self._scope.enter_context(enter_ctx(self.ctx))
+            self._scope.enter_context(rank_scope(self.ctx))
         except BaseException as exc:
             failure = exc
         finally:
@@ -818,6 +821,7 @@ class World:
                 pass
         if getattr(self, "meeting", None) is not None:
             self.meeting.close()
+        self._threads.close()
         # The rank environment goes; what the user changed meanwhile stays.
         for key, value in self._env_set.items():
             if os.environ.get(key) == value:

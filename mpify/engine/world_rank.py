@@ -28,8 +28,8 @@ import types
 from contextlib import ExitStack
 from typing import Any
 
-from mpify.engine import groups, serialize
-from mpify.engine.child import RankSpec, become_rank, call_fn, enter_ctx, stamp_failure
+from mpify.engine import serialize
+from mpify.engine.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
 from mpify.engine.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
 
@@ -123,10 +123,7 @@ class _Rank:
             return Failed.of(self.spec.rank, _from_user_code(exc), stamp_failure(exc))
 
     def enter(self) -> None:
-        # groups.launch_scope outermost, as in a launch: the groups created in the world's life
-        # are released after ctx's exit, outside any frame that held a DDP model (groups.py).
-        self.scope.enter_context(groups.launch_scope())
-        self.scope.enter_context(enter_ctx(self.ctx))
+        self.scope.enter_context(rank_scope(self.ctx))  # as a launch's rank, for the world's life
 
     def leave(self) -> None:
         scope, self.scope = self.scope, ExitStack()

@@ -1,0 +1,111 @@
+"""What training frameworks keep for the life of the process about a launch, put back when it ends.
+
+Why this exists: the caller is rank 0 of every launch, so whatever a library keeps process-wide
+about "the distributed job I am part of" outlives the launch in the caller, while the process
+group it describes is destroyed with the launch (groups.py). The next launch then meets a
+framework that believes it is still set up:
+
+- accelerate keeps its state in Borg singletons (every `PartialState`, `AcceleratorState` and
+  `GradientState` shares one class-level dict). Three launches in a row of a function using
+  `Accelerator()` whose group accelerate itself created (no ctx): the second one's
+  `Accelerator()` sees "initialised", never calls `init_process_group`, and `prepare` fails in
+  rank 0 with `ValueError: Default process group has not been initialized`. Under TorchDDPCtx it
+  runs, but with the first launch's num_processes and device, whatever the new launch's size.
+  A notebook's own single-process `Accelerator()` made before a launch is the same trap the
+  other way round: inside the launch, fn's `Accelerator()` would believe it is alone.
+- Lightning writes this process's global rank into `rank_zero_only.rank` (its strategies' setup):
+  in a caller that ran rank 1 (`caller_rank=1`) or a later node's rank, the notebook's own
+  `rank_zero_*` messages would stay silent after the launch.
+
+So around ctx + fn in every rank (a launch's, a world's for its life, `child.rank_scope`):
+- on entry, what such a framework holds from before is set aside and cleared, so fn's framework
+  sets itself up from the launch's rank environment;
+- on exit, success or failure, what the launch made is cleared with the framework's own API where
+  it has one, and what was set aside comes back (the notebook's own `Accelerator()` keeps working).
+
+A framework is touched only if the process has already imported it (sys.modules); none is ever
+imported here. The HF `Trainer` keeps its state in accelerate's singletons (and resets them itself
+when its TrainingArguments set up), so accelerate's entry covers it.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+_MISSING = object()
+
+# accelerate's singletons, each with its shared dict (`_shared_state`: a dict, or a per-thread
+# one on TPU, read the same way through the class).
+_ACCELERATE_STATES = ("PartialState", "AcceleratorState", "GradientState")
+# The modules whose `rank_zero_only` function carries Lightning's process-wide rank: the unified
+# package, the standalone ones, and lightning_utilities (the strategies set two of them at once).
+_RANK_ZERO_MODULES = ("lightning_utilities.core.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "lightning_fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                      "pytorch_lightning.utilities.rank_zero")
+
+
+def _accelerate_classes() -> list:
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return []
+    return [cls for name in _ACCELERATE_STATES if (cls := getattr(state, name, None)) is not None
+            and isinstance(getattr(cls, "_shared_state", None), dict)]
+
+
+def reset() -> None:
+    """Forget the frameworks' state about this process's distributed job: accelerate's
+    singletons, cleared with its own API (what transformers' TrainingArguments and
+    accelerate's test utilities call); a class without it (an older release) is cleared directly."""
+    for cls in _accelerate_classes():
+        own = getattr(cls, "_reset_state", None)
+        try:
+            if cls.__name__ == "AcceleratorState" and own is not None:
+                own(reset_partial_state=False)  # PartialState is its own entry in the loop
+            elif own is not None:
+                own()
+            else:
+                cls._shared_state.clear()
+        except Exception:  # a release whose reset takes other arguments: the dict is the state
+            cls._shared_state.clear()
+
+
+def _rank_zero_functions() -> list:
+    seen: dict[int, Any] = {}
+    for name in _RANK_ZERO_MODULES:
+        fn = getattr(sys.modules.get(name), "rank_zero_only", None)
+        if fn is not None:
+            seen[id(fn)] = fn
+    return list(seen.values())
+
+
+class _SetAside:
+    """What the frameworks held when the scope began."""
+
+    def __init__(self) -> None:
+        self.accelerate = {cls: dict(cls._shared_state) for cls in _accelerate_classes()}
+        self.ranks = {id(fn): (fn, getattr(fn, "rank", _MISSING)) for fn in _rank_zero_functions()}
+
+    def put_back(self) -> None:
+        for cls, state in self.accelerate.items():
+            cls._shared_state.update(state)
+        for fn, rank in self.ranks.values():
+            if rank is _MISSING:
+                fn.__dict__.pop("rank", None)
+            else:
+                fn.rank = rank
+
+
+@contextmanager
+def launch_state() -> Iterator[None]:
+    """Around one rank's ctx + fn: frameworks start clean and end clean (see above)."""
+    before = _SetAside()
+    if before.accelerate:
+        reset()
+    try:
+        yield
+    finally:
+        # A Lightning first imported during the launch keeps the rank it read then (RANK): with
+        # the default caller_rank=0 on one node that is 0, what it would read outside a launch.
+        reset()
+        before.put_back()
