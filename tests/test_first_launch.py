@@ -146,3 +146,27 @@ def test_a_launch_never_waits_for_a_new_forkserver(tmp_path, no_strays):
     new = next(x for x in proc.stdout.splitlines() if x.startswith("new"))
     after = int(new.rsplit(" ", 1)[1])
     assert after != before and f"[({after}, True), ({after}, True)]" in new, new
+
+
+def test_a_new_forkserver_beside_a_live_world_does_not_wait_for_the_worlds_ranks(tmp_path, no_strays):
+    """A user's OMP_* change needs a new forkserver; the old one still has the world's ranks. The
+    launch is served by the new one at once, and the world goes on (it used to wait for the old
+    forkserver to exit, which it does only with the world's ranks: forever)."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent('''
+        import os, time
+        import torch
+        from mpify import ranch, World
+
+        ranch(2, os.getpid)
+        with World(2) as w:
+            os.environ["OMP_NUM_THREADS"] = "2"  # read at import: the next launch needs a new forkserver
+            print("beside", ranch(2, lambda: os.environ["OMP_NUM_THREADS"], gather=True), flush=True)
+            print("world", w.run(lambda: os.environ["OMP_NUM_THREADS"], gather=True), flush=True)
+        print("closed", flush=True)
+    '''))
+    proc = subprocess.run([sys.executable, "-u", str(script)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=die_with_parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "beside ['2', '2']" in proc.stdout and "closed" in proc.stdout, proc.stdout
+    assert "world [" in proc.stdout
