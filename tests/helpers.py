@@ -8,9 +8,15 @@ import time
 import psutil
 
 
+# Jupyter kernels the test session keeps running on purpose (conftest's `shared_kernel`): each
+# one is kept, with its own warm forkserver and resource tracker, but never what they started.
+SHARED_KERNELS: set[int] = set()
+_KEEPER_MAINS = ("multiprocess.forkserver import main", "multiprocess.resource_tracker import main")
+
+
 def keepers() -> set[int]:
     """Processes mpify keeps on purpose between launches: the warm forkserver and the resource
-    tracker of multiprocess."""
+    tracker of multiprocess; and the session's shared kernel with its own two of them."""
     pids = set()
     try:
         from multiprocess import forkserver, resource_tracker
@@ -19,6 +25,18 @@ def keepers() -> set[int]:
                 pids.add(pid)
     except Exception:
         pass
+    for kernel in SHARED_KERNELS:
+        try:
+            children = psutil.Process(kernel).children()
+        except psutil.NoSuchProcess:
+            continue
+        pids.add(kernel)
+        for child in children:  # its ranks are the forkserver's children, never kept
+            try:
+                if any(m in " ".join(child.cmdline()) for m in _KEEPER_MAINS):
+                    pids.add(child.pid)
+            except psutil.NoSuchProcess:
+                pass
     return pids
 
 

@@ -11,7 +11,6 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import run_notebook
 from export_helpers import ROOT, SAMPLES, TORCHRUN, leftovers, mpify, run_cmd
 
 # (notebook, function, --ddp, target options): each runs in seconds on CPU
@@ -38,7 +37,7 @@ def _export(tmp_path, nb, fn, ddp, name=None):
     return out
 
 
-def _kernel_values(tmp_path, kernel_name):
+def _kernel_values(tmp_path, kernel):
     """The same calls made from a notebook kernel: ranch / torchddp_launch over the cells, and
     mpify.run_notebook on another notebook."""
     cells = [c.source for c in nbformat.read(str(SAMPLES / "ddp_train.ipynb"), as_version=4).cells[1:5]]
@@ -52,8 +51,8 @@ def _kernel_values(tmp_path, kernel_name):
         '"loader_sum", 2, kwargs={"size": 32})))',
     ]
     nb = new_notebook(cells=[new_code_cell(s) for s in cells])
-    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "t", "language": "python"}
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    nb.metadata["kernelspec"] = {"name": kernel.kernel_name, "display_name": "t", "language": "python"}
+    kernel.run(nb, tmp_path)
     values = []
     for c in nb.cells[-4:]:
         errors = [o for o in c.outputs if o.output_type == "error"]
@@ -63,8 +62,8 @@ def _kernel_values(tmp_path, kernel_name):
     return values
 
 
-def test_exported_scripts_match_mpify_run_and_the_kernel(tmp_path, kernel_name, no_strays):
-    kernel = _kernel_values(tmp_path, kernel_name)
+def test_exported_scripts_match_mpify_run_and_the_kernel(tmp_path, shared_kernel, no_strays):
+    kernel = _kernel_values(tmp_path, shared_kernel)
     for (nb, fn, ddp, opts), in_kernel in zip(CASES, kernel):
         script = _export(tmp_path, nb, fn, ddp)
         ran = mpify("run", SAMPLES / nb, "--fn", fn, "-n", "2", *(["--ddp"] if ddp else []), "--", *opts,

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import run_notebook
 from helpers import die_with_parent
 
 torch = pytest.importorskip("torch")
@@ -164,13 +163,13 @@ def test_after_ddp_launches_nothing_stays_and_forks_are_clean(tmp_path, no_stray
     assert "forks " + str([0] * 20) in proc.stdout
 
 
-def test_a_hundred_launches_in_a_real_kernel(kernel_name, tmp_path):
+def test_a_hundred_launches_in_a_real_kernel(shared_kernel, tmp_path):
     cells = [TRAIN + THREADS + "\nfrom mpify import ranch",
              "sums = set()\nfor i in range(100):\n    out = ranch(2, train, gather=True)\n"
              "    sums.add(out[0][1] == out[1][1])\nprint('done', i + 1, sums)",
              "print('threads', launch_threads())"]
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
-    run_notebook(nb, kernel_name, cwd=tmp_path, timeout=240)
+    shared_kernel.run(nb, tmp_path, timeout=240)
     out = "".join(o.get("text", "") for c in nb.cells for o in c.outputs if o.output_type == "stream")
     errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
@@ -178,7 +177,7 @@ def test_a_hundred_launches_in_a_real_kernel(kernel_name, tmp_path):
     assert "threads []" in out
 
 
-def test_helper_module_beside_the_notebook_reaches_three_ranks(kernel_name, tmp_path):
+def test_helper_module_beside_the_notebook_reaches_three_ranks(shared_kernel, tmp_path):
     """A helpers.py next to the notebook, holding a lock and a thread-local (neither can be
     pickled): it travels by name, each rank imports it from the notebook's folder."""
     (tmp_path / "helpers.py").write_text(textwrap.dedent('''
@@ -197,7 +196,7 @@ def test_helper_module_beside_the_notebook_reaches_three_ranks(kernel_name, tmp_
              "def work(x):\n    return helpers.tally(x * (int(os.environ['RANK']) + 1)), helpers.__file__",
              "print(ranch(3, work, 10, gather=True))"]
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     where = str(tmp_path / "helpers.py")

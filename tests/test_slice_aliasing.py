@@ -14,7 +14,6 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell
 
-from conftest import run_notebook
 from mpify.analysis import slice_notebook
 from test_analysis_differential import check_slice
 from test_slice_course_notebooks import LESSONTOOLS, MARK, kept, run_slice, run_whole, write_nb
@@ -28,10 +27,10 @@ def firsts(sl):
 
 
 @pytest.fixture(scope="module")
-def kernel(kernel_name, tmp_path_factory):
-    """The training notebooks of this module run in one real kernel, one after the other with
-    `%reset -f` between them (torch stays imported: one kernel start and one torch import for
-    all), each followed by its calls. Returns {notebook: (values displayed by its `SHOWN`
+def kernel(shared_kernel, tmp_path_factory):
+    """The training notebooks of this module run in one real kernel (the session's shared one,
+    conftest.SharedKernel), one after the other with `%reset -f` between them (torch stays
+    imported: no kernel start and one torch import for all), each followed by its calls. Returns {notebook: (values displayed by its `SHOWN`
     cells, values of its `CALLS`)}."""
     tmp = tmp_path_factory.mktemp("kernel")
     nb = nbformat.v4.new_notebook()
@@ -41,7 +40,7 @@ def kernel(kernel_name, tmp_path_factory):
         nb.cells += [new_code_cell("%reset -f")]
         nb.cells += nbformat.read(str(write_nb(tmp, cells, f"{name}.ipynb")), as_version=4).cells
         nb.cells += [new_code_cell(f"print({MARK!r} + repr({expr}))") for expr in CALLS[name]]
-    run_notebook(nb, kernel_name, tmp)
+    shared_kernel.run(nb, tmp)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}"
     out = {}
