@@ -91,3 +91,14 @@ def die_with_parent() -> None:
         import ctypes
         import signal
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def parallel(*calls):
+    """Call each of `calls` (no arguments) in a thread of its own and return their results in
+    order: for independent fresh interpreters (a slice and the whole notebook, say), which then
+    start side by side instead of one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]

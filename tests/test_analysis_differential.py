@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
 import pytest
@@ -96,7 +97,8 @@ def _kernel_results(nb, calls, kernel, cwd):
     return out
 
 
-def _slice_result(path, target, expr, cwd):
+def _slice_script(path, target, expr, cwd):
+    """The target's rendered slice, checked, then the call, written to a script of its own."""
     # The kernel evaluates the call after the whole notebook: the slice as of its end, not the
     # state of the notebook's own last run of the target (at_run, issue 16).
     sl = slice_notebook(path, target, at_run=False)
@@ -104,9 +106,16 @@ def _slice_result(path, target, expr, cwd):
     check_slice(sl, src)
     script = cwd / f"slice_{target}.py"
     script.write_text(src + f"\nprint({MARK!r} + repr({expr}))\n")
-    r = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"slice of {target} failed:\n{src}\n{r.stderr}"
-    return [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
+    return script
+
+
+def _slice_result(script, cwd):
+    """The call's repr after only the slice, in a fresh interpreter."""
+    r = subprocess.Popen([sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0, f"{script.name} failed:\n{script.read_text()}\n{err}"
+    return [ln for ln in out.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
 
 
 def check_slice(sl, src=None):
@@ -179,6 +188,10 @@ def _compare_kernel_and_slices(nb, path, calls, kernel, tmp_path):
     for helper in glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), "*.py")):
         for d in (kdir, sdir):
             shutil.copy(helper, d)
-    expected = _kernel_results(nb, calls, kernel, kdir)
-    for (target, expr), want in zip(calls, expected):
-        assert _slice_result(path, target, expr, sdir) == want, target
+    scripts = [_slice_script(path, target, expr, sdir) for target, expr in calls]
+    # The slices' fresh interpreters run while the kernel runs the notebook.
+    with ThreadPoolExecutor(len(scripts)) as pool:
+        sliced = [pool.submit(_slice_result, script, sdir) for script in scripts]
+        expected = _kernel_results(nb, calls, kernel, kdir)
+        for (target, _), want, got in zip(calls, expected, sliced):
+            assert got.result() == want, target

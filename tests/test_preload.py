@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from helpers import die_with_parent
 
 
@@ -20,21 +22,35 @@ def run(tmp_path, body: str, env_extra: dict | None = None) -> subprocess.Comple
                           cwd=tmp_path, env=env, preexec_fn=die_with_parent)
 
 
-def test_a_torch_caller_gets_ranks_that_already_hold_dynamo(tmp_path, no_strays):
-    proc = run(tmp_path, '''
-        import sys
-        import torch
-        from mpify import ranch
+# One fresh torch caller (one torch import, one forkserver start) for the two tests that need one:
+# what its ranks hold, and how many threads its forkserver runs.
+TORCH_CALLER = '''
+    import os, sys
+    import torch
+    from multiprocess import forkserver
+    from mpify import ranch
+    baseline = len(os.listdir("/proc/self/task"))  # this process, torch imported: the same import
 
-        def held():
-            return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
-                                      "torch.distributed.nn.functional", "sympy") if m in sys.modules)
+    def held():
+        return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
+                                  "torch.distributed.nn.functional", "sympy") if m in sys.modules)
 
-        print("held", ranch(2, held, caller_rank=None, gather=True))
-    ''')
+    print("held", ranch(2, held, caller_rank=None, gather=True))
+    pid = forkserver._forkserver._forkserver_pid
+    print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
+'''
+
+
+@pytest.fixture(scope="module")
+def torch_caller(tmp_path_factory):
+    proc = run(tmp_path_factory.mktemp("torch_caller"), TORCH_CALLER)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_a_torch_caller_gets_ranks_that_already_hold_dynamo(torch_caller, no_strays):
     everything = ["sympy", "torch._dynamo", "torch.distributed.nn.functional", "torch.nn.parallel.distributed"]
-    assert f"held {[everything, everything]}" in proc.stdout
+    assert f"held {[everything, everything]}" in torch_caller.stdout
 
 
 def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
@@ -88,19 +104,8 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
     assert f"small [5, 5] {server}" in proc.stdout
 
 
-def test_the_forkserver_runs_no_extra_thread(tmp_path, no_strays):
+def test_the_forkserver_runs_no_extra_thread(torch_caller, no_strays):
     """After preloading torch and torch._dynamo, the forkserver's threads are those torch itself
     starts at import (none of the preloaded extras added one)."""
-    proc = run(tmp_path, '''
-        import os, sys
-        import torch
-        from multiprocess import forkserver
-        from mpify import ranch
-        baseline = len(os.listdir("/proc/self/task"))  # this process, torch imported: the same import
-        ranch(2, int, caller_rank=None)
-        pid = forkserver._forkserver._forkserver_pid
-        print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
-    ''')
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _, caller, server = next(line for line in proc.stdout.splitlines() if line.startswith("threads")).split()
+    _, caller, server = next(line for line in torch_caller.stdout.splitlines() if line.startswith("threads")).split()
     assert int(server) <= int(caller)
