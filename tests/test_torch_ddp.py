@@ -150,15 +150,29 @@ print("RESULT", torchddp_launch(2, f, nnodes=2, node_rank=node_rank, master_addr
 """
 
 
+def node_sum():
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return (dist.get_rank(), dist.get_world_size(), t.item())
+
+
 def test_two_launchers_as_two_nodes(no_strays, tmp_path):
+    # Node 1 is a script of its own; node 0 is this process (its torch and its forkserver warm
+    # already), launching the same function as the script's.
     from mpify.engine.rendezvous import free_port
     port = free_port()
     cmd = python_script(tmp_path, NODE)
-    nodes = [subprocess.Popen(cmd + [str(i), str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in (1, 0)]
-    outs = [p.communicate(timeout=120)[0] for p in nodes]
-    assert all(p.returncode == 0 for p in nodes), outs
-    node1, node0 = [eval(o.split("RESULT", 1)[1].strip().splitlines()[0]) for o in outs]
+    node = subprocess.Popen(cmd + ["1", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        node0 = torchddp_launch(2, node_sum, nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=port,
+                                gather=True, timeout=120)
+        out = node.communicate(timeout=120)[0]
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    assert node.returncode == 0, out
+    node1 = eval(out.split("RESULT", 1)[1].strip().splitlines()[0])
     assert node0 == [(0, 4, 10.0), (1, 4, 10.0)]
     assert node1 == [(2, 4, 10.0), (3, 4, 10.0)]
 
