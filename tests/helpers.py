@@ -8,9 +8,15 @@ import time
 import psutil
 
 
+# Jupyter kernels the test session keeps running on purpose (conftest's `shared_kernel`): each
+# one is kept, with its own warm forkserver and resource tracker, but never what they started.
+SHARED_KERNELS: set[int] = set()
+_KEEPER_MAINS = ("multiprocess.forkserver import main", "multiprocess.resource_tracker import main")
+
+
 def keepers() -> set[int]:
     """Processes mpify keeps on purpose between launches: the warm forkservers and the resource
-    tracker of multiprocess."""
+    tracker of multiprocess; and the session's shared kernel with its own of them."""
     pids = set()
     try:
         from multiprocess import resource_tracker
@@ -21,6 +27,18 @@ def keepers() -> set[int]:
             pids.add(resource_tracker._resource_tracker._pid)
     except Exception:
         pass
+    for kernel in SHARED_KERNELS:
+        try:
+            children = psutil.Process(kernel).children()
+        except psutil.NoSuchProcess:
+            continue
+        pids.add(kernel)
+        for child in children:  # its ranks are the forkserver's children, never kept
+            try:
+                if any(m in " ".join(child.cmdline()) for m in _KEEPER_MAINS):
+                    pids.add(child.pid)
+            except psutil.NoSuchProcess:
+                pass
     return pids
 
 
@@ -75,3 +93,14 @@ def die_with_parent() -> None:
         import ctypes
         import signal
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def parallel(*calls):
+    """Call each of `calls` (no arguments) in a thread of its own and return their results in
+    order: for independent fresh interpreters (a slice and the whole notebook, say), which then
+    start side by side instead of one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]

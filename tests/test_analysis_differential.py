@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
 import pytest
@@ -79,16 +80,13 @@ def _build(cells):
     return nb
 
 
-def _kernel_results(nb, calls, kernel_name, cwd):
-    """Run every cell of nb in a real kernel, then evaluate each call there; return the reprs."""
-    from nbclient import NotebookClient
-
+def _kernel_results(nb, calls, kernel, cwd):
+    """Run every cell of nb in a real kernel (the session's shared one, reset as a kernel started
+    in `cwd`: conftest.SharedKernel), then evaluate each call there; return the reprs."""
     nb = nbformat.from_dict(nb)
     for _, expr in calls:
         nb.cells.append(new_code_cell(f"print({MARK!r} + repr({expr}))"))
-    client = NotebookClient(nb, kernel_name=kernel_name, timeout=300, allow_errors=True,
-                            resources={"metadata": {"path": str(cwd)}})
-    client.execute()
+    kernel.run(nb, cwd)
     out = []
     for cell in nb.cells[-len(calls):]:
         text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
@@ -99,7 +97,8 @@ def _kernel_results(nb, calls, kernel_name, cwd):
     return out
 
 
-def _slice_result(path, target, expr, cwd):
+def _slice_script(path, target, expr, cwd):
+    """The target's rendered slice, checked, then the call, written to a script of its own."""
     # The kernel evaluates the call after the whole notebook: the slice as of its end, not the
     # state of the notebook's own last run of the target (at_run, issue 16).
     sl = slice_notebook(path, target, at_run=False)
@@ -107,9 +106,16 @@ def _slice_result(path, target, expr, cwd):
     check_slice(sl, src)
     script = cwd / f"slice_{target}.py"
     script.write_text(src + f"\nprint({MARK!r} + repr({expr}))\n")
-    r = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"slice of {target} failed:\n{src}\n{r.stderr}"
-    return [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
+    return script
+
+
+def _slice_result(script, cwd):
+    """The call's repr after only the slice, in a fresh interpreter."""
+    r = subprocess.Popen([sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0, f"{script.name} failed:\n{script.read_text()}\n{err}"
+    return [ln for ln in out.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
 
 
 def check_slice(sl, src=None):
@@ -142,12 +148,12 @@ def check_slice(sl, src=None):
 
 
 @pytest.mark.parametrize("name", sorted(OWN))
-def test_own_notebooks(name, kernel_name, tmp_path):
+def test_own_notebooks(name, shared_kernel, tmp_path):
     cells, calls = OWN[name]
     nb = _build(cells)
     path = tmp_path / f"{name}.ipynb"
     nbformat.write(nb, str(path))
-    _compare_kernel_and_slices(nb, path, calls, kernel_name, tmp_path)
+    _compare_kernel_and_slices(nb, path, calls, shared_kernel, tmp_path)
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=[os.path.basename(p) for p in SAMPLES])
@@ -165,13 +171,13 @@ def test_sample_notebooks_slices_compile_and_pass_pyflakes(path):
 
 @pytest.mark.parametrize("path", [p for p in SAMPLES if os.path.basename(p) in SAMPLE_CALLS],
                          ids=[os.path.basename(p) for p in SAMPLES if os.path.basename(p) in SAMPLE_CALLS])
-def test_sample_notebooks_differential(path, kernel_name, tmp_path):
+def test_sample_notebooks_differential(path, shared_kernel, tmp_path):
     calls = SAMPLE_CALLS[os.path.basename(path)]
     nb = nbformat.read(path, as_version=4)
-    _compare_kernel_and_slices(nb, path, calls, kernel_name, tmp_path)
+    _compare_kernel_and_slices(nb, path, calls, shared_kernel, tmp_path)
 
 
-def _compare_kernel_and_slices(nb, path, calls, kernel_name, tmp_path):
+def _compare_kernel_and_slices(nb, path, calls, kernel, tmp_path):
     """Each call evaluated after the whole notebook in a real kernel equals the same call after
     only the target's rendered slice, run in a fresh interpreter."""
     kdir, sdir = tmp_path / "kernel", tmp_path / "slice"
@@ -182,6 +188,10 @@ def _compare_kernel_and_slices(nb, path, calls, kernel_name, tmp_path):
     for helper in glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), "*.py")):
         for d in (kdir, sdir):
             shutil.copy(helper, d)
-    expected = _kernel_results(nb, calls, kernel_name, kdir)
-    for (target, expr), want in zip(calls, expected):
-        assert _slice_result(path, target, expr, sdir) == want, target
+    scripts = [_slice_script(path, target, expr, sdir) for target, expr in calls]
+    # The slices' fresh interpreters run while the kernel runs the notebook.
+    with ThreadPoolExecutor(len(scripts)) as pool:
+        sliced = [pool.submit(_slice_result, script, sdir) for script in scripts]
+        expected = _kernel_results(nb, calls, kernel, kdir)
+        for (target, _), want, got in zip(calls, expected, sliced):
+            assert got.result() == want, target

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
 import pytest
@@ -156,31 +157,34 @@ def _check_training(out, world):
 
 def test_call_with_objects_runs_on_two_ranks_and_matches_the_exported_script_under_torchrun(tmp_path, tmpdir_):
     nb = lesson_copy(tmp_path)
-    r = mpify("run", nb, "--call", CALL, "-n", "2", "--ddp", "--json", tmpdir=tmpdir_)
+    # `mpify run` beside the export and the script's two runs (independent commands, side by side)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(mpify, "run", nb, "--call", CALL, "-n", "2", "--ddp", "--json", tmpdir=tmpdir_)
+
+        script = tmp_path / "train_ddp.py"
+        e = mpify("export", nb, "--call", CALL, "--ddp", "-o", script, tmpdir=tmpdir_)
+        assert e.returncode == 0, e.stderr
+        text = script.read_text()
+        assert f"def call_train():\n    \"\"\"`train` called as given to mpify with --call.\"\"\"\n    return {CALL}\n" in text
+        assert "        result = call_train()\n" in text
+        assert "It runs `train(model, cfg.epochs, lr=cfg.lr * 2)` (given with --call) and takes no options." in text
+        # the call's names are sliced in as the target's own are; the superseded draft and its model are not
+        assert "\ncfg = SimpleNamespace(epochs=3, lr=0.1, batch_size=64)\n" in text
+        assert "\nmodel = make_mlp(16)\n" in text
+        assert "linear_model" not in text and 'print(f"epoch {epoch}' not in text
+
+        env_tmp = tmp_path / "scripttmp"
+        singly = pool.submit(run_cmd, [sys.executable, script], env_tmp, cwd=tmp_path)
+        torchrun = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            script], env_tmp, cwd=tmp_path)
+        r, single = running.result(), singly.result()
     assert r.returncode == 0, r.stderr
     ran = json.loads(r.stdout.splitlines()[-1])
     _check_training(ran, 2)
-
-    script = tmp_path / "train_ddp.py"
-    e = mpify("export", nb, "--call", CALL, "--ddp", "-o", script, tmpdir=tmpdir_)
-    assert e.returncode == 0, e.stderr
-    text = script.read_text()
-    assert f"def call_train():\n    \"\"\"`train` called as given to mpify with --call.\"\"\"\n    return {CALL}\n" in text
-    assert "        result = call_train()\n" in text
-    assert "It runs `train(model, cfg.epochs, lr=cfg.lr * 2)` (given with --call) and takes no options." in text
-    # the call's names are sliced in as the target's own are; the superseded draft and its model are not
-    assert "\ncfg = SimpleNamespace(epochs=3, lr=0.1, batch_size=64)\n" in text
-    assert "\nmodel = make_mlp(16)\n" in text
-    assert "linear_model" not in text and 'print(f"epoch {epoch}' not in text
-
-    env_tmp = tmp_path / "scripttmp"
-    torchrun = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        script], env_tmp, cwd=tmp_path)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     # the same slice, the same seeds, the same shards: the very numbers `mpify run` printed
     assert eval(torchrun.stdout.strip().splitlines()[-1]) == ran
 
-    single = run_cmd([sys.executable, script], env_tmp, cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     _check_training(eval(single.stdout.strip().splitlines()[-1]), 1)
 

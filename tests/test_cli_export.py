@@ -6,13 +6,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import run_notebook
 from export_helpers import ROOT, SAMPLES, TORCHRUN, leftovers, mpify, run_cmd
+from helpers import parallel
 
 # (notebook, function, --ddp, target options): each runs in seconds on CPU
 CASES = [
@@ -38,7 +40,7 @@ def _export(tmp_path, nb, fn, ddp, name=None):
     return out
 
 
-def _kernel_values(tmp_path, kernel_name):
+def _kernel_values(tmp_path, kernel):
     """The same calls made from a notebook kernel: ranch / torchddp_launch over the cells, and
     mpify.run_notebook on another notebook."""
     cells = [c.source for c in nbformat.read(str(SAMPLES / "ddp_train.ipynb"), as_version=4).cells[1:5]]
@@ -52,8 +54,8 @@ def _kernel_values(tmp_path, kernel_name):
         '"loader_sum", 2, kwargs={"size": 32})))',
     ]
     nb = new_notebook(cells=[new_code_cell(s) for s in cells])
-    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "t", "language": "python"}
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    nb.metadata["kernelspec"] = {"name": kernel.kernel_name, "display_name": "t", "language": "python"}
+    kernel.run(nb, tmp_path)
     values = []
     for c in nb.cells[-4:]:
         errors = [o for o in c.outputs if o.output_type == "error"]
@@ -63,23 +65,44 @@ def _kernel_values(tmp_path, kernel_name):
     return values
 
 
-def test_exported_scripts_match_mpify_run_and_the_kernel(tmp_path, kernel_name, no_strays):
-    kernel = _kernel_values(tmp_path, kernel_name)
+def _case_jobs(tmp_path, nb, fn, ddp, opts, script, torchrun) -> dict:
+    """The four commands of one case, not yet run: `mpify run -n 2`, the script under torchrun,
+    the script with plain python (world size 1) and `mpify run -n 1`."""
+    ddp_opt = ["--ddp"] if ddp else []
+    return {
+        "ran": lambda: mpify("run", SAMPLES / nb, "--fn", fn, "-n", "2", *ddp_opt, "--", *opts, tmpdir=tmp_path / "tmp"),
+        "torchrun": lambda: torchrun([TORCHRUN, "--nproc-per-node", "2", script, *opts]),
+        "one": lambda: run_cmd([sys.executable, script, *opts], tmp_path / "tmp", cwd=tmp_path),
+        "ran1": lambda: mpify("run", SAMPLES / nb, "--fn", fn, *ddp_opt, "--", *opts, tmpdir=tmp_path / "tmp"),
+    }
+
+
+def test_exported_scripts_match_mpify_run_and_the_kernel(tmp_path, shared_kernel, no_strays):
+    # Every command below is independent of the others: they run two at a time while the kernel
+    # runs its notebook, torchrun's one at a time (each takes torchrun's default master port).
+    scripts = parallel(*[lambda nb=nb, fn=fn, ddp=ddp: _export(tmp_path, nb, fn, ddp) for nb, fn, ddp, _ in CASES])
+    one_torchrun = threading.Lock()
+
+    def torchrun(cmd):
+        with one_torchrun:
+            return run_cmd(cmd, tmp_path / "tmp", cwd=tmp_path)
+
+    jobs = {}
+    for (nb, fn, ddp, opts), script in zip(CASES, scripts):
+        for what, job in _case_jobs(tmp_path, nb, fn, ddp, opts, script, torchrun).items():
+            jobs[fn, what] = job
+    with ThreadPoolExecutor(2) as pool:
+        done = {key: pool.submit(job) for key, job in jobs.items()}
+        kernel = _kernel_values(tmp_path, shared_kernel)
+        out = {key: f.result() for key, f in done.items()}
     for (nb, fn, ddp, opts), in_kernel in zip(CASES, kernel):
-        script = _export(tmp_path, nb, fn, ddp)
-        ran = mpify("run", SAMPLES / nb, "--fn", fn, "-n", "2", *(["--ddp"] if ddp else []), "--", *opts,
-                    tmpdir=tmp_path / "tmp")
+        ran, tr, one, ran1 = (out[fn, k] for k in ("ran", "torchrun", "one", "ran1"))
         assert ran.returncode == 0, ran.stderr
-        tr = run_cmd([TORCHRUN, "--nproc-per-node", "2", script, *opts], tmp_path / "tmp", cwd=tmp_path)
         assert tr.returncode == 0, tr.stderr
         # ddp_train's value carries the trained model's loss on all the data (6 digits): the same
         # final weights under mpify run, torchrun and the kernel, not only the same losses
         assert _result(ran.stdout) == _result(tr.stdout) == in_kernel, fn
-        # world size 1 with plain python, and the same from `mpify run -n 1`
-        one = run_cmd([sys.executable, script, *opts], tmp_path / "tmp", cwd=tmp_path)
         assert one.returncode == 0, one.stderr
-        ran1 = mpify("run", SAMPLES / nb, "--fn", fn, *(["--ddp"] if ddp else []), "--", *opts,
-                     tmpdir=tmp_path / "tmp")
         assert _result(one.stdout) == _result(ran1.stdout), fn
         if fn == "rank_sum":
             assert _result(one.stdout) == repr({"world_size": 1, "sum": 1.0})
@@ -116,9 +139,10 @@ def test_two_torchrun_nodes_run_one_script_world_size_4(tmp_path, no_strays):
 
 def test_script_help_and_bad_options(tmp_path):
     script = _export(tmp_path, "ddp_train.ipynb", "train", True)
-    h = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    h, bad = parallel(*[lambda args=args: subprocess.run([sys.executable, script, *args], capture_output=True,
+                                                          text=True, timeout=120)
+                        for args in (["--help"], ["--epochs", "x"])])
     assert h.returncode == 0 and "--epochs EPOCHS" in h.stdout and "Train with DDP" in h.stdout
-    bad = subprocess.run([sys.executable, script, "--epochs", "x"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "argument --epochs: invalid int value: 'x'" in bad.stderr
 
 
@@ -200,8 +224,17 @@ def test_exported_ddp_script_exits_cleanly_under_torchrun(tmp_path):
     nbformat.write(new_notebook(cells=[new_code_cell(c) for c in RACE]), str(nb))
     script = tmp_path / "race.py"
     assert mpify("export", nb, "--fn", "train", "--ddp", "-o", script, tmpdir=tmp_path / "tmp").returncode == 0
-    for _ in range(6):
-        tr = run_cmd([TORCHRUN, "--nproc-per-node", "2", script], tmp_path / "tmp", cwd=tmp_path)
+    # Six runs, two at a time, each on a master port of its own (picked together: all different).
+    held = [socket.socket() for _ in range(6)]
+    for s in held:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda port: run_cmd([TORCHRUN, "--nproc-per-node", "2", "--master-port", str(port),
+                                                   script], tmp_path / "tmp", cwd=tmp_path), ports))
+    for tr in runs:
         assert tr.returncode == 0, tr.stderr[-2000:]
 
 

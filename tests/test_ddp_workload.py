@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import run_notebook
 from helpers import die_with_parent
 
 torch = pytest.importorskip("torch")
@@ -76,18 +75,93 @@ def run_script(tmp_path, body: str, timeout: float = 240, cwd=None, env=None) ->
                           cwd=cwd or tmp_path, env=env, preexec_fn=die_with_parent)
 
 
-@pytest.mark.parametrize("caller_rank", [0, None], ids=["kernel-is-rank0", "all-ranks-children"])
-def test_a_hundred_torchrun_style_launches_finish(tmp_path, caller_rank, no_strays):
-    proc = run_script(tmp_path, f'''
-        from mpify import ranch
-        for i in range(100):
-            out = ranch(2, train, caller_rank={caller_rank!r}, gather=True)
-            assert [r for r, _ in out] == [0, 1], out
-            assert out[0][1] == out[1][1], out  # all_reduce gave both ranks the same sum
-        print("launches", i + 1, "threads", launch_threads())
-    ''')
+# One fresh process (one torch import, one forkserver start) runs the script parts of the tests
+# below, one after another, each printing what its test asserts: a hundred launches with the
+# caller as rank 0, a hundred with every rank a child, the launches that listen on loopback only,
+# then three DDP launches, a raise and twenty forks, after which the process must exit by itself.
+SHARED = """
+from mpify import ranch, torchddp_launch
+
+# -- a hundred torchrun-style launches finish, for each caller_rank
+for caller_rank in (0, None):
+    for i in range(100):
+        out = ranch(2, train, caller_rank=caller_rank, gather=True)
+        assert [r for r, _ in out] == [0, 1], out
+        assert out[0][1] == out[1][1], out  # all_reduce gave both ranks the same sum
+    print("caller_rank", caller_rank, "launches", i + 1, "threads", launch_threads())
+
+# -- one machine: listening on loopback only
+import psutil
+
+def listening(pid):
+    return sorted({c.laddr.ip for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN})
+
+def look():
+    dist.all_reduce(torch.ones(1))
+    mine = listening(os.getpid())
+    caller = listening(os.getppid()) if os.environ["RANK"] != "0" else mine
+    dist.barrier()
+    return mine, caller
+
+print("ddp", torchddp_launch(2, look, gather=True))
+def own_group():
+    dist.init_process_group("gloo")
+    try:
+        return look()
+    finally:
+        dist.destroy_process_group()
+print("own", ranch(2, own_group, caller_rank=None, gather=True))
+
+# -- after DDP launches nothing stays, and forks are clean
+def in_ctx():
+    model = DDP(nn.Linear(8, 1))
+    model(torch.randn(4, 8)).sum().backward()
+    return 1
+
+def rank0_raises():
+    dist.init_process_group("gloo")
+    model = DDP(nn.Linear(8, 1))
+    model(torch.randn(4, 8)).sum().backward()
+    if os.environ["RANK"] == "0":
+        raise ValueError("rank 0 gives up")
+    dist.barrier()
+
+ranch(2, train)
+torchddp_launch(2, in_ctx)
+ranch(2, train, caller_rank=None)
+print("after three", launch_threads())
+try:
+    ranch(2, rank0_raises)
+except ValueError as exc:
+    error = exc  # kept, traceback and all, as a notebook keeps sys.last_traceback
+print("after a raise", launch_threads(), type(error).__name__)
+
+pids = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        x = torch.randn(64, 64) @ torch.randn(64, 64)
+        os._exit(0 if x.shape == (64, 64) else 3)
+    pids.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+print("forks", codes)
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """SHARED run once in a fresh interpreter; its return code and output."""
+    tmp = tmp_path_factory.mktemp("ddp_workload")
+    proc = run_script(tmp, SHARED, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "launches 100 threads []" in proc.stdout
+    return proc
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("caller_rank", [0, None], ids=["kernel-is-rank0", "all-ranks-children"])
+def test_a_hundred_torchrun_style_launches_finish(shared_run, caller_rank, no_strays):
+    assert f"caller_rank {caller_rank} launches 100 threads []" in shared_run.stdout
 
 
 def test_a_function_that_imports_torch_itself(tmp_path, no_strays):
@@ -117,60 +191,23 @@ def test_a_function_that_imports_torch_itself(tmp_path, no_strays):
     assert "ranks True []" in proc.stdout
 
 
-def test_after_ddp_launches_nothing_stays_and_forks_are_clean(tmp_path, no_strays):
+@pytest.mark.timeout(600)
+def test_after_ddp_launches_nothing_stays_and_forks_are_clean(shared_run, no_strays):
     """Three DDP launches (torchrun-style, in TorchDDPCtx, and one where rank 0 raised with its
     DDP model still in the traceback), then: no gloo or store thread in the caller, 20 forked
-    children that use torch exit cleanly, and the process exits by itself."""
-    proc = run_script(tmp_path, '''
-        from mpify import ranch, torchddp_launch
-
-        def in_ctx():
-            model = DDP(nn.Linear(8, 1))
-            model(torch.randn(4, 8)).sum().backward()
-            return 1
-
-        def rank0_raises():
-            dist.init_process_group("gloo")
-            model = DDP(nn.Linear(8, 1))
-            model(torch.randn(4, 8)).sum().backward()
-            if os.environ["RANK"] == "0":
-                raise ValueError("rank 0 gives up")
-            dist.barrier()
-
-        before = launch_threads()
-        ranch(2, train)
-        torchddp_launch(2, in_ctx)
-        ranch(2, train, caller_rank=None)
-        print("after three", launch_threads())
-        try:
-            ranch(2, rank0_raises)
-        except ValueError as exc:
-            error = exc  # kept, traceback and all, as a notebook keeps sys.last_traceback
-        print("after a raise", launch_threads(), type(error).__name__)
-
-        pids = []
-        for _ in range(20):
-            pid = os.fork()
-            if pid == 0:
-                x = torch.randn(64, 64) @ torch.randn(64, 64)
-                os._exit(0 if x.shape == (64, 64) else 3)
-            pids.append(pid)
-        codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
-        print("forks", codes)
-    ''', timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "after three []" in proc.stdout
-    assert "after a raise [] ValueError" in proc.stdout
-    assert "forks " + str([0] * 20) in proc.stdout
+    children that use torch exit cleanly, and the process exits by itself (SHARED's last part)."""
+    assert "after three []" in shared_run.stdout
+    assert "after a raise [] ValueError" in shared_run.stdout
+    assert "forks " + str([0] * 20) in shared_run.stdout
 
 
-def test_a_hundred_launches_in_a_real_kernel(kernel_name, tmp_path):
+def test_a_hundred_launches_in_a_real_kernel(shared_kernel, tmp_path):
     cells = [TRAIN + THREADS + "\nfrom mpify import ranch",
              "sums = set()\nfor i in range(100):\n    out = ranch(2, train, gather=True)\n"
              "    sums.add(out[0][1] == out[1][1])\nprint('done', i + 1, sums)",
              "print('threads', launch_threads())"]
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
-    run_notebook(nb, kernel_name, cwd=tmp_path, timeout=240)
+    shared_kernel.run(nb, tmp_path, timeout=240)
     out = "".join(o.get("text", "") for c in nb.cells for o in c.outputs if o.output_type == "stream")
     errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
@@ -178,7 +215,7 @@ def test_a_hundred_launches_in_a_real_kernel(kernel_name, tmp_path):
     assert "threads []" in out
 
 
-def test_helper_module_beside_the_notebook_reaches_three_ranks(kernel_name, tmp_path):
+def test_helper_module_beside_the_notebook_reaches_three_ranks(shared_kernel, tmp_path):
     """A helpers.py next to the notebook, holding a lock and a thread-local (neither can be
     pickled): it travels by name, each rank imports it from the notebook's folder."""
     (tmp_path / "helpers.py").write_text(textwrap.dedent('''
@@ -197,7 +234,7 @@ def test_helper_module_beside_the_notebook_reaches_three_ranks(kernel_name, tmp_
              "def work(x):\n    return helpers.tally(x * (int(os.environ['RANK']) + 1)), helpers.__file__",
              "print(ranch(3, work, 10, gather=True))"]
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     errors = [o for c in nb.cells for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     where = str(tmp_path / "helpers.py")
@@ -233,35 +270,12 @@ def test_installed_with_pip_target_outside_site_packages(tmp_path, no_strays):
     assert proc.stdout.strip() == f"{[(0, str(target)), (5, str(target)), (10, str(target))]} {target}"
 
 
-def test_one_machine_launch_listens_on_loopback_only(tmp_path, no_strays):
+@pytest.mark.timeout(600)
+def test_one_machine_launch_listens_on_loopback_only(shared_run, no_strays):
     """While the ranks are in init/all_reduce, every listening socket of the caller (the store
-    it hosts) and of each rank (gloo's) is on 127.0.0.1."""
-    proc = run_script(tmp_path, '''
-        import psutil
-        from mpify import ranch, torchddp_launch
-
-        def listening(pid):
-            return sorted({c.laddr.ip for c in psutil.Process(pid).net_connections("tcp")
-                           if c.status == psutil.CONN_LISTEN})
-
-        def look():
-            dist.all_reduce(torch.ones(1))
-            mine = listening(os.getpid())
-            caller = listening(os.getppid()) if os.environ["RANK"] != "0" else mine
-            dist.barrier()
-            return mine, caller
-
-        print("ddp", torchddp_launch(2, look, gather=True))
-        def own_group():
-            dist.init_process_group("gloo")
-            try:
-                return look()
-            finally:
-                dist.destroy_process_group()
-        print("own", ranch(2, own_group, caller_rank=None, gather=True))
-    ''')
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("ddp ", "own ")))
+    it hosts) and of each rank (gloo's) is on 127.0.0.1 (SHARED's second part)."""
+    lines = dict(line.split(" ", 1) for line in shared_run.stdout.splitlines() if line.startswith(("ddp ", "own ")))
+    assert set(lines) == {"ddp", "own"}
     for key, text in lines.items():
         results = eval(text)
         for mine, caller in results:

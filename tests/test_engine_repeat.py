@@ -40,6 +40,13 @@ def snapshot():
 
 def test_fifty_launches_leave_nothing_behind():
     assert ranch(3, allreduce) == 6.0  # warm up: forkserver, resource tracker
+    # The warm-up's joined threads may still be leaving /proc: counted once they have.
+    settled, deadline = psutil.Process().num_threads(), time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if psutil.Process().num_threads() == settled:
+            break
+        settled = psutil.Process().num_threads()
     before = snapshot()
     for i in range(50):
         if i % 10 == 9:

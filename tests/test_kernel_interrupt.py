@@ -20,8 +20,9 @@ ranch(3, stuck)
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def kernel(kernel_name):
+    """One kernel for both tests: interrupted first (and launching again after), then restarted."""
     with jupyter_kernel(kernel_name) as (km, kc):
         yield km, kc
 

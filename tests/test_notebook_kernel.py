@@ -1,9 +1,9 @@
 """ranch inside a real Jupyter kernel (nbclient + ipykernel): the kernel is rank 0, cells' own
-functions, lambdas and classes travel to the ranks, rank output lands in the launching cell."""
+functions, lambdas and classes travel to the ranks, rank output lands in the launching cell.
+The notebooks run in the session's shared kernel (conftest.SharedKernel), one after another."""
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from conftest import run_notebook
 from helpers import strays
 
 CELLS = [
@@ -21,10 +21,10 @@ def texts(cell, name="stdout"):
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == name)
 
 
-def test_notebook_cells_run_on_three_ranks(kernel_name, tmp_path):
+def test_notebook_cells_run_on_three_ranks(shared_kernel, kernel_name, tmp_path):
     nb = new_notebook(cells=[new_code_cell(src) for src in CELLS])
     nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     nbformat.write(nb, tmp_path / "executed.ipynb")
 
     launch = nb.cells[4]
@@ -57,12 +57,12 @@ BIG_CELLS = [
 ]
 
 
-def test_big_arguments_passed_again_from_a_kernel(kernel_name, tmp_path):
+def test_big_arguments_passed_again_from_a_kernel(shared_kernel, kernel_name, tmp_path):
     # The kernel is rank 0 and changes its data between launches: the ranks follow, and the
     # second launch copies only the written pages.
     nb = new_notebook(cells=[new_code_cell(src) for src in BIG_CELLS])
     nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     want = [(float((8 << 20) - 1), 0)] * 3, [(-1.0, 7)] * 3
     assert texts(nb.cells[5]).strip() == f"{want[0]} {want[1]} True"
     assert not strays()
@@ -75,10 +75,10 @@ ASYNC_CELLS = [
 ]
 
 
-def test_async_function_from_a_kernel(kernel_name, tmp_path):
+def test_async_function_from_a_kernel(shared_kernel, kernel_name, tmp_path):
     # The kernel's thread runs an event loop already: rank 0's coroutine gets a loop of its own.
     nb = new_notebook(cells=[new_code_cell(src) for src in ASYNC_CELLS])
     nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     assert texts(nb.cells[2]).strip() == "[0, 1, 2]"
     assert not strays()

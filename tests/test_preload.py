@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from helpers import die_with_parent
 
 
@@ -20,27 +22,40 @@ def run(tmp_path, body: str, env_extra: dict | None = None) -> subprocess.Comple
                           cwd=tmp_path, env=env, preexec_fn=die_with_parent)
 
 
-def test_a_torch_caller_gets_ranks_that_already_hold_dynamo(tmp_path, no_strays):
-    proc = run(tmp_path, '''
-        import sys
-        import torch
-        from mpify import ranch
+# One fresh torch caller (one torch import, one forkserver start) for the two tests that need one:
+# what its ranks hold, and how many threads its forkserver runs.
+TORCH_CALLER = '''
+    import os, sys
+    import torch
+    from mpify import ranch
+    baseline = len(os.listdir("/proc/self/task"))  # this process, torch imported: the same import
 
-        def held():
-            return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
-                                      "torch.distributed.nn.functional", "sympy") if m in sys.modules)
+    def held():
+        return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
+                                  "torch.distributed.nn.functional", "sympy") if m in sys.modules)
 
-        from mpify.engine import starter
+    from mpify.engine import starter
 
-        print("first", ranch(2, held, caller_rank=None, gather=True))  # served by a quick forkserver
-        starter.wait_complete()  # the one started in the background after the first launch
-        print("held", ranch(2, held, caller_rank=None, gather=True))
-    ''')
+    print("first", ranch(2, held, caller_rank=None, gather=True))  # served by a quick forkserver
+    pid = starter.wait_complete()  # the one started in the background after the first launch
+    print("held", ranch(2, held, caller_rank=None, gather=True))
+    assert set(ranch(2, os.getppid, caller_rank=None, gather=True)) == {pid}
+    print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
+'''
+
+
+@pytest.fixture(scope="module")
+def torch_caller(tmp_path_factory):
+    proc = run(tmp_path_factory.mktemp("torch_caller"), TORCH_CALLER)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_a_torch_caller_gets_ranks_that_already_hold_dynamo(torch_caller, no_strays):
     everything = ["sympy", "torch._dynamo", "torch.distributed.nn.functional", "torch.nn.parallel.distributed"]
-    first = next(line for line in proc.stdout.splitlines() if line.startswith("first "))
+    first = next(line for line in torch_caller.stdout.splitlines() if line.startswith("first "))
     assert "torch._dynamo" not in first  # the first launch did not wait for what it does not use
-    assert f"held {[everything, everything]}" in proc.stdout
+    assert f"held {[everything, everything]}" in torch_caller.stdout
 
 
 def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
@@ -96,20 +111,8 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
     assert f"small [5, 5] {server}" in proc.stdout
 
 
-def test_the_forkserver_runs_no_extra_thread(tmp_path, no_strays):
+def test_the_forkserver_runs_no_extra_thread(torch_caller, no_strays):
     """After preloading torch and torch._dynamo, the forkserver's threads are those torch itself
     starts at import (none of the preloaded extras added one)."""
-    proc = run(tmp_path, '''
-        import os, sys
-        import torch
-        from mpify import ranch
-        from mpify.engine import starter
-        baseline = len(os.listdir("/proc/self/task"))  # this process, torch imported: the same import
-        ranch(2, int, caller_rank=None)
-        pid = starter.wait_complete()
-        assert set(ranch(2, os.getppid, caller_rank=None, gather=True)) == {pid}
-        print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
-    ''')
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _, caller, server = next(line for line in proc.stdout.splitlines() if line.startswith("threads")).split()
+    _, caller, server = next(line for line in torch_caller.stdout.splitlines() if line.startswith("threads")).split()
     assert int(server) <= int(caller)

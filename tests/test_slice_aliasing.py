@@ -14,10 +14,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell
 
-from conftest import run_notebook
 from mpify.analysis import slice_notebook
 from test_analysis_differential import check_slice
-from test_slice_course_notebooks import LESSONTOOLS, MARK, kept, run_slice, run_whole, write_nb
+from helpers import parallel
+from test_slice_course_notebooks import LESSONTOOLS, MARK, kept, run_slice, run_whole, slice_and_whole, write_nb
 
 torch = pytest.importorskip("torch")
 
@@ -28,10 +28,10 @@ def firsts(sl):
 
 
 @pytest.fixture(scope="module")
-def kernel(kernel_name, tmp_path_factory):
-    """The training notebooks of this module run in one real kernel, one after the other with
-    `%reset -f` between them (torch stays imported: one kernel start and one torch import for
-    all), each followed by its calls. Returns {notebook: (values displayed by its `SHOWN`
+def kernel(shared_kernel, tmp_path_factory):
+    """The training notebooks of this module run in one real kernel (the session's shared one,
+    conftest.SharedKernel), one after the other with `%reset -f` between them (torch stays
+    imported: no kernel start and one torch import for all), each followed by its calls. Returns {notebook: (values displayed by its `SHOWN`
     cells, values of its `CALLS`)}."""
     tmp = tmp_path_factory.mktemp("kernel")
     nb = nbformat.v4.new_notebook()
@@ -41,7 +41,7 @@ def kernel(kernel_name, tmp_path_factory):
         nb.cells += [new_code_cell("%reset -f")]
         nb.cells += nbformat.read(str(write_nb(tmp, cells, f"{name}.ipynb")), as_version=4).cells
         nb.cells += [new_code_cell(f"print({MARK!r} + repr({expr}))") for expr in CALLS[name]]
-    run_notebook(nb, kernel_name, tmp)
+    shared_kernel.run(nb, tmp)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}"
     out = {}
@@ -138,8 +138,11 @@ def test_manual_step_with_backward(tmp_path, kernel):
     for sl in (train, step):
         check_slice(sl)
     (shown,), (trained,) = kernel["linear"]
-    assert ast.literal_eval(run_slice(step, "show_coeffs()", tmp_path)) == shown
-    assert ast.literal_eval(run_slice(train, TRAIN, tmp_path)) == trained
+    (tmp_path / "train").mkdir()  # the two slices side by side, each its script in a folder
+    got_step, got_train = parallel(lambda: run_slice(step, "show_coeffs()", tmp_path),
+                                   lambda: run_slice(train, TRAIN, tmp_path / "train"))
+    assert ast.literal_eval(got_step) == shown
+    assert ast.literal_eval(got_train) == trained
 
 
 # ---- 2. an optimizer built over a model, stepped while exploring ---------------------------------
@@ -236,10 +239,17 @@ def test_pure_helpers_left_out(tmp_path):
         (13, "def init_params(size, std=1.0): return (torch.randn(size)*std).requires_grad_()"),
         (14, "def linear1(xb, weights, bias): return xb@weights + bias"),
         (15, "def mnist_loss(predictions, targets):"), (18, "def train(epochs=5, lr=1.0):")]
-    want = run_whole(path, "(baseline(), train(3))", tmp_path)
-    for sl, call in ((base, "baseline()"), (train, "train(3)")):
+    for sl in (base, train):
         check_slice(sl)
-        assert ast.literal_eval(run_slice(sl, call, tmp_path)) in ast.literal_eval(want)
+    # the whole notebook and the two slices, three fresh interpreters side by side (each slice
+    # writes its own script: two folders)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "lessontools.py").write_text(LESSONTOOLS)
+    want, *got = parallel(lambda: run_whole(path, "(baseline(), train(3))", tmp_path),
+                          lambda: run_slice(base, "baseline()", tmp_path / "base"),
+                          lambda: run_slice(train, "train(3)", tmp_path))
+    for value in got:
+        assert ast.literal_eval(value) in ast.literal_eval(want)
 
 
 # ---- 4. a sampling demo that seeds, and a random-drawing helper before a seed --------------------
@@ -288,4 +298,5 @@ def test_sampling_demo_and_draw_helper_before_seed(tmp_path):
     assert firsts(faithful) == common + [(9, "extra = noisy_logits()")]
     check_slice(faithful)
     call = "generate(next_token_logits)"
-    assert run_slice(faithful, call, tmp_path) == run_whole(path, call, tmp_path)
+    sliced, whole = slice_and_whole(faithful, path, call, tmp_path)
+    assert sliced == whole

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from helpers import parallel
 from mpify.analysis import render_source, slice_notebook
 
 torch = pytest.importorskip("torch")
@@ -114,17 +115,31 @@ def _run(code: str, cwd, name: str) -> str:
     return [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
 
 
+def _slice_code(sl, call: str) -> str:
+    return render_source(sl) + f"\nprint({MARK!r} + repr({call}))\n"
+
+
+def _whole_code(path, call: str) -> str:
+    nb = nbformat.read(str(path), as_version=4)
+    code = "\n\n".join("\n".join(ln for ln in c.source.splitlines() if not ln.lstrip().startswith("%"))
+                       for c in nb.cells if c.cell_type == "code")
+    return code + f"\nprint({MARK!r} + repr({call}))\n"
+
+
 def run_slice(sl, call: str, cwd) -> str:
     """repr of `call` evaluated after only the rendered slice, in a fresh interpreter."""
-    return _run(render_source(sl) + f"\nprint({MARK!r} + repr({call}))\n", cwd, "slice_run.py")
+    return _run(_slice_code(sl, call), cwd, "slice_run.py")
 
 
 def run_whole(path, call: str, cwd) -> str:
     """repr of `call` evaluated after every code cell of the notebook (line magics dropped)."""
-    nb = nbformat.read(str(path), as_version=4)
-    code = "\n\n".join("\n".join(ln for ln in c.source.splitlines() if not ln.lstrip().startswith("%"))
-                       for c in nb.cells if c.cell_type == "code")
-    return _run(code + f"\nprint({MARK!r} + repr({call}))\n", cwd, "whole_run.py")
+    return _run(_whole_code(path, call), cwd, "whole_run.py")
+
+
+def slice_and_whole(sl, path, call: str, cwd) -> tuple[str, str]:
+    """run_slice and run_whole, their two fresh interpreters side by side."""
+    sliced, whole = _slice_code(sl, call), _whole_code(path, call)
+    return tuple(parallel(lambda: _run(sliced, cwd, "slice_run.py"), lambda: _run(whole, cwd, "whole_run.py")))
 
 
 # ---- 1. calls on star-imported and alias modules change nothing unless known to ----------------
@@ -165,7 +180,8 @@ def test_superseded_training_loop_through_star_import(tmp_path):
     assert star.startswith("star import supplies `F`, `make_data`, `set_seed`, `torch`, needed by")
     assert not [w for w in sl.warnings if "star" in w]  # the module's source was found: no warning
     call = "set_seed(5) or fit(nn.Linear(3, 1), 2)"
-    assert run_slice(sl, call, tmp_path) == run_whole(path, call, tmp_path)
+    sliced, whole = slice_and_whole(sl, path, call, tmp_path)
+    assert sliced == whole
 
 
 def test_device_probing_through_alias_module(tmp_path):
@@ -196,7 +212,8 @@ def test_device_probing_through_alias_module(tmp_path):
     assert [(c, s.splitlines()[0]) for c, s in kept(sl)] == [
         (1, "import torch"), (1, "from d2l import torch as d2l"),
         (7, "def train(lr=0.03, num_epochs=3, batch_size=10):")]
-    assert run_slice(sl, "train(num_epochs=2)", tmp_path) == run_whole(path, "train(num_epochs=2)", tmp_path)
+    sliced, whole = slice_and_whole(sl, path, "train(num_epochs=2)", tmp_path)
+    assert sliced == whole
 
 
 def test_broken_lesson_model_left_out(tmp_path):
@@ -225,7 +242,8 @@ def test_broken_lesson_model_left_out(tmp_path):
     assert [(c, s.splitlines()[0]) for c, s in kept(sl)] == [
         (1, "from lessontools import *"), (2, "X, y = make_data()"),
         (6, "class Net(nn.Module):"), (7, "def fit(epochs=2, lr=0.05):")]
-    assert run_slice(sl, "fit(3)", tmp_path) == run_whole(path, "fit(3)", tmp_path)
+    sliced, whole = slice_and_whole(sl, path, "fit(3)", tmp_path)
+    assert sliced == whole
 
 
 def test_text_sampling_demo_left_out(tmp_path):
@@ -258,7 +276,8 @@ def test_text_sampling_demo_left_out(tmp_path):
         (2, "chars = sorted(set(text))"), (2, "stoi = {c: i for i, c in enumerate(chars)}"),
         (2, "data = torch.tensor([stoi[c] for c in text])"), (3, "class Bigram(nn.Module):"),
         (7, "def train_lm(steps=50, lr=0.5):")]
-    assert run_slice(sl, "train_lm(20)", tmp_path) == run_whole(path, "train_lm(20)", tmp_path)
+    sliced, whole = slice_and_whole(sl, path, "train_lm(20)", tmp_path)
+    assert sliced == whole
 
 
 # ---- 2. imports kept per name -------------------------------------------------------------------
@@ -304,7 +323,8 @@ def test_define_and_call_target_dropped_with_downstream(tmp_path):
                         (5, "CONFIG['scale'] = 3.0")]
     assert ("cell 4, line 1: reads `probs`, which cell 3, line 2 makes by running `decay`; left out of the "
             "slice with it (downstream of the target), so `CONFIG` is not changed there") in sl.warnings
-    assert run_slice(sl, "decay(0.3, 1.0)", tmp_path) == run_whole(path, "decay(0.3, 1.0)", tmp_path)
+    sliced, whole = slice_and_whole(sl, path, "decay(0.3, 1.0)", tmp_path)
+    assert sliced == whole
 
 
 # ---- 4. notebooks read as Jupyter reads them ----------------------------------------------------
@@ -360,7 +380,8 @@ def test_draws_left_out_unless_faithful(tmp_path):
     assert [s.splitlines()[0] for _, s in kept(faithful)] == [
         "import numpy as np", "import torch", "rng = np.random.default_rng(0)", "peek = rng.normal(size=3)",
         "torch.manual_seed(1)", "warm = torch.rand(2)", "def make_batch(n=3):"]
-    assert run_slice(faithful, batch, tmp_path) == run_whole(path, batch, tmp_path) != repr(first)
+    sliced, whole = slice_and_whole(faithful, path, batch, tmp_path)
+    assert sliced == whole != repr(first)
 
 
 def test_star_import_without_source_stays_conservative_and_warns_once(tmp_path):
@@ -399,11 +420,13 @@ def test_imported_seed_call_kept_and_draws_after_it_left_out(tmp_path):
     # The exploration's draw is left out: init_weights draws first after the seed, unlike in the notebook.
     torch.manual_seed(7)
     first = [round(v, 5) for v in torch.randn(4).tolist()]
-    assert run_slice(sl, "init_weights()", tmp_path) == repr(first) != run_whole(path, "init_weights()", tmp_path)
+    sliced, whole = slice_and_whole(sl, path, "init_weights()", tmp_path)
+    assert sliced == repr(first) != whole
     # Faithful keeps it: the notebook's own values.
     faithful = slice_notebook(path, "init_weights", faithful=True)
     assert (3, "noise = torch.randn(3)") in kept(faithful)
-    assert run_slice(faithful, "init_weights()", tmp_path) == run_whole(path, "init_weights()", tmp_path)
+    sliced, whole = slice_and_whole(faithful, path, "init_weights()", tmp_path)
+    assert sliced == whole
 
 
 def test_name_defined_only_downstream_of_the_target_is_explained(tmp_path):

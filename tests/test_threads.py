@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from multiprocess import forkserver
 
 from helpers import die_with_parent
 from mpify import World, ranch
+from mpify.engine import starter
 
 torch = pytest.importorskip("torch")
 
@@ -35,16 +35,17 @@ def test_each_rank_gets_one_thread_and_the_caller_gets_its_own_back(three_thread
     assert ranch(2, seen, gather=True) == [("1", 1), ("1", 1)]
     assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == 3
     # a live world: rank 0 holds one thread for the world's life
+    server = starter.wait_complete()
     with World(2) as world:
         assert world.run(seen, gather=True) == [("1", 1), ("1", 1)]
         assert seen() == ("1", 1)
         # the world's own OMP_NUM_THREADS=1 in the caller is no user change: a launch beside the
-        # world, and one after it, reuse the forkserver (an OMP_* change would restart it)
-        server = forkserver._forkserver._forkserver_pid
+        # world, and one after it, fork from the same forkserver (an OMP_* change needs a new one)
         assert ranch(2, seen, gather=True) == [("1", 1), ("1", 1)]
+        assert set(ranch(2, os.getppid, caller_rank=None, gather=True)) == {server}
     assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == 3
     assert ranch(2, seen, gather=True) == [("1", 1), ("1", 1)]
-    assert forkserver._forkserver._forkserver_pid == server
+    assert set(ranch(2, os.getppid, caller_rank=None, gather=True)) == {server}
 
 
 def test_one_rank_is_left_alone(three_threads):

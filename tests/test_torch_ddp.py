@@ -1,5 +1,5 @@
 """PyTorch DDP through mpify on CPU (gloo): real training, multi-node on one machine, error paths,
-the sample notebook in a real kernel."""
+the sample notebook in a real kernel (the session's shared one, conftest.SharedKernel)."""
 import os
 import socket
 import subprocess
@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from conftest import run_notebook
 from helpers import python_script, strays
 from mpify import PortInUseError, TorchDDPCtx, in_torchddp, ranch, torchddp_launch
 
@@ -151,24 +150,38 @@ print("RESULT", torchddp_launch(2, f, nnodes=2, node_rank=node_rank, master_addr
 """
 
 
+def node_sum():
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return (dist.get_rank(), dist.get_world_size(), t.item())
+
+
 def test_two_launchers_as_two_nodes(no_strays, tmp_path):
+    # Node 1 is a script of its own; node 0 is this process (its torch and its forkserver warm
+    # already), launching the same function as the script's.
     from mpify.engine.rendezvous import free_port
     port = free_port()
     cmd = python_script(tmp_path, NODE)
-    nodes = [subprocess.Popen(cmd + [str(i), str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in (1, 0)]
-    outs = [p.communicate(timeout=120)[0] for p in nodes]
-    assert all(p.returncode == 0 for p in nodes), outs
-    node1, node0 = [eval(o.split("RESULT", 1)[1].strip().splitlines()[0]) for o in outs]
+    node = subprocess.Popen(cmd + ["1", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        node0 = torchddp_launch(2, node_sum, nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=port,
+                                gather=True, timeout=120)
+        out = node.communicate(timeout=120)[0]
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    assert node.returncode == 0, out
+    node1 = eval(out.split("RESULT", 1)[1].strip().splitlines()[0])
     assert node0 == [(0, 4, 10.0), (1, 4, 10.0)]
     assert node1 == [(2, 4, 10.0), (3, 4, 10.0)]
 
 
-def test_sample_notebook_trains_in_a_real_kernel(kernel_name, tmp_path):
+def test_sample_notebook_trains_in_a_real_kernel(shared_kernel, tmp_path):
     import nbformat
     nb = nbformat.read(os.path.join(ROOT, "sample_notebooks", "ddp_train.ipynb"), as_version=4)
     start = time.monotonic()
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     took = time.monotonic() - start
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
@@ -183,13 +196,13 @@ def test_sample_notebook_trains_in_a_real_kernel(kernel_name, tmp_path):
     assert not strays()
 
 
-def test_twenty_launches_from_one_kernel(kernel_name, tmp_path):
+def test_twenty_launches_from_one_kernel(shared_kernel, tmp_path):
     from nbformat.v4 import new_code_cell, new_notebook
     nb = new_notebook(cells=[new_code_cell(
         "import torch, torch.distributed as dist\nfrom mpify import torchddp_launch\n"
         "def f():\n    t = torch.ones(1)\n    dist.all_reduce(t)\n    return t.item()\n"
         "results = [torchddp_launch(2, f) for _ in range(20)]\nresults == [2.0] * 20, dist.is_initialized()")])
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    shared_kernel.run(nb, tmp_path)
     out = [o for o in nb.cells[0].outputs if o.output_type == "execute_result"]
     assert out and out[0]["data"]["text/plain"] == "(True, False)", nb.cells[0].outputs
 

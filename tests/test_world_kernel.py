@@ -285,17 +285,16 @@ def test_no_rank_outlives_its_kernel(kernel_name, how):
         assert not wait_gone(pids, 5.0), f"ranks outlived the kernel ({how})"
 
 
-def test_the_live_world_sample_notebook(kernel_name, tmp_path):
+def test_the_live_world_sample_notebook(shared_kernel, tmp_path):
     """sample_notebooks/live_world.ipynb end to end in a real kernel: build once, train, look at
-    rank 0's model in a plain cell, train more; every rank gone at the end."""
+    rank 0's model in a plain cell, train more; every rank gone at the end. In the session's
+    shared kernel (conftest.SharedKernel), as a notebook opened after others."""
     import nbformat
-
-    from conftest import run_notebook
 
     path = os.path.join(os.path.dirname(__file__), "..", "sample_notebooks", "live_world.ipynb")
     nb = nbformat.read(path, as_version=4)
-    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
-    run_notebook(nb, kernel_name, cwd=tmp_path)
+    nb.metadata["kernelspec"] = {"name": shared_kernel.kernel_name, "display_name": "mpify test", "language": "python"}
+    shared_kernel.run(nb, tmp_path)
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
