@@ -43,7 +43,8 @@ def execute(kc, code: str, timeout: float = 120) -> str:
 
 def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, no_strays):
     """`import mpify` in a notebook starts them; 3 s later (a notebook's rhythm) the first launch
-    forks its ranks from one of them rather than starting one."""
+    forks its ranks from one of them rather than starting one. A `%reset -f` does not break the
+    next launch."""
     from conftest import jupyter_kernel
 
     with jupyter_kernel(kernel_name) as (km, kc):
@@ -75,6 +76,12 @@ def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, n
         assert "sums {4.0}" in out
         # How fast: benchmarks/bench_launch.py --first (a time bound here would only measure the
         # machine's load).
+
+        # `%reset -f` deletes the notebook's dunders, __spec__ included, which multiprocess reads
+        # at every process start: a launch after it still works.
+        execute(kc, "%reset -f")
+        out = execute(kc, "import os, mpify\nprint('after reset', len(mpify.ranch(2, os.getpid, gather=True)))")
+        assert "after reset 2" in out
 
 
 def interactive(body: str, env_extra: dict) -> subprocess.CompletedProcess:

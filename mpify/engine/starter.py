@@ -259,6 +259,11 @@ if sys.platform != "win32":
         guard would launch again from every rank."""
 
         def _launch(self, process_obj):
+            main = sys.modules.get("__main__")
+            if main is not None and not hasattr(main, "__spec__"):
+                # IPython's `%reset -f` deletes the notebook's dunders, and multiprocess reads
+                # `__main__.__spec__` unguarded; None is what an interactive __main__ has.
+                main.__spec__ = None
             prep_data = spawn.get_preparation_data(process_obj._name)
             prep_data.pop("init_main_from_name", None)
             prep_data.pop("init_main_from_path", None)
