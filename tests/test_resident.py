@@ -13,7 +13,7 @@ import pytest
 
 from helpers import python_script
 from mpify import ranch, shutdown
-from mpify.engine import shm
+from mpify.engine import shm, starter
 from mpify.engine.resident import resident
 from mpify.engine.writewatch import PAGE, WriteWatch
 
@@ -232,7 +232,7 @@ print("OK")
 FULL_DEV_SHM = """
 import glob, numpy as np
 from mpify import ranch, ShipError
-from mpify.engine import shm
+from mpify.engine import shm, starter
 shm._memfd_ok = False  # as off Linux: the arguments must go through files in /dev/shm
 arr = np.arange(64 << 20, dtype=np.float32)  # 256 MB
 try:
@@ -305,7 +305,7 @@ NO_USERFAULTFD = """
 import ctypes, os, struct
 import numpy as np
 from mpify import ranch
-from mpify.engine import shm
+from mpify.engine import shm, starter
 from mpify.engine.writewatch import WriteWatch
 
 # A seccomp filter that refuses userfaultfd with EPERM, as Docker's default profile does.
@@ -341,6 +341,10 @@ def test_many_launches_with_fresh_arguments_leave_no_fd_or_snapshot_behind():
     # A notebook loop: a new batch every launch (the old one dies), the same dataset each time.
     dataset = np.arange(4 * MB, dtype=np.float32)
     launch(dataset, np.ones(MB, dtype=np.float32))  # warm up: forkserver, write watch
+    # The complete forkserver started after the first launch takes over (the quick one retires
+    # and its alive pipe closes): fds of forkservers coming and going are not a launch's leak.
+    starter.wait_complete()
+    launch(dataset, np.ones(MB, dtype=np.float32))
     gc.collect()
     fds = sorted(os.listdir("/proc/self/fd"))
     for i in range(30):
