@@ -6,8 +6,8 @@ caller's own os.environ is changed only while it runs rank 0, and put back exact
 
 Threads, as torchrun does: when several ranks share this machine (nprocs > 1) and the user has
 not set OMP_NUM_THREADS, every rank gets OMP_NUM_THREADS=1, or N ranks would each start a pool
-of one thread per core and fight over the cores (the DDP workload, 4 ranks on 2 cores: 0.36 s
-against 0.30 s). A rank forked from a forkserver that had imported torch already holds torch's
+of one thread per core and fight over the cores (the DDP workload, 4 ranks on 2 cores, as measured
+when issue 17 was filed: 0.36 s against 0.30 s; not reproduced since on a loaded machine). A rank forked from a forkserver that had imported torch already holds torch's
 pool, sized when torch was imported, so the variable alone would come too late: torch's pool is
 set to follow it (`follow_threads`). In the caller, torch's thread count is put back afterwards.
 This module never imports torch: it acts only where the process has imported it.

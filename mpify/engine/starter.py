@@ -129,7 +129,7 @@ def _wanted_signature(installed_heavy: bool = False) -> tuple:
 if sys.platform != "win32":
     from multiprocess import connection, popen_forkserver, reduction, resource_tracker, spawn, util
     from multiprocess.context import ForkServerProcess, set_spawning_popen
-    from multiprocess.forkserver import ForkServer
+    from multiprocess.forkserver import ForkServer, read_signed
 
     class Server(ForkServer):
         """One forkserver process, with what it preloads and whether it has finished preloading.
@@ -279,7 +279,7 @@ if sys.platform != "win32":
             self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
             with open(w, "wb", closefd=True) as f:
                 f.write(buf.getbuffer())
-            self.pid = _fs_read_signed(self.sentinel)
+            self.pid = read_signed(self.sentinel)
 
     class RankProcess(ForkServerProcess):
         # At module level, not made in a function: the process object is pickled to the
@@ -289,12 +289,6 @@ if sys.platform != "win32":
         @staticmethod
         def _Popen(process_obj):
             return RankPopen(process_obj)
-
-
-def _fs_read_signed(fd):
-    from multiprocess.forkserver import read_signed
-
-    return read_signed(fd)
 
 
 def _unlink(path: str) -> None:
@@ -323,8 +317,7 @@ def process_class():
         if chosen is None:
             chosen = next((s for s in reversed(ready) if s.fits(wanted)), None)
         if chosen is None:
-            if not any(s.fits(wanted) for s in _servers if not s.retired):
-                _start(wanted, quick=True)
+            _ensure(wanted, quick=True)
             chosen = _first_ready(wanted)
         # The others retire, but for a complete one still starting while a quick one serves.
         keep_starting = not chosen.complete(wanted)
@@ -347,10 +340,8 @@ def catch_up() -> None:
         return
     try:
         with _lock:
-            wanted = _wanted_signature()
             _poll()
-            if not any(s.complete(wanted) for s in _servers if not s.retired):
-                _start(wanted, quick=False)
+            _ensure(_wanted_signature(), quick=False)
     except Exception as exc:
         debug("could not start a forkserver in the background:", repr(exc))
 
@@ -362,11 +353,15 @@ def prewarm() -> None:
     with _lock:
         wanted = _wanted_signature(installed_heavy=True)
         _poll()
-        live = [s for s in _servers if not s.retired]
-        if not any(s.fits(wanted) for s in live):
-            _start(wanted, quick=True)
-        if not any(s.complete(wanted) for s in live):
-            _start(wanted, quick=False)
+        _ensure(wanted, quick=True)
+        _ensure(wanted, quick=False)
+
+
+def _ensure(wanted: tuple, quick: bool) -> None:
+    """Start a server of this kind for `wanted` unless a live one (ready or starting) already
+    serves it: one that fits, for a quick one; one that is complete, for a complete one."""
+    if not any(s.fits(wanted) if quick else s.complete(wanted) for s in _servers if not s.retired):
+        _start(wanted, quick)
 
 
 def _start(wanted: tuple, quick: bool) -> "Server":
@@ -418,12 +413,10 @@ def wait_complete(timeout: float = _PRELOAD_WAIT) -> int:
         with _lock:
             wanted = _wanted_signature()
             _poll()
-            live = [s for s in _servers if not s.retired and s.complete(wanted)]
-            for s in live:
-                if s.ready():
+            for s in _servers:
+                if not s.retired and s.complete(wanted) and s.ready():
                     return s.proc.pid
-            if not live:
-                _start(wanted, quick=False)
+            _ensure(wanted, quick=False)
         if time.monotonic() > deadline:
             raise TimeoutError(f"mpify: no complete forkserver was ready after {timeout:.0f} s")
         time.sleep(0.01)
