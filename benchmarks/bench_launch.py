@@ -16,8 +16,10 @@ DDP, 20 steps, destroy) under mpify, accelerate and torch.multiprocessing.spawn.
 
 `--first` is the first launch of a session (N=4, gloo init + all_reduce), right after the launcher's
 import and 3 s after it (a notebook's rhythm), each in a fresh process that imported torch first:
-mpify in a script, and as in an interactive session (MPIFY_PREWARM=1: what `import mpify` does in
-a Jupyter kernel), with accelerate beside them. Medians of `--repeat` fresh processes.
+mpify in a script (its first launch forks the script itself, the zygote; and without it), and as
+in an interactive session (MPIFY_PREWARM=1: what `import mpify` does in a Jupyter kernel, with no
+zygote, as a kernel never gets one), with accelerate beside them. Medians of `--repeat` fresh
+processes.
 """
 from __future__ import annotations
 
@@ -99,8 +101,11 @@ print("TIMES", json.dumps(times))
 FIRST_RUNNERS = {  # (launcher, session): (import and launch code, environment)
     ("mpify ranch", "script"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
                                 {"MPIFY_PREWARM": "0"}),
+    ("mpify ranch", "script, no zygote"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
+                                           {"MPIFY_PREWARM": "0", "MPIFY_ZYGOTE": "0"}),
+    # A Jupyter kernel is never forked (its threads: engine/starter.py), so neither is this stand-in.
     ("mpify ranch", "notebook (prewarm)"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
-                                            {"MPIFY_PREWARM": "1"}),
+                                            {"MPIFY_PREWARM": "1", "MPIFY_ZYGOTE": "0"}),
     ("accelerate notebook_launcher", "any"): ("from accelerate import notebook_launcher\n"
                                               "launch = lambda: notebook_launcher(getattr(_workers, FN), (), num_processes=N)",
                                               {}),

@@ -3,6 +3,7 @@
 that does not wait for preloads it does not use, and a new forkserver that never blocks a launch."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -177,3 +178,73 @@ def test_a_new_forkserver_beside_a_live_world_does_not_wait_for_the_worlds_ranks
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "beside ['2', '2']" in proc.stdout and "closed" in proc.stdout, proc.stdout
     assert "world [" in proc.stdout
+
+
+ZYGOTE = '''
+import atexit, json, os, subprocess, sys, threading
+import psutil
+import torch
+from mpify import ranch
+from mpify.engine import starter
+
+atexit.register(lambda: print("BYE", os.getpid(), flush=True))
+cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+sys.stdout.write("UNFLUSHED\\n")  # stdout is a pipe here: block-buffered, still in the buffer
+
+def where():
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()
+    return t.item(), os.getppid()
+
+got = ranch(3, where, gather=True)
+parents = sorted({p for _, p in got[1:]})
+print("FIRST", json.dumps({"sums": [s for s, _ in got], "parents": parents, "me": os.getpid(),
+                           "cmdlines": [psutil.Process(p).cmdline() for p in parents]}))
+cat.stdin.close()
+print("CAT", cat.wait(timeout=10), flush=True)
+starter.shutdown()
+stop = threading.Event()
+waiter = threading.Thread(target=stop.wait)
+waiter.start()
+got = ranch(2, where, gather=True)
+print("THREADED", psutil.Process(got[1][1]).cmdline())
+stop.set()
+waiter.join()
+'''
+
+
+def test_a_scripts_first_launch_forks_the_script_itself(tmp_path, no_strays):
+    """A script has one Python thread and no CUDA at its first launch: it is forked to serve that
+    launch at once (the zygote, engine/starter.py) instead of waiting for a new forkserver's torch
+    import. The zygote holds none of the script's pipes, prints none of its unflushed output and
+    runs none of its atexit handlers; it is gone with the script. A caller with a Python thread of
+    its own is never forked, and MPIFY_ZYGOTE=0 turns it off."""
+    script = tmp_path / "zygote.py"
+    script.write_text(ZYGOTE)
+    cmd = [sys.executable, str(script)]  # not -u: the unflushed line must be in a buffer at the fork
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def run(env_extra):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180, preexec_fn=die_with_parent,
+                              env=dict(env, **env_extra))
+
+    from helpers import parallel, wait_gone
+
+    forked, off = parallel(lambda: run({}), lambda: run({"MPIFY_ZYGOTE": "0"}))
+    assert forked.returncode == 0, forked.stderr[-3000:]
+    line = next(x for x in forked.stdout.splitlines() if x.startswith("FIRST"))
+    first = json.loads(line[len("FIRST "):])
+    assert first["sums"] == [3.0, 3.0, 3.0]
+    parents = first["parents"]
+    assert len(parents) == 1 and parents[0] != first["me"] and first["cmdlines"] == [cmd], first
+    assert forked.stdout.count("UNFLUSHED") == 1, forked.stdout
+    assert forked.stdout.count("BYE") == 1 and f"BYE {first['me']}" in forked.stdout, forked.stdout
+    assert "CAT 0" in forked.stdout
+    threaded = next(x for x in forked.stdout.splitlines() if x.startswith("THREADED"))
+    assert "multiprocess.forkserver" in threaded, threaded
+    assert wait_gone(parents, 10) == []
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert "multiprocess.forkserver" in next(x for x in off.stdout.splitlines() if x.startswith("FIRST"))

@@ -24,6 +24,17 @@ only for a quick one. When a complete server takes over, the others retire: each
 last rank (a live world's, say) has exited. In an interactive kernel both kinds start at
 `import mpify` (`prewarm`), so the first launch of a notebook usually finds one ready;
 MPIFY_PREWARM=0 turns that off, MPIFY_PREWARM=1 turns it on anywhere.
+
+A caller that would have to wait (its first launch, no server ready) and that can be forked
+safely is forked instead: the *zygote* (Android's name for the same trick) is the caller itself,
+ready at once with everything it has imported, serving until a complete server takes over. Safe
+means no Python thread but the caller's (a fork copies only the calling thread, and any lock
+another thread held stays held forever in the child; native pools: see _may_fork_caller) and CUDA
+untouched, which a script and `mpify run` usually are at their first launch, and a Jupyter kernel
+(zmq's threads) never is. What the caller holds open (a pipe to a subprocess, a socket) the
+zygote must not keep open: every fd but stdio and its own two is pointed at /dev/null, its number
+kept so that no Python object of the caller's that still names it can ever close something else.
+MPIFY_ZYGOTE=0 turns it off.
 """
 from __future__ import annotations
 
@@ -249,6 +260,124 @@ if sys.platform != "win32":
             # A retiring server may have ranks still running (a live world's): wait off the launch.
             threading.Thread(target=reap, name="mpify-forkserver-reaper", daemon=True).start()
 
+    class Zygote(Server):
+        """The caller forked into a forkserver (see the module's docstring): ready at once."""
+
+        def launch(self) -> None:
+            resource_tracker.ensure_running()  # in the caller, as for any server: ranks get its fd
+            listener = socket.socket(socket.AF_UNIX)
+            address = connection.arbitrary_address("AF_UNIX")
+            listener.bind(address)
+            if not util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            alive_r, alive_w = os.pipe()
+            # What the caller printed but has not flushed would be printed again by the zygote.
+            util._flush_std_streams()
+            pid = os.fork()
+            if pid == 0:
+                _serve_as_zygote(listener.fileno(), alive_r)  # never returns
+            listener.close()
+            os.close(alive_r)
+            self.proc = _Forked(pid)
+            self._forkserver_address = address
+            self._forkserver_alive_fd = alive_w
+            self._forkserver_pid = pid
+            present = sorted(name for name in sys.modules if "." not in name)
+            self.verdict = {"loaded": [], "missing": [], "present": present, "refused": None}
+            self.present = set(present)
+            debug("forked the caller as forkserver", pid, "(zygote)")
+
+        def ready(self) -> bool:
+            return True
+
+    class _Forked:
+        """What a Server needs of subprocess.Popen (pid, poll, wait, kill) for a forked child."""
+
+        def __init__(self, pid: int):
+            self.pid, self.returncode = pid, None
+
+        def _reap(self, flags: int):
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, flags)
+                except ChildProcessError:  # reaped by another thread's wait
+                    self.returncode = self.returncode if self.returncode is not None else -1
+                    return self.returncode
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+        def poll(self):
+            return self._reap(os.WNOHANG)
+
+        def wait(self):
+            return self._reap(0)
+
+        def kill(self):
+            if self.poll() is None:
+                try:
+                    os.kill(self.pid, 9)
+                except ProcessLookupError:
+                    pass
+
+    def _may_fork_caller() -> bool:
+        """Whether the caller can be forked safely now: no Python thread but this one, and CUDA
+        never initialised (a forked child cannot use it, and its context holds threads).
+
+        Native pools are allowed: OpenBLAS starts one at numpy's import (so every forkserver has
+        it too), torch's OpenMP pool after its first parallel op. Their idle workers wait on a
+        condition, which releases its mutex, so a fork copies no held lock; fork-based DataLoader
+        workers meet the same pools. A Python thread is another matter: it may hold any lock
+        (logging's, a stream's, an import's) at the moment of the fork."""
+        from mpify.engine import warm
+
+        if os.environ.get("MPIFY_ZYGOTE", "1") == "0" or sys.platform != "linux":
+            return False
+        return threading.active_count() == 1 and not warm.cuda_initialised()
+
+    def _serve_as_zygote(listener_fd: int, alive_r: int) -> None:
+        """The zygote's life: let go of what the caller holds, then serve forks until the caller
+        and every rank are gone. Leaves only through os._exit: the caller's atexit handlers and
+        finalizers are the caller's, never run twice."""
+        import gc
+        import signal
+        import traceback
+
+        code = 0
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                if fd in (0, 1, 2, listener_fd, alive_r, null):
+                    continue
+                try:
+                    os.dup2(null, fd)
+                except OSError:  # the listing's own fd, closed since
+                    pass
+            # The caller's Python-level handlers (the launch's own SIGINT guard among them) belong
+            # to the caller; a fresh forkserver has Python's defaults, and so do the ranks.
+            signal.set_wakeup_fd(-1)
+            for sig in signal.valid_signals():
+                try:
+                    if callable(signal.getsignal(sig)):
+                        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+                except (OSError, ValueError, TypeError):
+                    pass
+            gc.freeze()  # as warm.py: a rank's collections never walk (so never copy) what it shares
+            from multiprocess.forkserver import main
+            main(listener_fd, alive_r, [])
+        except SystemExit:  # main's way out: the alive pipe reached EOF
+            pass
+        except BaseException:
+            code = 1
+            try:
+                traceback.print_exc()
+            except BaseException:
+                pass
+        finally:
+            os._exit(code)
+
     class RankPopen(popen_forkserver.Popen):
         """popen_forkserver.Popen, minus the two keys that make the child import `__main__`, and
         forking from the server this launch chose rather than multiprocess's own.
@@ -316,6 +445,8 @@ def process_class():
         chosen = next((s for s in reversed(ready) if s.complete(wanted)), None)
         if chosen is None:
             chosen = next((s for s in reversed(ready) if s.fits(wanted)), None)
+        if chosen is None and _may_fork_caller():
+            chosen = _start(wanted, quick=True, zygote=True)
         if chosen is None:
             _ensure(wanted, quick=True)
             chosen = _first_ready(wanted)
@@ -364,8 +495,8 @@ def _ensure(wanted: tuple, quick: bool) -> None:
         _start(wanted, quick)
 
 
-def _start(wanted: tuple, quick: bool) -> "Server":
-    server = Server(wanted, quick)
+def _start(wanted: tuple, quick: bool, zygote: bool = False) -> "Server":
+    server = (Zygote if zygote else Server)(wanted, quick)
     server.launch()
     _servers.append(server)
     return server
