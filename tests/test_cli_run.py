@@ -180,6 +180,24 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmpdir_):
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def test_a_reader_that_goes_away_never_hangs_the_run(tmpdir_):
+    """`mpify run ... 2>&1 | head -3` with MPIFY_DEBUG=1: once the reader has gone, writing a debug
+    line fails; that killed the launch's supervisor thread and the run waited forever for it."""
+    env = dict(env_with_tmp(tmpdir_), MPIFY_DEBUG="1")
+    p = subprocess.Popen([MPIFY, "run", SAMPLES / "hello_ranks.ipynb", "--fn", "rank_sum", "-n", "2", "--ddp"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        for _ in range(3):  # as `head -3`: read three lines, then go away
+            p.stdout.readline()
+        p.stdout.close()
+        p.wait(timeout=60)
+        assert wait_session_gone(p.pid) == []
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def test_run_notebook_from_python(tmp_path, monkeypatch, no_strays):
     import mpify
 

@@ -15,5 +15,10 @@ DEBUG = os.environ.get("MPIFY_DEBUG", "") not in ("", "0")
 
 def debug(*parts: Any) -> None:
     if DEBUG:
-        sys.__stderr__.write(f"[mpify {time.monotonic():.3f}] " + " ".join(map(str, parts)) + "\n")
-        sys.__stderr__.flush()
+        try:
+            sys.__stderr__.write(f"[mpify {time.monotonic():.3f}] " + " ".join(map(str, parts)) + "\n")
+            sys.__stderr__.flush()
+        except (OSError, ValueError, AttributeError):
+            # stderr closed or gone (`mpify run ... 2>&1 | head`): a debug line is never worth an
+            # exception, least of all in the supervisor thread, whose death would hang the launch.
+            pass
