@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
@@ -71,7 +70,8 @@ def _case_jobs(tmp_path, nb, fn, ddp, opts, script, torchrun) -> dict:
     ddp_opt = ["--ddp"] if ddp else []
     return {
         "ran": lambda: mpify("run", SAMPLES / nb, "--fn", fn, "-n", "2", *ddp_opt, "--", *opts, tmpdir=tmp_path / "tmp"),
-        "torchrun": lambda: torchrun([TORCHRUN, "--nproc-per-node", "2", script, *opts]),
+        "torchrun": lambda: torchrun([TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                                      script, *opts]),
         "one": lambda: run_cmd([sys.executable, script, *opts], tmp_path / "tmp", cwd=tmp_path),
         "ran1": lambda: mpify("run", SAMPLES / nb, "--fn", fn, *ddp_opt, "--", *opts, tmpdir=tmp_path / "tmp"),
     }
@@ -79,13 +79,11 @@ def _case_jobs(tmp_path, nb, fn, ddp, opts, script, torchrun) -> dict:
 
 def test_exported_scripts_match_mpify_run_and_the_kernel(tmp_path, shared_kernel, no_strays):
     # Every command below is independent of the others: they run two at a time while the kernel
-    # runs its notebook, torchrun's one at a time (each takes torchrun's default master port).
+    # runs its notebook (each torchrun on a free master port of its own, not the default 29500).
     scripts = parallel(*[lambda nb=nb, fn=fn, ddp=ddp: _export(tmp_path, nb, fn, ddp) for nb, fn, ddp, _ in CASES])
-    one_torchrun = threading.Lock()
 
     def torchrun(cmd):
-        with one_torchrun:
-            return run_cmd(cmd, tmp_path / "tmp", cwd=tmp_path)
+        return run_cmd(cmd, tmp_path / "tmp", cwd=tmp_path)
 
     jobs = {}
     for (nb, fn, ddp, opts), script in zip(CASES, scripts):

@@ -15,7 +15,9 @@ torch = pytest.importorskip("torch")
 
 
 def shm_files():
-    return glob.glob(os.path.join(shm._shm_dir(), shm.PREFIX + "*"))
+    """This process's files in /dev/shm (named by the pid that made them): another test process
+    on the machine may have its own there."""
+    return glob.glob(os.path.join(shm._shm_dir(), f"{shm.PREFIX}{os.getpid()}-*"))
 
 
 def where_am_i():
