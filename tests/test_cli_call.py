@@ -276,11 +276,16 @@ def test_a_failing_call_names_the_call_and_the_notebook_cell(tmp_path, tmpdir_):
     r = mpify("run", nb, "--call", "count_words(None, stop)", "-n", "2", tmpdir=tmpdir_)
     assert r.returncode == 1
     frames = [ln for ln in r.stderr.splitlines() if ln.startswith(("  File", "Traceback", "TypeError", "mpify:"))]
-    assert frames == ["Traceback (most recent call last):",
-                      '  File "--call", line 1, in call_count_words',
-                      f'  File "{nb}", cell 10, line 4, in count_words',
-                      "TypeError: 'NoneType' object is not subscriptable",
-                      "mpify: raised in rank 0 of 2; failed ranks: 0"]
+    # Both ranks raise the same error; the report is the first one's, whichever rank that was (rank
+    # 1 starts as soon as rank 0 when the caller is forked for it: engine/starter.py's zygote).
+    assert frames[:4] == ["Traceback (most recent call last):",
+                          '  File "--call", line 1, in call_count_words',
+                          f'  File "{nb}", cell 10, line 4, in count_words',
+                          "TypeError: 'NoneType' object is not subscriptable"], frames
+    assert frames[4:] in (["mpify: raised in rank 0 of 2; failed ranks: 0"],
+                          ["mpify: raised in rank 1 of 2; failed ranks: 1"],
+                          ["mpify: raised in rank 0 of 2; failed ranks: 0, 1"],
+                          ["mpify: raised in rank 1 of 2; failed ranks: 0, 1"]), frames
     assert "    return count_words(None, stop)" in r.stderr.splitlines()
 
 

@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import multiprocess as mp
 
@@ -274,7 +275,11 @@ if sys.platform != "win32":
             alive_r, alive_w = os.pipe()
             # What the caller printed but has not flushed would be printed again by the zygote.
             util._flush_std_streams()
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # 3.12+ warns at any fork of a process with several OS threads; the native pools
+                # _may_fork_caller allows (numpy's OpenBLAS pool among them) would always trigger it.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
             if pid == 0:
                 _serve_as_zygote(listener.fileno(), alive_r)  # never returns
             listener.close()
