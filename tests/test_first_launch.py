@@ -181,7 +181,7 @@ def test_a_new_forkserver_beside_a_live_world_does_not_wait_for_the_worlds_ranks
 
 
 ZYGOTE = '''
-import atexit, json, os, subprocess, sys, threading
+import atexit, json, os, subprocess, sys, threading, time
 import psutil
 import torch
 from mpify import ranch
@@ -197,20 +197,28 @@ def where():
     t = torch.ones(1)
     dist.all_reduce(t)
     dist.destroy_process_group()
-    return t.item(), os.getppid()
+    return t.item(), os.getppid(), psutil.Process(os.getppid()).cmdline()
 
 got = ranch(3, where, gather=True)
-parents = sorted({p for _, p in got[1:]})
-print("FIRST", json.dumps({"sums": [s for s, _ in got], "parents": parents, "me": os.getpid(),
-                           "cmdlines": [psutil.Process(p).cmdline() for p in parents]}))
+parents = sorted({p for _, p, _ in got[1:]})
+print("FIRST", json.dumps({"sums": [s for s, _, _ in got], "parents": parents, "me": os.getpid(),
+                           "cmdlines": [c for _, _, c in got[1:2]]}))
 cat.stdin.close()
 print("CAT", cat.wait(timeout=10), flush=True)
+if os.environ.get("MPIFY_ZYGOTE") != "0":
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in parents):
+        assert time.monotonic() < deadline, "the zygote outlived its launch"
+        time.sleep(0.05)
+    print("ZYGOTE GONE", flush=True)
+    again = ranch(2, where, gather=True)[1]  # a launch right after: forked again, not waiting
+    print("AGAIN", again[1] not in parents and again[2] == got[1][2], flush=True)
 starter.shutdown()
 stop = threading.Event()
 waiter = threading.Thread(target=stop.wait)
 waiter.start()
 got = ranch(2, where, gather=True)
-print("THREADED", psutil.Process(got[1][1]).cmdline())
+print("THREADED", got[1][2])
 stop.set()
 waiter.join()
 '''
@@ -221,7 +229,8 @@ def test_a_scripts_first_launch_forks_the_script_itself(tmp_path, no_strays):
     launch at once (the zygote, engine/starter.py) instead of waiting for a new forkserver's torch
     import. The zygote holds none of the script's pipes, prints none of its unflushed output and
     runs none of its atexit handlers; it is gone with the script. A caller with a Python thread of
-    its own is never forked, and MPIFY_ZYGOTE=0 turns it off."""
+    its own is never forked, and MPIFY_ZYGOTE=0 turns it off. The zygote lives no longer than its
+    launch (it holds the caller's memory as of the fork)."""
     script = tmp_path / "zygote.py"
     script.write_text(ZYGOTE)
     cmd = [sys.executable, str(script)]  # not -u: the unflushed line must be in a buffer at the fork
@@ -242,7 +251,7 @@ def test_a_scripts_first_launch_forks_the_script_itself(tmp_path, no_strays):
     assert len(parents) == 1 and parents[0] != first["me"] and first["cmdlines"] == [cmd], first
     assert forked.stdout.count("UNFLUSHED") == 1, forked.stdout
     assert forked.stdout.count("BYE") == 1 and f"BYE {first['me']}" in forked.stdout, forked.stdout
-    assert "CAT 0" in forked.stdout
+    assert "CAT 0" in forked.stdout and "ZYGOTE GONE" in forked.stdout and "AGAIN True" in forked.stdout
     threaded = next(x for x in forked.stdout.splitlines() if x.startswith("THREADED"))
     assert "multiprocess.forkserver" in threaded, threaded
     assert wait_gone(parents, 10) == []

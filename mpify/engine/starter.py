@@ -27,7 +27,7 @@ MPIFY_PREWARM=0 turns that off, MPIFY_PREWARM=1 turns it on anywhere.
 
 A caller that would have to wait (its first launch, no server ready) and that can be forked
 safely is forked instead: the *zygote* (Android's name for the same trick) is the caller itself,
-ready at once with everything it has imported, serving until a complete server takes over. Safe
+ready at once with everything it has imported, serving that launch only (catch_up). Safe
 means no Python thread but the caller's (a fork copies only the calling thread, and any lock
 another thread held stays held forever in the child; native pools: see _may_fork_caller) and CUDA
 untouched, which a script and `mpify run` usually are at their first launch, and a Jupyter kernel
@@ -88,6 +88,7 @@ _PRELOAD_WAIT = 600.0
 _lock = threading.Lock()
 _servers: list["Server"] = []  # oldest first: starting, serving and retiring forkservers
 _serving: "Server | None" = None  # the one the current launch forks its ranks from (RankPopen)
+_reapers: set[threading.Thread] = set()  # threads waiting for a retired server to exit (retire)
 _refused: set[str] = set()  # modules that failed the check once: never preloaded again
 _packages_seen: tuple[int, tuple] = (-1, ())
 
@@ -257,9 +258,12 @@ if sys.platform != "win32":
                 with _lock:
                     if self in _servers:
                         _servers.remove(self)
+                _reapers.discard(threading.current_thread())
 
             # A retiring server may have ranks still running (a live world's): wait off the launch.
-            threading.Thread(target=reap, name="mpify-forkserver-reaper", daemon=True).start()
+            reaper = threading.Thread(target=reap, name="mpify-forkserver-reaper", daemon=True)
+            _reapers.add(reaper)
+            reaper.start()
 
     class Zygote(Server):
         """The caller forked into a forkserver (see the module's docstring): ready at once."""
@@ -339,7 +343,11 @@ if sys.platform != "win32":
 
         if os.environ.get("MPIFY_ZYGOTE", "1") == "0" or sys.platform != "linux":
             return False
-        return threading.active_count() == 1 and not warm.cuda_initialised()
+        # mpify's own reapers are the exception: each waits in waitpid or for _lock, which the
+        # child replaces (_forget_inherited_forkserver). One is still waiting for the previous
+        # zygote when a script's next launch comes right after its first.
+        others = [t for t in threading.enumerate() if t is not threading.current_thread() and t not in _reapers]
+        return not others and not warm.cuda_initialised()
 
     def _serve_as_zygote(listener_fd: int, alive_r: int) -> None:
         """The zygote's life: let go of what the caller holds, then serve forks until the caller
@@ -451,7 +459,10 @@ def process_class():
         if chosen is None:
             chosen = next((s for s in reversed(ready) if s.fits(wanted)), None)
         if chosen is None and _may_fork_caller():
-            chosen = _start(wanted, quick=True, zygote=True)
+            try:
+                chosen = _start(wanted, quick=True, zygote=True)
+            except OSError as exc:  # no memory for a fork, say: wait for a forkserver instead
+                debug("could not fork the caller:", repr(exc))
         if chosen is None:
             _ensure(wanted, quick=True)
             chosen = _first_ready(wanted)
@@ -471,13 +482,21 @@ def catch_up() -> None:
     """Once a launch has its ranks: start a complete forkserver in the background if none is
     ready or starting, so the next launches find one (the caller may have imported a package
     during the launch, or this one was served by a quick one). Never waits, never raises: a
-    failure to start one is not this launch's, and the next launch meets it if it persists."""
+    failure to start one is not this launch's, and the next launch meets it if it persists.
+
+    A zygote retires here: it holds the caller's memory as it was at the fork, which the caller
+    may since have freed or replaced (a script's next data set), so it lives no longer than the
+    launch it served (or, for a world, than the world's ranks). The next launch forks a new one
+    if it needs one."""
     if sys.platform == "win32":
         return
     try:
         with _lock:
             _poll()
             _ensure(_wanted_signature(), quick=False)
+            for s in _servers:
+                if isinstance(s, Zygote) and not s.retired:
+                    s.retire()
     except Exception as exc:
         debug("could not start a forkserver in the background:", repr(exc))
 
@@ -591,8 +610,9 @@ def _forget_inherited_forkserver() -> None:
     The parent's forkservers are not this process's children (waiting on them fails) and their
     sockets belong to the parent. Their alive pipes are closed here so that they still stop when
     the parent goes."""
-    global _lock, _servers, _serving
+    global _lock, _servers, _serving, _reapers
     _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _reapers = set()
     for s in _servers:
         try:
             os.close(s._forkserver_alive_fd)
