@@ -178,12 +178,8 @@ if sys.platform != "win32":
             preload = list(BASE_MODULES) + list(heavy) + ["mpify.engine.warm"]
             env = dict(os.environ, **{warm.LIST_ENV: json.dumps(list(extras)), warm.REPORT_ENV: self.report,
                                       warm.PATH_ENV: json.dumps(sys.path)})
-            with socket.socket(socket.AF_UNIX) as listener:
-                address = connection.arbitrary_address("AF_UNIX")
-                listener.bind(address)
-                if not util.is_abstract_socket_namespace(address):
-                    os.chmod(address, 0o600)
-                listener.listen()
+            listener, address = _listener()
+            with listener:
                 # Every rank holds the write end of "alive" too: the forkserver exits once the
                 # caller and all its ranks have closed it.
                 alive_r, alive_w = os.pipe()
@@ -265,17 +261,23 @@ if sys.platform != "win32":
             _reapers.add(reaper)
             reaper.start()
 
+    def _listener() -> tuple[socket.socket, str]:
+        """A forkserver's listening socket (as multiprocess's ensure_running makes it): the socket
+        and its address, which only this user may connect to."""
+        listener = socket.socket(socket.AF_UNIX)
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        return listener, address
+
     class Zygote(Server):
         """The caller forked into a forkserver (see the module's docstring): ready at once."""
 
         def launch(self) -> None:
             resource_tracker.ensure_running()  # in the caller, as for any server: ranks get its fd
-            listener = socket.socket(socket.AF_UNIX)
-            address = connection.arbitrary_address("AF_UNIX")
-            listener.bind(address)
-            if not util.is_abstract_socket_namespace(address):
-                os.chmod(address, 0o600)
-            listener.listen()
+            listener, address = _listener()
             alive_r, alive_w = os.pipe()
             # What the caller printed but has not flushed would be printed again by the zygote.
             util._flush_std_streams()
