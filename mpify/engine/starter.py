@@ -313,7 +313,7 @@ if sys.platform != "win32":
                 try:
                     pid, status = os.waitpid(self.pid, flags)
                 except ChildProcessError:  # reaped by another thread's wait
-                    self.returncode = self.returncode if self.returncode is not None else -1
+                    self.returncode = -1
                     return self.returncode
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
@@ -494,11 +494,11 @@ def catch_up() -> None:
         return
     try:
         with _lock:
-            _poll()
-            _ensure(_wanted_signature(), quick=False)
-            for s in _servers:
+            for s in _servers:  # first: a failure to start a server below must not keep it alive
                 if isinstance(s, Zygote) and not s.retired:
                     s.retire()
+            _poll()
+            _ensure(_wanted_signature(), quick=False)
     except Exception as exc:
         debug("could not start a forkserver in the background:", repr(exc))
 
