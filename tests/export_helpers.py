@@ -3,10 +3,12 @@ it, in its own session and with a TMPDIR of the test's own, so that what it leav
 processes) can be seen."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,9 +41,37 @@ def wait_session_gone(sid: int, timeout: float = 10.0) -> list[int]:
         time.sleep(0.05)
 
 
+def short_tmp(tmpdir: Path) -> str:
+    """`tmpdir` by a short name (a symlink beside the session's others), to use as TMPDIR.
+
+    A socket's path has at most 107 bytes on Linux, and multiprocessing puts its own under
+    TMPDIR (`pymp-XXXXXXXX/listener-XXXXXXXX`: a DataLoader worker's resource sharer binds one
+    to pass a batch's tensors). Under a test's own tmp_path, nested one level deeper by
+    pytest-xdist, that path ran past 107 bytes: the worker's queue feeder dropped the batch
+    ("AF_UNIX path too long", printed only to the captured stderr) and the loop waited for it
+    for good. A user with a long TMPDIR meets the same in torch without mpify."""
+    global _LINKS
+    with _LINKS_LOCK:
+        if _LINKS is None:
+            import atexit
+            import shutil
+            import tempfile
+
+            _LINKS = tempfile.mkdtemp(prefix="mpt-", dir="/tmp")
+            atexit.register(shutil.rmtree, _LINKS, True)
+    link = os.path.join(_LINKS, str(next(_NUMBERS)))  # count's next() is atomic: tests call this from threads
+    os.symlink(tmpdir, link)
+    return link
+
+
+_LINKS: str | None = None
+_LINKS_LOCK = threading.Lock()
+_NUMBERS = itertools.count()
+
+
 def env_with_tmp(tmpdir: Path) -> dict:
     env = dict(os.environ)
-    env["TMPDIR"] = str(tmpdir)
+    env["TMPDIR"] = short_tmp(tmpdir)
     env["PYTHONUNBUFFERED"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)

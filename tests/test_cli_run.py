@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from export_helpers import MPIFY, SAMPLES, env_with_tmp, mpify, wait_session_gone
+from export_helpers import MPIFY, SAMPLES, env_with_tmp, mpify, short_tmp, wait_session_gone
 
 HELLO = str(SAMPLES / "hello_ranks.ipynb")
 LOADER = str(SAMPLES / "dataloader_workers.ipynb")
@@ -203,7 +203,7 @@ def test_run_notebook_from_python(tmp_path, monkeypatch, no_strays):
 
     tmpdir_ = tmp_path / "tmproot"
     tmpdir_.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir_))
+    monkeypatch.setenv("TMPDIR", short_tmp(tmpdir_))
     monkeypatch.setattr("tempfile.tempdir", None)
     assert mpify.run_notebook(HELLO, "greet", 2, kwargs={"name": "Bo"}) == ["hello Bo from rank 0 of 2"]
     assert mpify.run_notebook(LOADER, "loader_sum", 2, gather=True) == [
