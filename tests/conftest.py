@@ -32,6 +32,14 @@ starter.BASE_MODULES = (*starter.BASE_MODULES, "pytest", "psutil", *mpify._REGIS
                         *dict.fromkeys(mpify._WHERE.values()))
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg): a worker per core, at most 4. Each worker starts its own shared
+    kernel and forkservers, and most tests are bound by the CPU their processes' torch imports
+    take, so more workers than cores only add load (and the timing bounds some tests hold)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
 @pytest.fixture
 def no_strays():
     """Fails the test if it leaves any process of its own behind (keepers aside)."""
