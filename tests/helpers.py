@@ -17,7 +17,7 @@ _KEEPER_MAINS = ("multiprocess.forkserver import main", "multiprocess.resource_t
 def keepers() -> set[int]:
     """Processes mpify keeps on purpose between launches: the warm forkservers and the resource
     tracker of multiprocess; and the session's shared kernel with its own of them."""
-    pids = set()
+    pids = set(SCRIPT_SERVERS)
     try:
         from multiprocess import resource_tracker
 
@@ -104,3 +104,100 @@ def parallel(*calls):
     with ThreadPoolExecutor(len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
         return [f.result() for f in futures]
+
+
+# The server of ForkedScripts: imports torch once, then runs each script it is sent in a child
+# forked for it, as `python script.py` would run it (see ForkedScripts).
+_SCRIPT_SERVER = r"""
+import importlib, json, os, runpy, sys, traceback
+import torch  # what a fresh interpreter's `import torch` loads; nothing else of the tests
+replies = os.fdopen(os.dup(1), "w", buffering=1)
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 1)  # only the replies go back on the pipe
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import ctypes, signal
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: dies with the server
+            for fd, path in ((1, req["out"]), (2, req["err"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            sys.stdin = open(os.devnull)
+            os.chdir(req["cwd"])
+            sys.argv = [req["script"]]
+            sys.path[0] = os.path.dirname(req["script"])
+            importlib.invalidate_caches()
+            runpy.run_path(req["script"], run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    replies.write(f"{pid}\n")
+    _, status = os.waitpid(pid, 0)
+    replies.write(f"{os.waitstatus_to_exitcode(status)}\n")
+"""
+
+
+class ForkedScripts:
+    """Runs scripts that import torch as `python script.py` does (their own `__main__`, sys.argv,
+    sys.path[0] and working directory, stdout and stderr), each in a child forked from one
+    process that imported torch once: a fresh interpreter's `import torch` costs 3 s of CPU, and
+    the slice tests run two scripts each. What the child starts with beyond a fresh interpreter
+    is only what `import torch` itself loads; a script that lacks an import of its own still
+    fails on the name. One script at a time; the server dies with the test process."""
+
+    def __init__(self):
+        import subprocess
+        import threading
+
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, "-u", "-c", _SCRIPT_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        # It ends when its stdin does, with the test process (die_with_parent would end it with the
+        # thread that started it: PR_SET_PDEATHSIG follows the parent thread, and tests call from pools).
+        SCRIPT_SERVERS.add(self.proc.pid)
+
+    def run(self, script, cwd, timeout: float = 120):
+        """(returncode, stdout, stderr) of `script` run in `cwd`."""
+        import json
+        import select
+        import signal
+        import tempfile
+
+        with self.lock, tempfile.TemporaryDirectory() as d:
+            out, err = os.path.join(d, "out"), os.path.join(d, "err")
+            self.proc.stdin.write(json.dumps({"script": str(script), "cwd": str(cwd), "out": out, "err": err}) + "\n")
+            self.proc.stdin.flush()
+            pid = int(self.proc.stdout.readline())
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+            code = int(self.proc.stdout.readline())
+            with open(out) as fo, open(err) as fe:
+                stdout, stderr = fo.read(), fe.read()
+            if not ready:
+                raise AssertionError(f"{script} ran past {timeout} s\n{stderr[-3000:]}")
+            return code, stdout, stderr
+
+
+SCRIPT_SERVERS: set[int] = set()  # keepers: a ForkedScripts server lives as long as the session
+_forked_scripts: ForkedScripts | None = None
+
+
+def forked_scripts() -> ForkedScripts:
+    """The session's ForkedScripts, started at first use."""
+    global _forked_scripts
+    if _forked_scripts is None or _forked_scripts.proc.poll() is not None:
+        _forked_scripts = ForkedScripts()
+    return _forked_scripts

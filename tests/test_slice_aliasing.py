@@ -2,7 +2,7 @@
 functions (issue 16), on notebooks written like course notebooks.
 
 Each test asserts the exact slice (cell and first line of every kept statement), runs the rendered
-slice in a fresh interpreter, and compares the target's result with the notebook's: run in a real
+slice as a script of its own (test_slice_course_notebooks.run_slice), and compares the target's result with the notebook's: run in a real
 Jupyter kernel where the notebook trains (the manual step, the optimizer), else run whole as a
 script.
 """
@@ -241,8 +241,7 @@ def test_pure_helpers_left_out(tmp_path):
         (15, "def mnist_loss(predictions, targets):"), (18, "def train(epochs=5, lr=1.0):")]
     for sl in (base, train):
         check_slice(sl)
-    # the whole notebook and the two slices, three fresh interpreters side by side (each slice
-    # writes its own script: two folders)
+    # the whole notebook and the two slices, three scripts (each slice writes its own: two folders)
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "lessontools.py").write_text(LESSONTOOLS)
     want, *got = parallel(lambda: run_whole(path, "(baseline(), train(3))", tmp_path),

@@ -5,7 +5,8 @@ as changes of that module (a superseded training loop, a deliberately broken les
 text-sampling demo, device probing through `from d2l import torch as d2l`); a whole import kept for
 one of its names; a statement that both defines a name and calls the target; a notebook Jupyter
 opens that the schema refuses. Each test asserts the exact slice (cell and source of every kept
-statement), then runs the rendered slice in a fresh interpreter and checks the target's result:
+statement), then runs the rendered slice as a script (forked from a process that imported torch
+and nothing else: helpers.ForkedScripts) and checks the target's result:
 equal to what the whole notebook gives where the notebook runs here, else to a value computed
 independently.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from helpers import parallel
+from helpers import forked_scripts, parallel
 from mpify.analysis import render_source, slice_notebook
 
 torch = pytest.importorskip("torch")
@@ -110,9 +111,9 @@ def kept(sl):
 def _run(code: str, cwd, name: str) -> str:
     script = cwd / name
     script.write_text(code)
-    r = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{name} failed:\n{code}\n{r.stderr}"
-    return [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
+    returncode, stdout, stderr = forked_scripts().run(script, cwd)  # as `python script.py`, cwd=cwd
+    assert returncode == 0, f"{name} failed:\n{code}\n{stderr}"
+    return [ln for ln in stdout.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
 
 
 def _slice_code(sl, call: str) -> str:
@@ -127,7 +128,7 @@ def _whole_code(path, call: str) -> str:
 
 
 def run_slice(sl, call: str, cwd) -> str:
-    """repr of `call` evaluated after only the rendered slice, in a fresh interpreter."""
+    """repr of `call` evaluated after only the rendered slice, run as a script of its own."""
     return _run(_slice_code(sl, call), cwd, "slice_run.py")
 
 
@@ -137,7 +138,7 @@ def run_whole(path, call: str, cwd) -> str:
 
 
 def slice_and_whole(sl, path, call: str, cwd) -> tuple[str, str]:
-    """run_slice and run_whole, their two fresh interpreters side by side."""
+    """run_slice and run_whole."""
     sliced, whole = _slice_code(sl, call), _whole_code(path, call)
     return tuple(parallel(lambda: _run(sliced, cwd, "slice_run.py"), lambda: _run(whole, cwd, "whole_run.py")))
 
