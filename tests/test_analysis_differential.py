@@ -1,20 +1,20 @@
 """Differential test of the slicer: run the whole notebook in a real Jupyter kernel and call the
-target there, then run only the rendered slice in a fresh interpreter and call the target: the
-results (reprs) must be equal. Every rendered slice must also compile and pass pyflakes without an
+target there, then run only the rendered slice as a script (forked from a process that imported
+torch and nothing else: helpers.ForkedScripts) and call the target: the results (reprs) must be
+equal. Every rendered slice must also compile and pass pyflakes without an
 undefined name (except names a star import may supply)."""
 from __future__ import annotations
 
 import glob
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from helpers import forked_scripts
 from mpify.analysis import load_notebook, render_source, slice_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,11 +110,9 @@ def _slice_script(path, target, expr, cwd):
 
 
 def _slice_result(script, cwd):
-    """The call's repr after only the slice, in a fresh interpreter."""
-    r = subprocess.Popen([sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out, err = r.communicate(timeout=300)
-    assert r.returncode == 0, f"{script.name} failed:\n{script.read_text()}\n{err}"
+    """The call's repr after only the slice, run as a script of its own (helpers.ForkedScripts)."""
+    returncode, out, err = forked_scripts().run(script, cwd, timeout=300)
+    assert returncode == 0, f"{script.name} failed:\n{script.read_text()}\n{err}"
     return [ln for ln in out.splitlines() if ln.startswith(MARK)][-1][len(MARK):]
 
 
