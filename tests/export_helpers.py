@@ -78,11 +78,12 @@ def env_with_tmp(tmpdir: Path) -> dict:
     return env
 
 
-def run_cmd(cmd: list, tmpdir: Path, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `cmd` in a new session with TMPDIR=tmpdir; assert it left no process behind."""
+def run_cmd(cmd: list, tmpdir: Path, cwd=None, timeout: float = 240, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run `cmd` in a new session with TMPDIR=tmpdir (and `env` added); assert it left no process behind."""
     tmpdir.mkdir(parents=True, exist_ok=True)
     p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env_with_tmp(tmpdir), cwd=cwd, start_new_session=True)
+                         text=True, env={**env_with_tmp(tmpdir), **(env or {})}, cwd=cwd, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -99,8 +100,8 @@ def run_cmd(cmd: list, tmpdir: Path, cwd=None, timeout: float = 240) -> subproce
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def mpify(*args, tmpdir: Path, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return run_cmd([MPIFY, *args], tmpdir, cwd=cwd, timeout=timeout)
+def mpify(*args, tmpdir: Path, cwd=None, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cmd([MPIFY, *args], tmpdir, cwd=cwd, timeout=timeout, env=env)
 
 
 def leftovers(tmpdir: Path) -> list[str]:

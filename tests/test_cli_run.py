@@ -42,9 +42,12 @@ def test_json_and_show_ranks(tmpdir_, no_strays):
 
 def test_ddp_sample_trains_on_two_ranks_and_prints_a_short_summary(tmpdir_, no_strays):
     """README's first command, as written: rank 0's value is something a person reads (the
-    losses, the model's layers), not a screenful of tensor digits."""
-    r = mpify("run", DDP, "--fn", "train", "-n", "2", "--ddp", tmpdir=tmpdir_)
+    losses, the model's layers), not a screenful of tensor digits. Its one launch forks the
+    command itself (the zygote), and no forkserver is started for launches that never come (it
+    would import torch beside the ranks): the launch's events (MPIFY_DEBUG) say so."""
+    r = mpify("run", DDP, "--fn", "train", "-n", "2", "--ddp", tmpdir=tmpdir_, env={"MPIFY_DEBUG": "1"})
     assert r.returncode == 0, r.stderr
+    assert "forked the caller as forkserver" in r.stderr and "starting," not in r.stderr, r.stderr
     first, *model = r.stdout.splitlines()
     summary = re.fullmatch(r"\{'world_size': 2, 'losses': (\[.*\]), 'final_loss': ([0-9.]+), 'model': Sequential\(", first)
     assert summary, first

@@ -128,6 +128,9 @@ def run(
             fail(str(e))
         for w in prep.warnings:
             print(f"mpify: warning: {w}", file=sys.stderr)
+        from mpify.engine import starter
+
+        starter.single_launch()  # no forkserver for launches to come: this command makes one
         try:
             value = run_prepared(prep, nprocs, kwargs=kwargs, timeout=timeout, show_ranks=show,
                                  nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,

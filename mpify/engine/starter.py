@@ -480,6 +480,18 @@ def process_class():
     return RankProcess
 
 
+def single_launch() -> None:
+    """Say that this process makes one launch and then exits (`mpify run`): its catch_up then
+    starts no forkserver for launches to come. One would import torch (and the rest) beside the
+    ranks, taking a core from them on a small machine, for nobody. Bound to this pid: a rank
+    forked from the caller (the zygote's) that launches in turn is not bound by it."""
+    global _single_launch_pid
+    _single_launch_pid = os.getpid()
+
+
+_single_launch_pid: int | None = None
+
+
 def catch_up() -> None:
     """Once a launch has its ranks: start a complete forkserver in the background if none is
     ready or starting, so the next launches find one (the caller may have imported a package
@@ -497,6 +509,8 @@ def catch_up() -> None:
             for s in _servers:  # first: a failure to start a server below must not keep it alive
                 if isinstance(s, Zygote) and not s.retired:
                     s.retire()
+            if _single_launch_pid == os.getpid():
+                return
             _poll()
             _ensure(_wanted_signature(), quick=False)
     except Exception as exc:
