@@ -16,6 +16,10 @@ framework that believes it is still set up:
 - Lightning writes this process's global rank into `rank_zero_only.rank` (its strategies' setup):
   in a caller that ran rank 1 (`caller_rank=1`) or a later node's rank, the notebook's own
   `rank_zero_*` messages would stay silent after the launch.
+- torch.distributed itself: every `init_process_group` wraps `sys.excepthook` in one that prefixes
+  each line of an uncaught exception with `[rankN]: `, and `destroy_process_group` never unwraps
+  it. After 200 DDP launches a script's uncaught error printed each line behind 200 prefixes (a
+  test saw it), and a deep enough chain would fail in the hook itself (the recursion limit).
 
 So around ctx + fn in every rank (a launch's, a world's for its life, `child.rank_scope`):
 - on entry, what such a framework holds from before is set aside and cleared, so fn's framework
@@ -85,8 +89,13 @@ class _SetAside:
     def __init__(self) -> None:
         self.accelerate = {cls: dict(cls._shared_state) for cls in _accelerate_classes()}
         self.ranks = {id(fn): (fn, getattr(fn, "rank", _MISSING)) for fn in _rank_zero_functions()}
+        self.excepthook = sys.excepthook
 
     def put_back(self) -> None:
+        hook = sys.excepthook
+        if (hook is not self.excepthook and getattr(hook, "__name__", "") == "_distributed_excepthook"
+                and getattr(hook, "__module__", "").startswith("torch.distributed")):
+            sys.excepthook = self.excepthook  # only torch's wrapper: a hook fn set on purpose stays
         for cls, state in self.accelerate.items():
             cls._shared_state.update(state)
         for fn, rank in self.ranks.values():
