@@ -192,7 +192,9 @@ def test_sample_notebook_trains_in_a_real_kernel(shared_kernel, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0] / 10
     last = nb.cells[-1].outputs
     assert any(o.output_type == "execute_result" and o["data"]["text/plain"] == "True" for o in last)
-    assert took < 30
+    # seconds on CPU, as its first cell says (12-19 s with two test workers on 2 cores, 34 s
+    # with three): a bound against a launch that waits or hangs, not a speed goal (benchmarks/)
+    assert took < 60
     assert not strays()
 
 
