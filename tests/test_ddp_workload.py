@@ -83,7 +83,10 @@ def run_script(tmp_path, body: str, timeout: float = 240, cwd=None, env=None) ->
 # caller as rank 0, a hundred with every rank a child, the launches that listen on loopback only,
 # then three DDP launches, a raise and twenty forks, after which the process must exit by itself.
 SHARED = """
+import sys
 from mpify import ranch, torchddp_launch
+
+hook = sys.excepthook  # on 3.10 the exceptiongroup backport has replaced it already
 
 # -- a hundred torchrun-style launches finish, for each caller_rank
 for caller_rank in (0, None):
@@ -93,8 +96,7 @@ for caller_rank in (0, None):
         assert out[0][1] == out[1][1], out  # all_reduce gave both ranks the same sum
     print("caller_rank", caller_rank, "launches", i + 1, "threads", launch_threads())
 # each init_process_group in rank 0 wrapped sys.excepthook (torch's [rankN] prefix): put back
-import sys
-print("excepthook as before", sys.excepthook is sys.__excepthook__)
+print("excepthook as before", sys.excepthook is hook)
 
 # -- one machine: listening on loopback only
 import psutil
