@@ -40,7 +40,7 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores, 4))
 
 
-# The files that take longest (seconds, measured alone on the 2-core VM, `--durations=0`), run
+# The files that take longest (in that order, by `--durations` of a one-process run on the 2-core VM), run
 # first: the workers take files in collection order, and a long file taken last keeps one worker
 # busy while the other has nothing left to do.
 _LONGEST_FIRST = ("test_cli_export.py", "test_ddp_workload.py", "test_first_launch.py",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 import psutil
@@ -159,7 +160,6 @@ class ForkedScripts:
 
     def __init__(self):
         import subprocess
-        import threading
 
         self.lock = threading.Lock()
         self.proc = subprocess.Popen([sys.executable, "-u", "-c", _SCRIPT_SERVER], stdin=subprocess.PIPE,
@@ -198,6 +198,10 @@ _forked_scripts: ForkedScripts | None = None
 def forked_scripts() -> ForkedScripts:
     """The session's ForkedScripts, started at first use."""
     global _forked_scripts
-    if _forked_scripts is None or _forked_scripts.proc.poll() is not None:
-        _forked_scripts = ForkedScripts()
-    return _forked_scripts
+    with _FORKED_SCRIPTS_LOCK:  # a slice and its whole notebook ask from two threads at once
+        if _forked_scripts is None or _forked_scripts.proc.poll() is not None:
+            _forked_scripts = ForkedScripts()
+        return _forked_scripts
+
+
+_FORKED_SCRIPTS_LOCK = threading.Lock()

@@ -482,8 +482,8 @@ def process_class():
 
 def single_launch() -> None:
     """Say that this process makes one launch and then exits (`mpify run`): its catch_up then
-    starts no forkserver for launches to come. One would import torch (and the rest) beside the
-    ranks, taking a core from them on a small machine, for nobody. Bound to this pid: a rank
+    starts no forkserver for launches to come. One would start importing torch (and the rest)
+    beside the ranks for nobody, until the command's exit stopped it. Bound to this pid: a rank
     forked from the caller (the zygote's) that launches in turn is not bound by it."""
     global _single_launch_pid
     _single_launch_pid = os.getpid()
