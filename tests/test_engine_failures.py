@@ -4,8 +4,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import psutil
 import pytest
 
 from helpers import alive, die_with_parent, python_script, wait_gone
@@ -77,6 +79,36 @@ def test_sigkilled_rank_while_caller_waits_in_gloo_allreduce(no_strays, capsys):
     assert len(pids) == 3 and not alive(set(pids) - {os.getpid()})
     import torch.distributed as dist
     assert not dist.is_initialized()
+
+
+def die_unseen_while_peers_allreduce():
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    parents = [None] * dist.get_world_size()
+    dist.all_gather_object(parents, os.getppid())
+    if dist.get_rank() == 0:  # the caller: resumes rank 1's parent after 2 s (the test does too)
+        threading.Timer(2.0, os.kill, (parents[1], signal.SIGCONT)).start()
+    if dist.get_rank() == 1:
+        # The parent (the forkserver) reaps this rank and tells the caller it died. Stopped, it
+        # tells nobody for 2 s: an overloaded machine's late report, made certain. The peers'
+        # all_reduce fails at once with gloo's "Connection closed by peer".
+        os.kill(os.getppid(), signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(1))
+    dist.destroy_process_group()
+
+
+def test_a_death_seen_late_is_still_the_cause_not_its_peers_lost_connections(no_strays):
+    parents = {p.ppid() for p in psutil.Process().children(recursive=True)}
+    try:
+        with pytest.raises(RankDiedError) as info:
+            ranch(3, die_unseen_while_peers_allreduce)
+    finally:
+        for pid in {p.ppid() for p in psutil.Process().children(recursive=True)} | parents:
+            if pid != os.getpid():
+                os.kill(pid, signal.SIGCONT)
+    assert info.value.rank == 1 and "SIGKILL" in str(info.value)
+    assert info.value.mpify_failed_ranks == [1]
 
 
 def die_before_init():

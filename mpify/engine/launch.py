@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import multiprocess.connection as mpc
 
 from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, caller_threads, patched_environ, rank_env
@@ -43,13 +44,6 @@ DEATH_SLACK = 0.5
 EXIT_GRACE = 5.0
 # How long to keep reading output once every rank is gone (an escaped grandchild may hold a pipe).
 DRAIN_GRACE = 1.0
-
-
-@dataclass
-class Failure:
-    rank: int
-    when: float
-    error: BaseException
 
 
 @dataclass
@@ -219,7 +213,7 @@ class Launch:
             # not a cause); any other death is backdated (see DEATH_SLACK).
             ours = code < 0 and -code in self.signals_sent.get(child.proc.pid, ())
             when = now if ours else now - DEATH_SLACK
-            self.record(Failure(child.rank, when, RankDiedError(child.rank, code)))
+            self.record(Failure(child.rank, when, RankDiedError(child.rank, code), by_stop=ours))
         self._check_done()
 
     def _check_done(self) -> None:
@@ -328,7 +322,7 @@ class Launch:
             raise KeyboardInterrupt()
         if self.internal_error is not None:
             raise MpifyError("mpify's launch supervisor failed; every rank was stopped") from self.internal_error
-        causes = sorted((f for f in self.failures if f.when <= self.stop_time), key=lambda f: f.when)
+        causes = blame_causes(self.failures, self.stop_time)
         if causes:
             first = causes[0]
             failed = sorted({f.rank for f in causes})

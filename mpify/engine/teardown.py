@@ -44,6 +44,16 @@ def rank_alive(pid: int) -> bool:
         return False
 
 
+def _dead(pid: int) -> bool:
+    """The process has exited and waits to be reaped (a zombie). A signal sent to it now is not
+    what it died of. Linux only; elsewhere a rank counts as alive until it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | None = None) -> None:
     """Bring every rank process and its group down, escalating from `first` to SIGKILL.
     `sent` (pid -> set of signals) records what was sent, so a death can be told apart from
@@ -56,7 +66,7 @@ def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | Non
         if not live:
             break
         for pid in live:
-            if sent is not None:
+            if sent is not None and not _dead(pid):
                 sent.setdefault(pid, set()).add(sig)
             _signal_rank(pid, sig)
         deadline = time.monotonic() + grace

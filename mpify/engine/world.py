@@ -51,7 +51,8 @@ from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, THREADS_VAR, Topology, caller_threads, held, rank_env
 from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
-from mpify.engine.launch import DEATH_SLACK, Failure, _annotate, _check_int, _gated
+from mpify.engine.blame import Failure, causes as blame_causes
+from mpify.engine.launch import DEATH_SLACK, _annotate, _check_int, _gated
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
 from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump
 from mpify.engine.unstick import break_pairs
@@ -556,7 +557,7 @@ class World:
                          "(this process's) is untouched; start a new world")
         elif rnd.broke:
             notes.append(self._rebuild())
-        causes = sorted((f for f in rnd.failures if f.when <= rnd.stop_time), key=lambda f: f.when)
+        causes = blame_causes(rnd.failures, rnd.stop_time)
         if rnd.guard.interrupted.is_set():
             exc: BaseException = KeyboardInterrupt()
         elif causes:
