@@ -65,7 +65,9 @@ BASE_MODULES = ("dill", "mpify.engine.child")
 # during a launch would pin its process group (engine/groups.py). Checked like any extra.
 TORCH_EXTRAS = ("torch._dynamo", "torch.nn.parallel.distributed") + IMPORT_EARLY
 # Packages a notebook kernel or a test runner imports for itself, never for the ranks: preloading
-# them is pure cost, and some start threads (zmq, tornado, debugpy).
+# them is pure cost, and some start threads (zmq, tornado, debugpy). Among them what those import
+# after their start: ipykernel 7's anyio, jupyter_client's dateutil, debugpy's pydevd_plugins,
+# pytest-xdist's execnet (each once restarted a test worker's complete forkserver: 5 s of CPU).
 _NOT_FOR_RANKS = frozenset("""
     IPython ipykernel ipywidgets jupyter_client jupyter_core comm debugpy zmq tornado traitlets
     jedi parso prompt_toolkit pygments pexpect ptyprocess decorator matplotlib_inline nest_asyncio
@@ -73,7 +75,7 @@ _NOT_FOR_RANKS = frozenset("""
     widgetsnbextension nbclient nbformat fastjsonschema jsonschema jsonschema_specifications
     referencing rpds attr attrs pytest _pytest pluggy iniconfig pytest_timeout pytest_benchmark
     py_spy pip setuptools pkg_resources _distutils_hack wheel typer click rich shellingham
-    multiprocess dill mpify psutil
+    multiprocess dill mpify psutil execnet xdist anyio dateutil pydevd_plugins
 """.split())
 # A package is worth a forkserver restart when it brought at least this many modules: a small
 # one (typing_extensions, six) imports in a rank in milliseconds, and a kernel imports such
@@ -220,6 +222,12 @@ if sys.platform != "win32":
                       "s: preloaded", self.signature[0], self.verdict["loaded"],
                       "; could not import", self.verdict["missing"])
             return self.verdict is not None
+
+        def usable(self) -> bool:
+            """Ready, and holding nothing it refused. Its verdict is read by whoever asks first:
+            one that says "refused" (a preload started a thread) is never forked from; _poll
+            replaces it."""
+            return self.ready() and not self.verdict.get("refused")
 
         def fits(self, wanted: tuple) -> bool:
             """It can serve `wanted` now or once ready: the heavy modules and the environment."""
@@ -456,7 +464,7 @@ def process_class():
     with _lock:
         wanted = _wanted_signature()
         _poll()
-        ready = [s for s in _servers if not s.retired and s.ready()]
+        ready = [s for s in _servers if not s.retired and s.usable()]
         chosen = next((s for s in reversed(ready) if s.complete(wanted)), None)
         if chosen is None:
             chosen = next((s for s in reversed(ready) if s.fits(wanted)), None)
@@ -566,7 +574,7 @@ def _first_ready(wanted: tuple) -> "Server":
         _poll()
         fitting = [s for s in _servers if s.fits(wanted)]
         for s in fitting:
-            if s.ready():
+            if s.usable():
                 return s
         if not fitting:  # every candidate died: start another (raises if it cannot start)
             _start(wanted, quick=True)
@@ -585,7 +593,7 @@ def wait_complete(timeout: float = _PRELOAD_WAIT) -> int:
             wanted = _wanted_signature()
             _poll()
             for s in _servers:
-                if not s.retired and s.complete(wanted) and s.ready():
+                if not s.retired and s.complete(wanted) and s.usable():
                     return s.proc.pid
             _ensure(wanted, quick=False)
         if time.monotonic() > deadline:
