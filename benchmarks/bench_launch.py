@@ -16,14 +16,14 @@ DDP, 20 steps, destroy) under mpify, accelerate and torch.multiprocessing.spawn.
 
 `--first` is the first launch of a session (N=4, gloo init + all_reduce), right after the launcher's
 import and 3 s after it (a notebook's rhythm), each in a fresh process that imported torch first:
-mpify in a script (its first launch forks the script itself, the zygote; and without it), and as
-in an interactive session (MPIFY_PREWARM=1: what `import mpify` does in a Jupyter kernel, with no
-zygote, as a kernel never gets one), with accelerate beside them. Medians of `--repeat` fresh
-processes.
+mpify in a script (its first launch forks the script itself, the zygote; and without it), and in
+a real Jupyter kernel (`import mpify` starts the forkservers; a launch before they are ready forks
+the kernel), with accelerate beside them. Medians of `--repeat` fresh processes (kernels).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import textwrap
@@ -98,26 +98,44 @@ for _ in range(2):
 print("TIMES", json.dumps(times))
 """
 
+KERNEL = "in a kernel"  # a key of FIRST_RUNNERS' environments: run the code in a Jupyter kernel
+
 FIRST_RUNNERS = {  # (launcher, session): (import and launch code, environment)
     ("mpify ranch", "script"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
                                 {"MPIFY_PREWARM": "0"}),
     ("mpify ranch", "script, no zygote"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
                                            {"MPIFY_PREWARM": "0", "MPIFY_ZYGOTE": "0"}),
-    # A Jupyter kernel is never forked (its threads: engine/starter.py), so neither is this stand-in.
-    ("mpify ranch", "notebook (prewarm)"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
-                                            {"MPIFY_PREWARM": "1", "MPIFY_ZYGOTE": "0"}),
+    # A real Jupyter kernel (benchmarks/_kernel.py), the code run as one cell: `import mpify`
+    # starts the forkservers there, and a launch before they are ready forks the kernel.
+    ("mpify ranch", "notebook (kernel)"): ("from mpify import ranch\nlaunch = lambda: ranch(N, getattr(_workers, FN))",
+                                           {KERNEL: "1"}),
     ("accelerate notebook_launcher", "any"): ("from accelerate import notebook_launcher\n"
                                               "launch = lambda: notebook_launcher(getattr(_workers, FN), (), num_processes=N)",
                                               {}),
 }
 
 
+def kernel_times(code: str) -> list | str:
+    """fresh_times, with the code run as a cell of a new Jupyter kernel."""
+    from _kernel import Kernel
+
+    k = Kernel()
+    try:
+        cell = k.run(code)
+    finally:
+        k.shutdown()
+    for line in cell.stdout.splitlines():
+        if line.startswith("TIMES "):
+            return json.loads(line[6:])
+    return "failed: " + cell.why()[:60]
+
+
 def first_launch(n: int, fn: str, repeat: int) -> None:
     rows = {}
     for (name, session), (imports, env) in FIRST_RUNNERS.items():
         for pause in (0, 3):
-            runs = [fresh_times(FIRST.format(here=HERE, n=n, fn=fn, imports=imports, pause=pause), env_extra=env)
-                    for _ in range(repeat)]
+            code = FIRST.format(here=HERE, n=n, fn=fn, imports=imports, pause=pause)
+            runs = [kernel_times(code) if KERNEL in env else fresh_times(code, env_extra=env) for _ in range(repeat)]
             ok = [r for r in runs if isinstance(r, list)]
             rows[name, session, pause] = (ok, next((r for r in runs if isinstance(r, str)), None))
     print(f"\nFirst launch of a session, N={n}, fn={fn}, fresh process with torch imported, median of "

@@ -50,7 +50,9 @@ def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, n
 
     with jupyter_kernel(kernel_name) as (km, kc):
         kernel = km.provisioner.process.pid
-        execute(kc, "import os, time, torch")
+        # Had none been ready 3 s later (a loaded machine), the launch would fork the kernel
+        # (the test below): here it waits for the first of them instead.
+        execute(kc, "import os, time, torch\nos.environ['MPIFY_ZYGOTE'] = '0'")
         assert forkservers_of(kernel) == set()
         execute(kc, "import mpify")
         deadline = time.monotonic() + 5
@@ -83,6 +85,61 @@ def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, n
         execute(kc, "%reset -f")
         out = execute(kc, "import os, mpify\nprint('after reset', len(mpify.ranch(2, os.getpid, gather=True)))")
         assert "after reset 2" in out
+
+
+def test_a_kernels_first_launch_right_after_import_forks_the_kernel(kernel_name, no_strays):
+    """Right after `import mpify` no forkserver is ready yet (each is importing torch): the
+    kernel itself is forked to serve that one launch, as a script is (the zygote). The kernel's
+    own threads (zmq's, its output capture's) do not stop that fork; a thread of the user's does.
+    The forked kernel is gone with its launch, the kernel's output still works, and the next
+    launch forks from a forkserver that `import mpify` started."""
+    from conftest import jupyter_kernel
+    from helpers import wait_gone
+
+    with jupyter_kernel(kernel_name) as (km, kc):
+        kernel = km.provisioner.process.pid
+        execute(kc, "import os, time, torch, psutil")
+        out = execute(kc, textwrap.dedent("""
+            def allreduce():
+                import torch.distributed as dist
+                dist.init_process_group("gloo")
+                t = torch.ones(1)
+                dist.all_reduce(t)
+                dist.destroy_process_group()
+                print("hello from", dist.get_rank() if dist.is_initialized() else os.environ["RANK"])
+                return t.item(), os.getppid(), psutil.Process(os.getppid()).cmdline()
+            import mpify
+            t = time.perf_counter()
+            got = mpify.ranch(4, allreduce, gather=True)
+            print("took", round(time.perf_counter() - t, 2))
+            print("RESULT", repr([(s, p, c) for s, p, c in got[1:]]))
+        """))
+        got = eval(out.split("RESULT ", 1)[1].strip())
+        assert {s for s, _, _ in got} == {4.0}
+        parents = sorted({p for _, p, _ in got})
+        assert len(parents) == 1 and parents[0] != kernel, (parents, kernel)
+        assert got[0][2] == psutil.Process(kernel).cmdline()  # the kernel, forked
+        assert all(f"hello from {r}" in out for r in range(4)), out
+        assert wait_gone(parents, 10) == []
+        assert execute(kc, "print('still here')") == "still here\n"
+
+        # Once a forkserver is ready (a launch right now would fork the kernel again, as a script's does)
+        out = execute(kc, "from mpify.engine import starter\nstarter.wait_complete()\n"
+                          "print('NEXT', mpify.ranch(2, allreduce, gather=True)[1][2])")
+        assert "multiprocess.forkserver" in out.split("NEXT", 1)[1], out
+
+        # No forkserver ready and a thread of the user's alive: the kernel is not forked.
+        out = execute(kc, textwrap.dedent("""
+            import threading
+            starter.shutdown()
+            stop = threading.Event()
+            waiter = threading.Thread(target=stop.wait)
+            waiter.start()
+            print('THREADED', mpify.ranch(2, allreduce, gather=True)[1][2])
+            stop.set()
+            waiter.join()
+        """))
+        assert "multiprocess.forkserver" in out.split("THREADED", 1)[1], out
 
 
 def interactive(body: str, env_extra: dict) -> subprocess.CompletedProcess:

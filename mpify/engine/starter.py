@@ -30,8 +30,10 @@ safely is forked instead: the *zygote* (Android's name for the same trick) is th
 ready at once with everything it has imported, serving that launch only (catch_up). Safe
 means no Python thread but the caller's (a fork copies only the calling thread, and any lock
 another thread held stays held forever in the child; native pools: see _may_fork_caller) and CUDA
-untouched, which a script and `mpify run` usually are at their first launch, and a Jupyter kernel
-(zmq's threads) never is. What the caller holds open (a pipe to a subprocess, a socket) the
+untouched, which a script and `mpify run` usually are at their first launch; a Jupyter kernel's
+own threads (zmq's, its output capture's) are allowed, so a notebook's launch right after `import
+mpify`, before the forkservers it started are ready, is served by the kernel forked (see
+_kernels_own). What the caller holds open (a pipe to a subprocess, a socket) the
 zygote must not keep open: every fd but stdio and its own two is pointed at /dev/null, its number
 kept so that no Python object of the caller's that still names it can ever close something else.
 MPIFY_ZYGOTE=0 turns it off.
@@ -348,7 +350,9 @@ if sys.platform != "win32":
         it too), torch's OpenMP pool after its first parallel op. Their idle workers wait on a
         condition, which releases its mutex, so a fork copies no held lock; fork-based DataLoader
         workers meet the same pools. A Python thread is another matter: it may hold any lock
-        (logging's, a stream's, an import's) at the moment of the fork."""
+        (logging's, a stream's, an import's) at the moment of the fork; a user's thread (tqdm's
+        monitor, a data prefetcher) means no fork. A Jupyter kernel's own threads do not (see
+        _kernels_own)."""
         from mpify.engine import warm
 
         if os.environ.get("MPIFY_ZYGOTE", "1") == "0" or sys.platform != "linux":
@@ -356,8 +360,27 @@ if sys.platform != "win32":
         # mpify's own reapers are the exception: each waits in waitpid or for _lock, which the
         # child replaces (_forget_inherited_forkserver). One is still waiting for the previous
         # zygote when a script's next launch comes right after its first.
-        others = [t for t in threading.enumerate() if t is not threading.current_thread() and t not in _reapers]
+        others = [t for t in threading.enumerate()
+                  if t is not threading.current_thread() and t not in _reapers and not _kernels_own(t)]
         return not others and not warm.cuda_initialised()
+
+    # The threads a Jupyter kernel runs for itself: ipykernel's IOPub, heartbeat, control, shell
+    # channel, output-capture and parent-poller threads, IPython's history saver; and the thread
+    # of mpify's own prewarm, which starts forkservers under _lock (held by the launch that
+    # forks). What they hold is never touched in the zygote: it serves forks through its own
+    # listener, every other fd (each zmq socket's, the history database's) points to /dev/null
+    # there, and sys.stdout/sys.stderr become plain files on fd 1/2 (_serve_as_zygote). Only the
+    # first launch right after `import mpify` meets this: later ones find a forkserver ready.
+    _KERNEL_MODULES = ("ipykernel.", "IPython.", "jupyter_client.", "zmq.")
+
+    def _kernels_own(t: threading.Thread) -> bool:
+        if t.name == "mpify-prewarm":
+            return True
+        target = getattr(t, "_target", None)  # None once run() has returned
+        where = getattr(target, "__module__", None) or ""
+        return where.startswith(_KERNEL_MODULES) or type(t).__module__.startswith(_KERNEL_MODULES)
+
+    _kept_streams: list = []
 
     def _serve_as_zygote(listener_fd: int, alive_r: int) -> None:
         """The zygote's life: let go of what the caller holds, then serve forks until the caller
@@ -387,6 +410,12 @@ if sys.platform != "win32":
                         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
                 except (OSError, ValueError, TypeError):
                     pass
+            # A kernel's sys.stdout/sys.stderr hand their text to its IOPub thread, which is not
+            # in this process: plain files on fd 1/2 instead (a script's were those already).
+            # The old ones are kept referenced: freeing one would run its finalizer here.
+            _kept_streams.extend((sys.stdout, sys.stderr))
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
             gc.freeze()  # as warm.py: a rank's collections never walk (so never copy) what it shares
             from multiprocess.forkserver import main
             main(listener_fd, alive_r, [])
