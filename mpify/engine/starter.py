@@ -21,9 +21,10 @@ modules and import-time environment fit (its ranks import the missing extras the
 complete one starts in the background; a launch waits only when no ready server fits at all (the
 first launch of a process, or the caller changed an import-time variable such as OMP_*), and then
 only for a quick one. When a complete server takes over, the others retire: each stops once its
-last rank (a live world's, say) has exited. In an interactive kernel both kinds start at
-`import mpify` (`prewarm`), so the first launch of a notebook usually finds one ready;
-MPIFY_PREWARM=0 turns that off, MPIFY_PREWARM=1 turns it on anywhere.
+last rank (a live world's, say) has exited. In an interactive kernel a complete one starts at
+`import mpify` (`prewarm`), so a notebook's launch a few seconds later finds one ready (one
+before that forks the kernel, below); MPIFY_PREWARM=0 turns that off, MPIFY_PREWARM=1 turns it
+on anywhere.
 
 A caller that would have to wait (its first launch, no server ready) and that can be forked
 safely is forked instead: the *zygote* (Android's name for the same trick) is the caller itself,
@@ -555,13 +556,18 @@ def catch_up() -> None:
 
 
 def prewarm() -> None:
-    """Start a quick and a complete forkserver now, for the launches to come (no waiting)."""
+    """Start a complete forkserver now, for the launches to come (no waiting). A quick one too
+    only where the caller is never forked (MPIFY_ZYGOTE=0, not Linux): elsewhere a launch before
+    the complete one is ready forks the caller, in 0.4 s where a quick server needs 2.5 s of torch
+    import first; one that cannot be forked then (a thread of the user's, CUDA) waits for the
+    complete one."""
     if sys.platform == "win32":
         return
     with _lock:
         wanted = _wanted_signature(installed_heavy=True)
         _poll()
-        _ensure(wanted, quick=True)
+        if os.environ.get("MPIFY_ZYGOTE", "1") == "0" or sys.platform != "linux":
+            _ensure(wanted, quick=True)
         _ensure(wanted, quick=False)
 
 
