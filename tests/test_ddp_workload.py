@@ -61,8 +61,8 @@ def threads():
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 names.append(f.read().strip())
-        except FileNotFoundError:  # a thread that ended since the listing
-            pass
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended since the listing
+            pass  # (open fails, or the read does: ESRCH)
     return sorted(names)
 
 

@@ -94,6 +94,12 @@ _lock = threading.Lock()
 _servers: list["Server"] = []  # oldest first: starting, serving and retiring forkservers
 _serving: "Server | None" = None  # the one the current launch forks its ranks from (RankPopen)
 _reapers: set[threading.Thread] = set()  # threads waiting for a retired server to exit (retire)
+# A reaper removes its server's socket from multiprocess's temp folder, which
+# multiprocess's own exit handler removes whole: a file a reaper removes while that handler walks
+# the folder made it fail, and print a traceback, at the exit of `mpify run` (seen
+# once, on 3.10). At exit the reapers leave the sockets to it (_at_exit).
+_files_lock = threading.Lock()
+_exiting = False
 _refused: set[str] = set()  # modules that failed the check once: never preloaded again
 _packages_seen: tuple[int, tuple] = (-1, ())
 
@@ -259,9 +265,10 @@ if sys.platform != "win32":
             def reap():
                 if self.proc is not None:
                     self.proc.wait()
-                if address and not util.is_abstract_socket_namespace(address):
-                    _unlink(address)
-                _unlink(self.report)
+                with _files_lock:
+                    if address and not _exiting and not util.is_abstract_socket_namespace(address):
+                        _unlink(address)
+                _unlink(self.report)  # in TMPDIR itself, not in multiprocess's folder
                 with _lock:
                     if self in _servers:
                         _servers.remove(self)
@@ -669,8 +676,9 @@ def _forget_inherited_forkserver() -> None:
     The parent's forkservers are not this process's children (waiting on them fails) and their
     sockets belong to the parent. Their alive pipes are closed here so that they still stop when
     the parent goes."""
-    global _lock, _servers, _serving, _reapers
+    global _lock, _servers, _serving, _reapers, _files_lock
     _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    _files_lock = threading.Lock()
     _reapers = set()
     for s in _servers:
         try:
@@ -682,4 +690,12 @@ def _forget_inherited_forkserver() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_inherited_forkserver)
-atexit.register(_kill_starting)
+def _at_exit() -> None:
+    """Registered after multiprocess's exit handler, so run before it (atexit runs in reverse)."""
+    global _exiting
+    with _files_lock:
+        _exiting = True
+    _kill_starting()
+
+
+atexit.register(_at_exit)
