@@ -42,6 +42,20 @@ def execute(kc, code: str, timeout: float = 120) -> str:
     return "".join(out)
 
 
+# A cell: 4 ranks' gloo init + all_reduce; each rank says hello and returns the sum, its parent's
+# pid and command line (the forkserver's, or the caller's own when the caller was forked).
+ALLREDUCE = textwrap.dedent("""
+    def allreduce():
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        dist.destroy_process_group()
+        print("hello from", os.environ["RANK"])
+        return t.item(), os.getppid(), psutil.Process(os.getppid()).cmdline()
+""")
+
+
 def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, no_strays):
     """`import mpify` in a notebook starts them; 3 s later (a notebook's rhythm) the first launch
     forks its ranks from one of them rather than starting one. A `%reset -f` does not break the
@@ -52,7 +66,7 @@ def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, n
         kernel = km.provisioner.process.pid
         # Had none been ready 3 s later (a loaded machine), the launch would fork the kernel
         # (the test below): here it waits for the first of them instead.
-        execute(kc, "import os, time, torch\nos.environ['MPIFY_ZYGOTE'] = '0'")
+        execute(kc, "import os, time, torch, psutil\nos.environ['MPIFY_ZYGOTE'] = '0'")
         assert forkservers_of(kernel) == set()
         execute(kc, "import mpify")
         deadline = time.monotonic() + 5
@@ -61,18 +75,11 @@ def test_importing_mpify_in_a_kernel_starts_the_forkservers_ahead(kernel_name, n
         ahead = forkservers_of(kernel)
         assert ahead, "no forkserver started at import"
         time.sleep(3)
-        out = execute(kc, textwrap.dedent("""
-            def allreduce():
-                import torch.distributed as dist
-                dist.init_process_group("gloo")
-                t = torch.ones(1)
-                dist.all_reduce(t)
-                dist.destroy_process_group()
-                return t.item(), os.getppid()
+        out = execute(kc, ALLREDUCE + textwrap.dedent("""
             t = time.perf_counter()
             got = mpify.ranch(4, allreduce, gather=True)
             print("took", time.perf_counter() - t)
-            print("parents", sorted({p for _, p in got[1:]}), "sums", {s for s, _ in got})
+            print("parents", sorted({p for _, p, _ in got[1:]}), "sums", {s for s, _, _ in got})
         """))
         parents = eval(out.split("parents ", 1)[1].split(" sums")[0])
         assert set(parents) <= ahead and len(parents) == 1, (parents, ahead)
@@ -99,15 +106,7 @@ def test_a_kernels_first_launch_right_after_import_forks_the_kernel(kernel_name,
     with jupyter_kernel(kernel_name) as (km, kc):
         kernel = km.provisioner.process.pid
         execute(kc, "import os, time, torch, psutil")
-        out = execute(kc, textwrap.dedent("""
-            def allreduce():
-                import torch.distributed as dist
-                dist.init_process_group("gloo")
-                t = torch.ones(1)
-                dist.all_reduce(t)
-                dist.destroy_process_group()
-                print("hello from", dist.get_rank() if dist.is_initialized() else os.environ["RANK"])
-                return t.item(), os.getppid(), psutil.Process(os.getppid()).cmdline()
+        out = execute(kc, ALLREDUCE + textwrap.dedent("""
             import mpify
             t = time.perf_counter()
             got = mpify.ranch(4, allreduce, gather=True)
