@@ -15,10 +15,11 @@ from nbformat.v4 import new_code_cell, new_notebook
 from export_helpers import ROOT, SAMPLES, TORCHRUN, leftovers, mpify, run_cmd
 from helpers import parallel
 
-# (notebook, function, --ddp, target options): each runs in seconds on CPU
+# (notebook, function, --ddp, target options): each runs in seconds on CPU. (hello_ranks's
+# `greet` is left out here: a plain function with options, as loader_sum is, and its torchrun run
+# was 9 s of CPU; its script is checked by test_sample_scripts_compile_and_pass_pyflakes.)
 CASES = [
     ("ddp_train.ipynb", "train", True, ["--epochs", "2", "--batch-size", "128"]),
-    ("hello_ranks.ipynb", "greet", False, ["--name", "Ada", "--times", "2"]),
     ("hello_ranks.ipynb", "rank_sum", True, []),
     ("dataloader_workers.ipynb", "loader_sum", False, ["--size", "32"]),
 ]
@@ -47,7 +48,6 @@ def _kernel_values(tmp_path, kernel):
     cells += [
         "from mpify import ranch, torchddp_launch\nimport mpify",
         'print("RESULT", repr(torchddp_launch(2, train, epochs=2, batch_size=128)))',
-        'print("RESULT", repr(ranch(2, greet, name="Ada", times=2)))',
         'print("RESULT", repr(torchddp_launch(2, rank_sum)))',
         f'print("RESULT", repr(mpify.run_notebook({str(SAMPLES / "dataloader_workers.ipynb")!r}, '
         '"loader_sum", 2, kwargs={"size": 32})))',
@@ -56,7 +56,7 @@ def _kernel_values(tmp_path, kernel):
     nb.metadata["kernelspec"] = {"name": kernel.kernel_name, "display_name": "t", "language": "python"}
     kernel.run(nb, tmp_path)
     values = []
-    for c in nb.cells[-4:]:
+    for c in nb.cells[-len(CASES):]:
         errors = [o for o in c.outputs if o.output_type == "error"]
         assert not errors, errors
         text = "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
