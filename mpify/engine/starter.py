@@ -363,7 +363,7 @@ if sys.platform != "win32":
         _kernels_own)."""
         from mpify.engine import warm
 
-        if os.environ.get("MPIFY_ZYGOTE", "1") == "0" or sys.platform != "linux":
+        if not _zygote_allowed():
             return False
         # mpify's own reapers are the exception: each waits in waitpid or for _lock, which the
         # child replaces (_forget_inherited_forkserver). One is still waiting for the previous
@@ -525,6 +525,11 @@ def process_class():
     return RankProcess
 
 
+def _zygote_allowed() -> bool:
+    """Whether a caller may be forked at all here (MPIFY_ZYGOTE, Linux); see _may_fork_caller."""
+    return os.environ.get("MPIFY_ZYGOTE", "1") != "0" and sys.platform == "linux"
+
+
 def single_launch() -> None:
     """Say that this process makes one launch and then exits (`mpify run`): its catch_up then
     starts no forkserver for launches to come. One would start importing torch (and the rest)
@@ -573,7 +578,7 @@ def prewarm() -> None:
     with _lock:
         wanted = _wanted_signature(installed_heavy=True)
         _poll()
-        if os.environ.get("MPIFY_ZYGOTE", "1") == "0" or sys.platform != "linux":
+        if not _zygote_allowed():
             _ensure(wanted, quick=True)
         _ensure(wanted, quick=False)
 
@@ -690,6 +695,8 @@ def _forget_inherited_forkserver() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_inherited_forkserver)
+
+
 def _at_exit() -> None:
     """Registered after multiprocess's exit handler, so run before it (atexit runs in reverse)."""
     global _exiting
