@@ -72,6 +72,35 @@ class JupyterBars:
         update_display({"text/plain": text}, raw=True, display_id=display_id)
         return True
 
+    def rich(self, rank: int, msg: dict) -> None:
+        """A child rank's display (displays.py): its bundle as a display output of the cell,
+        labelled with the rank: `[rank N] ` before its text/plain and in its text/html, and
+        {"mpify": {"rank": N}} in its metadata. A display id of the rank's maps to one of ours
+        (never reused, as the bars' ids), so that its updates land on its own output."""
+        from IPython.display import display, update_display
+
+        if self._closed:
+            return
+        label = f"[rank {rank}] "
+        data = dict(msg["data"])
+        data["text/plain"] = label + str(data.get("text/plain", ""))
+        if isinstance(data.get("text/html"), str):
+            data["text/html"] = f'<div class="mpify-rank"><code>{label.strip()}</code></div>' + data["text/html"]
+        metadata = dict(msg.get("metadata") or {})
+        metadata["mpify"] = {"rank": rank}
+        own = msg.get("id")
+        if own is None:
+            display(data, raw=True, metadata=metadata)
+            return
+        key = ("display", rank, own)
+        if msg.get("update") and key in self._ids:
+            update_display(data, raw=True, metadata=metadata, display_id=self._ids[key])
+            return
+        if key not in self._ids:
+            self._count += 1
+            self._ids[key] = f"{self._prefix}-{self._count}"
+        display(data, raw=True, metadata=metadata, display_id=self._ids[key])
+
     def close(self) -> None:
         self._closed = True
         self._ids.clear()
@@ -212,6 +241,13 @@ def _in_kernel(stream: TextIO) -> bool:
         return False
     shell = ipython.get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def display_mode(stream: TextIO) -> str:
+    """Where a child rank's displays and figures go (displays.py): "cell" when the caller is a
+    kernel writing to its cell, else "files" (a terminal, a pipe). `stream` may be a launch's
+    gate (output.LineGate), whose renderer tells."""
+    return "cell" if isinstance(getattr(stream, "live_bars", None), JupyterBars) or _in_kernel(stream) else "files"
 
 
 def _terminal(stream: TextIO) -> int | None:

@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from mpify.engine import frameworks, groups, serialize
+from mpify.engine import displays, frameworks, groups, plain, serialize
 from mpify.engine.env import follow_threads
 from mpify.engine.messages import Done, Failed
 
@@ -38,6 +38,7 @@ class RankSpec:
     cwd: str
     sys_path: list
     send_result: bool  # gather, or this rank is the local rank 0 whose value ranch returns
+    displays: str = "files"  # where its displays and figures go: "cell" or "files" (displays.py)
 
 
 def enter_ctx(ctx: Any):
@@ -168,7 +169,8 @@ def _route_output(out_w, err_w) -> None:
 def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
     """A child's first steps, for a launch's rank and a world's alike: its own process group, the
     watchdog on the caller, fd 1/2 into the caller's pipes, the caller's environment, working
-    directory and sys.path as of the start, torch's thread pool sized from that environment."""
+    directory and sys.path as of the start, torch's thread pool sized from that environment; then
+    a plain process as torchrun starts one (plain.py) whose displays reach the caller (displays.py)."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -179,6 +181,8 @@ def become_rank(spec: RankSpec, alive_r, out_w, err_w) -> None:
     follow_threads()  # torch, imported in the forkserver, sized its pool before OMP_NUM_THREADS was set
     os.chdir(spec.cwd)
     sys.path[:] = spec.sys_path
+    plain.become_plain()
+    displays.install(spec.displays)
 
 
 def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) -> None:

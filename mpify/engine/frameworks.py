@@ -21,6 +21,16 @@ framework that believes it is still set up:
   it. After 200 DDP launches a script's uncaught error printed each line behind 200 prefixes (a
   test saw it), and a deep enough chain would fail in the hook itself (the recursion limit).
 
+- Lightning decides once, when `lightning.fabric.utilities.imports` is imported, whether the
+  session is interactive (`_IS_INTERACTIVE`: `sys.ps1` or `python -i`), and other modules copy the
+  answer. In an interactive session it refuses `Trainer(strategy="ddp")` and picks `ddp_fork` for
+  `strategy="auto"`, because there its launcher would start the notebook again as a script. Under
+  mpify the ranks exist before the Trainer does, as under torchrun: Lightning sees LOCAL_RANK and
+  launches nothing (`creates_processes_externally`), so the check guards against nothing, yet it
+  made rank 0 (the kernel) fail at once. Lightning has no setting for it, so for the length of the
+  scope the flag reads False in every Lightning module that holds it, and in one imported during
+  the scope (fixups.py); afterwards it reads what Lightning's import computes in this process.
+
 So around ctx + fn in every rank (a launch's, a world's for its life, `child.rank_scope`):
 - on entry, what such a framework holds from before is set aside and cleared, so fn's framework
   sets itself up from the launch's rank environment;
@@ -38,6 +48,12 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 _MISSING = object()
+
+# Where Lightning computes `_IS_INTERACTIVE` (the unified package and the standalone one), and
+# the packages whose modules copy it.
+_LIGHTNING_FLAG = "_IS_INTERACTIVE"
+_LIGHTNING_FLAG_HOMES = ("lightning.fabric.utilities.imports", "lightning_fabric.utilities.imports")
+_LIGHTNING_PACKAGES = ("lightning.", "lightning_fabric.", "pytorch_lightning.")
 
 # accelerate's singletons, each with its shared dict (`_shared_state`: a dict, or a per-thread
 # one on TPU, read the same way through the class).
@@ -83,6 +99,32 @@ def _rank_zero_functions() -> list:
     return list(seen.values())
 
 
+def _set_lightning_interactive(value: bool) -> None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith(_LIGHTNING_PACKAGES) and _LIGHTNING_FLAG in getattr(module, "__dict__", {}):
+            setattr(module, _LIGHTNING_FLAG, value)
+
+
+def _not_interactive(module) -> None:
+    setattr(module, _LIGHTNING_FLAG, False)
+
+
+@contextmanager
+def _lightning_not_interactive() -> Iterator[None]:
+    """Lightning's interactive flag False for the block (see the module's docstring)."""
+    from mpify.engine import fixups
+
+    _set_lightning_interactive(False)
+    for home in _LIGHTNING_FLAG_HOMES:
+        fixups.after_import(home, _not_interactive)
+    try:
+        yield
+    finally:
+        for home in _LIGHTNING_FLAG_HOMES:
+            fixups.forget(home, _not_interactive)
+        _set_lightning_interactive(hasattr(sys, "ps1") or bool(sys.flags.interactive))
+
+
 class _SetAside:
     """What the frameworks held when the scope began."""
 
@@ -112,7 +154,8 @@ def launch_state() -> Iterator[None]:
     if before.accelerate:
         reset()
     try:
-        yield
+        with _lightning_not_interactive():
+            yield
     finally:
         # A Lightning first imported during the launch keeps the rank it read then (RANK): with
         # the default caller_rank=0 on one node that is 0, what it would read outside a launch.

@@ -8,6 +8,13 @@ cell that started it), one whole line at a time, never interleaved mid-line betw
 A line still being redrawn with '\r' (a progress bar) is handed, a few frames a second, to the
 live renderer of the caller's stream where it has one (a notebook cell, a terminal: bars.py); a
 pipe or a file gets the whole line once it ends, as the final frame only.
+
+A line that carries a child rank's display (displays.py: `plt.show()`, `display(df)`) is shown as
+a display output of the cell, labelled with the rank (bars.JupyterBars.rich), at most
+RICH_PER_SECOND a second from one rank (a burst of RICH_BURST), each at most RICH_MAX_BYTES:
+a rank that displays in a tight loop cannot flood the kernel; what is left out is counted in a
+line of the rank's. Updates of one display (a `DisplayHandle`) are shown at most once per INTERVAL,
+the latest one, as a bar's frames are.
 """
 from __future__ import annotations
 
@@ -16,8 +23,16 @@ import threading
 import time
 from typing import Callable, Iterable, TextIO
 
+from mpify.engine import displays
 from mpify.engine.bars import INTERVAL, TerminalBars, choose
 from mpify.engine.debug import debug as _debug
+
+# A child rank's displays: how many a second reach the cell, how many at once, how large each.
+RICH_PER_SECOND = 5
+RICH_BURST = 10
+RICH_MAX_BYTES = 8 * 2**20
+_MARK = displays.MARK.encode()
+_END = displays.END.encode()
 
 # How long a rank's line waits for the caller's rank to finish the line it is printing (print()
 # writes the text and the newline separately); a line left open longer (a progress bar redrawn
@@ -131,6 +146,11 @@ class LineForwarder:
         self._frame: str | None = None  # the open line's latest frame, not shown yet
         self._next = 0.0  # when the next frame may be shown
         self._shown_on = None  # the renderer showing this line's bar
+        self._tokens = float(RICH_BURST)  # displays this rank may show now (a token bucket)
+        self._refilled = time.monotonic()
+        self._left_out = 0  # displays not shown since the last note about it
+        self._updates: dict = {}  # display id -> its latest update, not shown yet
+        self._next_update = 0.0
 
     def feed(self, data: bytes) -> None:
         if not self.shown:
@@ -153,7 +173,23 @@ class LineForwarder:
             self.tick(time.monotonic())
 
     def tick(self, now: float) -> float | None:
-        """Show the waiting frame if its time has come; when it must wait, the time it is due."""
+        """Show the waiting frame and display updates if their time has come; when one must
+        wait, the time it is due."""
+        due = [t for t in (self._tick_updates(now), self._tick_frame(now)) if t is not None]
+        return min(due, default=None)
+
+    def _tick_updates(self, now: float) -> float | None:
+        if not self._updates:
+            return None
+        if now < self._next_update:
+            return self._next_update
+        updates, self._updates = list(self._updates.values()), {}
+        for msg in updates:
+            self._show_rich(msg)
+        self._next_update = now + INTERVAL
+        return None
+
+    def _tick_frame(self, now: float) -> float | None:
         if self._frame is None:
             return None
         if now < self._next:
@@ -173,6 +209,10 @@ class LineForwarder:
         if self._pending and self.shown:
             self._emit([self._pending])
         self._pending = b""
+        for msg in self._updates.values():
+            self._show_rich(msg)
+        self._updates = {}
+        self._note_left_out()
 
     def _emit(self, lines: list[bytes]) -> None:
         self._frame = None
@@ -184,6 +224,23 @@ class LineForwarder:
                     lines = lines[1:]
             except Exception as exc:  # as in tick: the line is then written as an ordinary one
                 _debug("live bar of", self.prefix, "not ended:", repr(exc))
+        text_lines = []
+        for line in lines:
+            start = line.find(_MARK)
+            end = line.find(_END, start + len(_MARK)) if start >= 0 else -1
+            if end < 0:
+                text_lines.append(line)
+                continue
+            if line[:start].strip():  # the rank's own open line, ended by the display
+                text_lines.append(line[:start])
+            self._write(text_lines)
+            text_lines = []
+            self._rich(line[start + len(_MARK):end])
+            if line[end + len(_END):].strip():
+                text_lines.append(line[end + len(_END):])
+        self._write(text_lines)
+
+    def _write(self, lines: list[bytes]) -> None:
         if not lines:
             return
         text = "".join(self.prefix + self._last_frame(line) + "\n" for line in lines)
@@ -195,6 +252,48 @@ class LineForwarder:
                 self.sink.flush()
         except (OSError, ValueError):  # the caller's stream was closed; nothing left to show it on
             pass
+
+    def _rich(self, payload: bytes) -> None:
+        """A display line of the rank's: throttled, then shown (see the module's docstring)."""
+        msg = displays.decode(payload.decode("utf-8", errors="replace"))
+        if msg is None:
+            return
+        if msg.get("update") and msg.get("id") is not None:
+            self._updates[msg["id"]] = msg  # the latest wins; tick shows it when due
+            self.tick(time.monotonic())
+            return
+        now = time.monotonic()
+        self._tokens = min(float(RICH_BURST), self._tokens + (now - self._refilled) * RICH_PER_SECOND)
+        self._refilled = now
+        if self._tokens < 1 or len(payload) > RICH_MAX_BYTES:
+            self._left_out += 1
+            return
+        self._tokens -= 1
+        self._note_left_out()
+        self._show_rich(msg)
+
+    def _show_rich(self, msg: dict) -> None:
+        bars = getattr(self.sink, "live_bars", None)
+        show = getattr(bars, "rich", None)
+        if show is not None:
+            data = msg["data"]
+            if not msg.get("update") and "text/html" not in data and any(k.startswith("image/") for k in data):
+                # A picture alone carries no visible label: its text line comes first, as a
+                # notebook shows a value's repr above its plot.
+                self._write([str(data.get("text/plain", "")).encode()])
+            try:
+                show(self.key[0], msg)
+                return
+            except Exception as exc:  # a display that fails must not stop the launch: its text then
+                _debug("display of", self.prefix, "not shown:", repr(exc))
+        if not msg.get("update"):
+            self._write([str(msg["data"].get("text/plain", "")).encode()])
+
+    def _note_left_out(self) -> None:
+        if self._left_out:
+            n, self._left_out = self._left_out, 0
+            self._write([f"({n} display{'s' if n > 1 else ''} left out: at most {RICH_PER_SECOND} a second "
+                         f"from one rank, each under {RICH_MAX_BYTES // 2**20} MiB)".encode()])
 
     @staticmethod
     def _last_frame(line: bytes) -> str:

@@ -46,9 +46,33 @@ def _save_module(pickler: Any, module: types.ModuleType) -> None:
         _save_module_by_value(pickler, module)
 
 
+def _shell_class() -> type | None:
+    """IPython's InteractiveShell where IPython is imported (looked up, never imported)."""
+    return getattr(sys.modules.get("IPython.core.interactiveshell"), "InteractiveShell", None)
+
+
 class _Pickler(dill.Pickler):
     dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
     dispatch[types.ModuleType] = _save_module
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shell = _shell_class()
+
+    def reducer_override(self, obj: Any) -> Any:
+        # A cell's function that names `get_ipython` (in a kernel, the shell's bound method in the
+        # user's namespace) or holds the shell would carry the kernel's shell along, which cannot
+        # be pickled (its history's sqlite connection). A rank has no shell, as a process torchrun
+        # starts (engine/plain.py): it gets IPython's own `get_ipython`, which returns None there,
+        # and None for the shell itself.
+        shell = self._shell
+        if shell is None:
+            return NotImplemented
+        if isinstance(obj, shell):
+            return type(None), ()
+        if isinstance(obj, types.MethodType) and isinstance(obj.__self__, shell) and obj.__name__ == "get_ipython":
+            return getattr, (importlib.import_module("IPython.core.getipython"), "get_ipython")
+        return NotImplemented
 
 
 def dumps(obj: Any, persistent_id: Callable[[Any], Any] | None = None) -> bytes:

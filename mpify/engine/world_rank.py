@@ -28,7 +28,7 @@ import types
 from contextlib import ExitStack
 from typing import Any
 
-from mpify.engine import serialize
+from mpify.engine import displays, serialize
 from mpify.engine.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
 from mpify.engine.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
@@ -103,6 +103,9 @@ class _Rank:
     def _fresh_main() -> dict:
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = builtins
+        # A notebook cell finds `display` among its builtins (IPython puts it there); a rank's
+        # cells find it here, in their namespace only: a launch's rank stays as torchrun's.
+        main.__dict__["display"] = displays.display
         sys.modules["__main__"] = main
         return main.__dict__
 
@@ -138,7 +141,7 @@ class _Rank:
     def exec(self, msg: Exec) -> None:
         value = run_source(msg.source, self.namespace, msg.filename)
         if msg.echo and value is not None:
-            print(repr(value))
+            displays.show_value(value)
         self.namespace["_"] = value if value is not None else self.namespace.get("_")
 
     def push(self, msg: Push) -> None:
