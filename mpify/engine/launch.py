@@ -34,6 +34,7 @@ from mpify.engine.env import Topology, caller_threads, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.messages import Done, Failed
+from mpify.engine.bars import display_mode
 from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump, rank_filter
 
 # A death is only seen after it happened, while a rank blocked on the dead one may raise
@@ -102,7 +103,7 @@ class Launch:
                 env = dict(base_env)
                 env.update(rank_env(self.topo, local, self.meeting.addr, self.meeting.port, self.meeting.env))
                 send = self.gather or (local == 0)
-                spec = RankSpec(rank, local, env, cwd, sys_path, send)
+                spec = RankSpec(rank, local, env, cwd, sys_path, send, display_mode(stdout))
                 result_r, result_w = mpctx.Pipe(duplex=False)
                 alive_r, alive_w = mpctx.Pipe(duplex=False)
                 out_r, out_w = mpctx.Pipe(duplex=False)

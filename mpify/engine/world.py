@@ -54,6 +54,7 @@ from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.launch import DEATH_SLACK, _annotate, _check_int, _gated
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
+from mpify.engine.bars import display_mode
 from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump
 from mpify.engine.unstick import break_pairs
 from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
@@ -223,7 +224,7 @@ class World:
                 rank = self.topo.global_rank(local)
                 env = dict(base_env)
                 env.update(rank_env(self.topo, local, meeting.addr, meeting.port, meeting.env))
-                spec = RankSpec(rank, local, env, cwd, sys_path, True)
+                spec = RankSpec(rank, local, env, cwd, sys_path, True, display_mode(sys.stdout))
                 cmd_r, cmd_w = mpctx.Pipe(duplex=False)
                 reply_r, reply_w = mpctx.Pipe(duplex=False)
                 break_r, break_w = mpctx.Pipe(duplex=False)
