@@ -157,6 +157,82 @@ def test_timeout_stops_every_rank(no_strays):
     assert time.monotonic() - start < 6
 
 
+def test_a_stop_signals_each_rank_once(monkeypatch):
+    # Was: the rank's group, then the rank itself, so every rank got the stop's SIGINT twice.
+    # When the second came after the first's KeyboardInterrupt had begun the rank's report, it
+    # broke off the send; the rank exited with code 0 and no message, and a timed-out launch
+    # (ranks asleep, a loaded machine) reported "rank N died ...: exit code 0".
+    from mpify.engine import teardown
+    leader = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a rank after setpgid
+    loner = subprocess.Popen(["sleep", "30"])  # a rank before setpgid: no group of its own yet
+    sent = []
+    real_killpg, real_kill = os.killpg, os.kill
+
+    def spy(name, real):
+        def send(pid, sig):
+            if pid in (leader.pid, loner.pid):
+                sent.append((name, pid))
+            return real(pid, sig)
+        return send
+    monkeypatch.setattr(teardown.os, "killpg", spy("killpg", real_killpg))
+    monkeypatch.setattr(teardown.os, "kill", spy("kill", real_kill))
+    try:
+        teardown._signal_rank(leader.pid, signal.SIGTERM)
+        teardown._signal_rank(loner.pid, signal.SIGTERM)
+        assert leader.wait(10) == -signal.SIGTERM and loner.wait(10) == -signal.SIGTERM
+    finally:
+        monkeypatch.undo()
+        for p in (leader, loner):
+            p.kill()
+            p.wait()
+    # The loner's killpg found no group; only its kill reached it.
+    assert sent == [("killpg", leader.pid), ("killpg", loner.pid), ("kill", loner.pid)]
+
+
+def test_a_rank_reporting_as_the_stop_comes_still_gets_its_error_through(no_strays):
+    # Was: the stop's SIGINT, landing while the rank sent its error, raised KeyboardInterrupt in
+    # the middle of the send; the message was lost, the rank exited with code 0, and the launch
+    # reported the timeout (or "rank 1 died ...: exit code 0") instead of the rank's error, which
+    # came before the stop.
+    def f():
+        if os.environ["RANK"] == "0":
+            time.sleep(60)
+
+        class FlushUntilStopped:
+            """A stdout whose first flush (the rank's report flushes before it sends) lasts until
+            the stop's SIGINT has come, passing the signal on to whoever handles it."""
+
+            def __init__(self, stream):
+                self.stream, self.waited = stream, False
+
+            def write(self, text):
+                return self.stream.write(text)
+
+            def flush(self):
+                if not self.waited:
+                    self.waited = True
+                    came, handler = [], signal.getsignal(signal.SIGINT)
+
+                    def chained(signum, frame):
+                        came.append(signum)
+                        handler(signum, frame)
+                    signal.signal(signal.SIGINT, chained)
+                    try:
+                        deadline = time.monotonic() + 30
+                        while not came and time.monotonic() < deadline:
+                            time.sleep(0.01)
+                    finally:
+                        signal.signal(signal.SIGINT, handler)
+                self.stream.flush()
+
+        sys.stdout = FlushUntilStopped(sys.stdout)
+        raise ValueError("raised before the timeout, reported after it")
+
+    with pytest.raises(ValueError, match="raised before the timeout") as info:
+        ranch(2, f, timeout=1.0)
+    assert info.value.mpify_rank == 1
+
+
 def spawn_grandchildren():
     """A rank with DataLoader-like workers: a forked Python worker and an exec'd process."""
     import multiprocessing

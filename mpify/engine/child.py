@@ -191,12 +191,27 @@ def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) ->
     sent = []
 
     def report(message: Done | Failed) -> None:
-        """Send this rank's one message (the first outcome wins)."""
-        if not sent:
-            sent.append(message)
+        """Send this rank's one message (the first outcome wins), whole: the stop's SIGINT may
+        come as fn ends, and its KeyboardInterrupt raised inside this send would leave the pipe
+        empty while the rank still exits with code 0 (the caller then saw a rank die without a
+        word). A SIGINT that comes meanwhile is held and raised once the message is out."""
+        if sent:
+            return
+        held = []
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        try:
             sys.stdout.flush()
             sys.stderr.flush()
-            result_w.send_bytes(serialize.dumps(message))
+            data = serialize.dumps(message)
+            sent.append(message)
+            result_w.send_bytes(data)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+                if held:
+                    signal.raise_signal(signal.SIGINT)
 
     try:
         fn, args, kwargs, extra = serialize.loads(launch)
@@ -207,5 +222,9 @@ def rank_main(spec: RankSpec, launch: bytes, result_w, alive_r, out_w, err_w) ->
         blob = serialize.dumps_result(spec.rank, value) if spec.send_result else None
         report(Done(spec.rank, time.monotonic(), blob))
     except BaseException as exc:  # KeyboardInterrupt and SystemExit are a rank's outcome too
-        report(error_message(spec.rank, exc))
+        try:
+            report(error_message(spec.rank, exc))
+        except KeyboardInterrupt:  # held while the message went out; nothing is left to stop
+            if not sent:
+                raise
     result_w.close()

@@ -211,13 +211,10 @@ class Launch:
             code = child.proc.exitcode if child.proc.exitcode is not None else -signal.SIGKILL
             now = time.monotonic()
             # A death by a signal that the stop sent is our doing (dated now, after the stop:
-            # not a cause); any other death is backdated (see DEATH_SLACK). So is a clean exit
-            # (code 0) once a stop has begun: the rank left as asked. Twice under load (a 1 s
-            # timeout, ranks asleep) such a rank's message was not in its pipe when its exit
-            # was seen, and the launch reported "rank N died ... exit code 0" instead of the
-            # timeout; how the message went missing is not yet known.
-            ours = ((code < 0 and -code in self.signals_sent.get(child.proc.pid, ()))
-                    or (code == 0 and self.stop_reason is not None))
+            # not a cause); any other death is backdated (see DEATH_SLACK). rank_main sends its
+            # message before it returns, whole even when the stop's SIGINT comes meanwhile, so a
+            # code 0 without one is a death like any other (fn's os._exit(0), say).
+            ours = code < 0 and -code in self.signals_sent.get(child.proc.pid, ())
             when = now if ours else now - DEATH_SLACK
             self.record(Failure(child.rank, when, RankDiedError(child.rank, code), by_stop=ours))
         self._check_done()

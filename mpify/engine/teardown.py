@@ -16,11 +16,18 @@ GRACE_SIGTERM = 1.0
 
 
 def _signal_rank(pid: int, sig: int) -> None:
-    for send in (os.killpg, os.kill):  # before setpgid ran, the group does not exist yet
-        try:
-            send(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    """Send `sig` once to the rank's group, or to the rank alone before setpgid made its group.
+    Never both: the rank is in its group, and a second SIGINT lands in whatever the first one's
+    KeyboardInterrupt is doing (once, its report to the caller, whose message was lost)."""
+    try:
+        os.killpg(pid, sig)
+        return
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def group_alive(pid: int) -> bool:
