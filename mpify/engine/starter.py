@@ -38,6 +38,15 @@ _kernels_own). What the caller holds open (a pipe to a subprocess, a socket) the
 zygote must not keep open: every fd but stdio and its own two is pointed at /dev/null, its number
 kept so that no Python object of the caller's that still names it can ever close something else.
 MPIFY_ZYGOTE=0 turns it off.
+
+A caller that is killed (SIGKILL, the OOM killer) runs no exit handler, so the files its exit
+would have removed stay: multiprocess's `pymp-*` folder (the forkservers' sockets are made in it)
+and a forkserver's verdict it had not read. Each forkserver and zygote is told at its start which
+of them are its caller's (its own socket and verdict, and the folder if the caller owns it:
+_own_temp_dir), and removes them at its exit if the caller is gone by then (warm.remove_leftovers).
+It exits once the caller and every rank have closed its alive pipe, and the ranks end themselves
+when their caller dies (child.py's watchdog). It leads a process group of its own, so that it
+outlives a kill of the caller's whole group too (Jupyter kills a kernel so; see Server.launch).
 """
 from __future__ import annotations
 
@@ -192,15 +201,30 @@ if sys.platform != "win32":
             listener, address = _listener()
             with listener:
                 # Every rank holds the write end of "alive" too: the forkserver exits once the
-                # caller and all its ranks have closed it.
+                # caller and all its ranks have closed it. Then, if the caller is gone (killed: its
+                # exit handlers never ran), it removes the caller's files (warm.remove_leftovers):
+                # its own verdict, its own socket, and multiprocess's temp folder if it is the caller's.
                 alive_r, alive_w = os.pipe()
+                leftovers = [self.report, address, *_own_temp_dir()]
+                # It leads a process group of its own so that it outlives a kill of its caller's
+                # whole group, which is how Jupyter kills a kernel (a restart, or a shutdown that
+                # did not finish in time: SIGKILL to the kernel's group); in the caller's group it
+                # died with the kernel, and nobody was left to remove the kernel's files. It still
+                # exits with the caller (the alive pipe), and keeps the caller's session (`ps -s`
+                # finds it). A terminal's Ctrl-C no longer reaches it: once serving, it ignored it.
+                group, first = ({"process_group": 0}, "") if sys.version_info >= (3, 11) else \
+                    ({}, "import os; os.setpgid(0, 0)\n")  # 3.10: none in Popen; the forkserver's first step
                 try:
-                    cmd = (f"from multiprocess.forkserver import main; "
-                           f"main({listener.fileno()}, {alive_r}, {preload!r})")
+                    cmd = (f"{first}from multiprocess.forkserver import main\n"
+                           f"try:\n"
+                           f"    main({listener.fileno()}, {alive_r}, {preload!r})\n"
+                           f"finally:\n"
+                           f"    from mpify.engine.warm import remove_leftovers\n"
+                           f"    remove_leftovers({os.getpid()}, {leftovers!r})\n")
                     exe = spawn.get_executable()
                     self.proc = subprocess.Popen([exe, *util._args_from_interpreter_flags(), "-c", cmd],
                                                  pass_fds=(listener.fileno(), alive_r), env=env,
-                                                 stdin=subprocess.DEVNULL)
+                                                 stdin=subprocess.DEVNULL, **group)
                 except BaseException:
                     os.close(alive_w)
                     raise
@@ -279,6 +303,25 @@ if sys.platform != "win32":
             _reapers.add(reaper)
             reaper.start()
 
+    def _own_temp_dir() -> list[str]:
+        """multiprocess's temp folder (pymp-* in TMPDIR, where _listener makes the forkservers'
+        sockets) if this process is the one whose exit removes it, as a list of zero or one path.
+
+        Only that process's: multiprocess hands the folder's name on to every process it starts
+        (a rank's config holds its caller's, and a rank that launches in turn makes its sockets
+        there), and an os.fork child holds its parent's name and exit handler. The owner is the
+        process that registered the folder's removal, read from multiprocess's registry of exit
+        handlers; should that registry ever change shape, none: the folder is then left behind
+        as before, and never one of a live process removed."""
+        tempdir = util.get_temp_dir()
+        try:
+            for f in list(util._finalizer_registry.values()):
+                if f._callback is util._remove_temp_dir and f._pid == os.getpid() and tempdir in f._args:
+                    return [tempdir]
+        except (AttributeError, TypeError):
+            pass
+        return []
+
     def _listener() -> tuple[socket.socket, str]:
         """A forkserver's listening socket (as multiprocess's ensure_running makes it): the socket
         and its address, which only this user may connect to."""
@@ -297,6 +340,7 @@ if sys.platform != "win32":
             resource_tracker.ensure_running()  # in the caller, as for any server: ranks get its fd
             listener, address = _listener()
             alive_r, alive_w = os.pipe()
+            caller, leftovers = os.getpid(), [address, *_own_temp_dir()]  # as a Server's (launch)
             # What the caller printed but has not flushed would be printed again by the zygote.
             util._flush_std_streams()
             with warnings.catch_warnings():
@@ -305,7 +349,7 @@ if sys.platform != "win32":
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:
-                _serve_as_zygote(listener.fileno(), alive_r)  # never returns
+                _serve_as_zygote(listener.fileno(), alive_r, caller, leftovers)  # never returns
             listener.close()
             os.close(alive_r)
             self.proc = _Forked(pid)
@@ -390,16 +434,18 @@ if sys.platform != "win32":
 
     _kept_streams: list = []
 
-    def _serve_as_zygote(listener_fd: int, alive_r: int) -> None:
+    def _serve_as_zygote(listener_fd: int, alive_r: int, caller: int, leftovers: list[str]) -> None:
         """The zygote's life: let go of what the caller holds, then serve forks until the caller
-        and every rank are gone. Leaves only through os._exit: the caller's atexit handlers and
-        finalizers are the caller's, never run twice."""
+        and every rank are gone, and remove the caller's `leftovers` if it was killed (as a
+        Server's forkserver does, warm.remove_leftovers). Leaves only through os._exit: the
+        caller's atexit handlers and finalizers are the caller's, never run twice."""
         import gc
         import signal
         import traceback
 
         code = 0
         try:
+            os.setpgid(0, 0)  # a process group of its own, as a Server's forkserver (see Server.launch)
             null = os.open(os.devnull, os.O_RDWR)
             for name in os.listdir("/proc/self/fd"):
                 fd = int(name)
@@ -426,9 +472,12 @@ if sys.platform != "win32":
             sys.stderr = open(2, "w", buffering=1, closefd=False)
             gc.freeze()  # as warm.py: a rank's collections never walk (so never copy) what it shares
             from multiprocess.forkserver import main
-            main(listener_fd, alive_r, [])
-        except SystemExit:  # main's way out: the alive pipe reached EOF
-            pass
+            try:
+                main(listener_fd, alive_r, [])
+            except SystemExit:  # main's way out: the alive pipe reached EOF
+                pass
+            from mpify.engine.warm import remove_leftovers
+            remove_leftovers(caller, leftovers)
         except BaseException:
             code = 1
             try:

@@ -12,6 +12,11 @@ rule stops the preloading, and the verdict written to MPIFY_PRELOAD_REPORT tells
 start the forkserver again without it (starter.py).
 
 Run in the forkserver only; importing it elsewhere does nothing.
+
+remove_leftovers runs at a forkserver's exit (a zygote's too): a caller that was killed (SIGKILL,
+the OOM killer) ran no exit handler, so the files its exit would have removed (multiprocess's
+`pymp-*` folder with the forkservers' sockets, a verdict it never read) are removed by the
+forkservers that outlive it, each told at its start which are the caller's (starter.py).
 """
 from __future__ import annotations
 
@@ -59,6 +64,54 @@ def preload(names: list[str]) -> dict:
             return {"loaded": loaded, "missing": missing, "refused": name, "why": "it initialised CUDA"}
         loaded.append(name)
     return {"loaded": loaded, "missing": missing, "refused": None, "why": None}
+
+
+def remove_leftovers(caller: int, paths: list[str]) -> None:
+    """At a forkserver's exit: remove `paths`, what its caller's exit would have removed, if the
+    caller is gone (_caller_gone). Never raises: the forkserver is exiting anyway.
+
+    A caller that lives (it retired this forkserver, which exits once its ranks have) removes
+    these files itself (starter's reapers, multiprocess's exit handler): then nothing is touched
+    here, so no file of a live process is removed. A caller that exited normally removed them
+    already: then nothing is left to remove."""
+    if not _caller_gone(caller):
+        return
+    import shutil
+
+    for path in paths:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)  # another forkserver of the caller's may race us
+            else:
+                os.unlink(path)
+        except OSError:  # gone already (removed by the caller, or by another of its forkservers)
+            pass
+
+
+# The kernel flags word's bit for "this task is exiting" (PF_EXITING in include/linux/sched.h;
+# /proc/PID/stat's 9th field, proc(5)).
+_PF_EXITING = 0x4
+
+
+def _caller_gone(caller: int) -> bool:
+    """Whether the caller, whose child this forkserver is (started or forked by it), has exited
+    or is exiting, once the alive pipe has reached EOF.
+
+    Reparented (getppid() names another process): its exit is complete. Still our parent: it
+    lives (it retired us: closed the alive pipe itself), or it is exiting right now, as the kernel
+    closes a dying process's files, hence the pipe's EOF, before it reparents its children; such
+    a process is a zombie or has PF_EXITING set (read from /proc). Only in the microseconds
+    between the two reads could the caller finish exiting, be reaped and its pid go to a new
+    process (after a wrap-around of pids). Without /proc (macOS) a caller still our parent
+    counts as alive: its files are then left behind, as before."""
+    if os.getppid() != caller:
+        return True
+    try:
+        with open(f"/proc/{caller}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold spaces
+        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _main() -> None:
