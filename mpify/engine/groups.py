@@ -110,6 +110,24 @@ class _Owner:
         self.groups.clear()
         self.models.clear()
 
+    def release_destroyed(self) -> None:
+        """Let go of the groups destroyed since they were made (by fn, a framework's own
+        teardown), as `release` does at the scope's end (see `release_destroyed` below)."""
+        live = getattr(getattr(self.c10d, "_world", None), "pg_map", None)
+        if live is None:
+            return
+        gone = [pg for pg in self.groups if pg not in live]
+        if not gone:
+            return
+        self.groups = [pg for pg in self.groups if pg in live]
+        ours = {id(pg) for pg in gone}
+        self._unhook_models(ours)
+        _unpin_defaults(ours)
+        if any(sys.getrefcount(pg) > _OURS_ONLY for pg in gone):
+            gc.collect()
+            self._unhook_models(ours)
+        gone.clear()  # the last references, as in release
+
     def _unhook_models(self, ours: set[int]) -> None:
         for ref in self.models:
             model = ref()
@@ -185,6 +203,20 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 _TORCH_READY = "torch.nn.parallel.distributed"
 
 
+_owners: list[_Owner] = []  # the scopes open in this process, innermost last
+
+
+def release_destroyed() -> None:
+    """Between a live world's cells, in each of its ranks: the groups a cell destroyed are let go
+    of now, not when the world closes. A destroyed group that something still holds (fn's DDP model
+    in a cycle of a framework's objects, ignite's Engine and its handlers) keeps its rendezvous
+    store listening on the world's MASTER_PORT; the next cell's `init_process_group` then made a
+    second store on that port, and a rank that reached the old one waited for good (ignite's
+    `idist.Parallel` in a second training cell, seen in a kernel)."""
+    if _owners:
+        _owners[-1].release_destroyed()
+
+
 @contextmanager
 def launch_scope() -> Iterator[None]:
     """Around ctx + fn in one rank: the groups created inside belong to the launch (see above)."""
@@ -196,6 +228,7 @@ def launch_scope() -> Iterator[None]:
         if owner is None and c10d is not None and hasattr(c10d, "_register_process_group"):
             owner = _Owner(c10d)
             owner.install()
+            _owners.append(owner)
 
     adopt()
     watcher = None
@@ -209,4 +242,6 @@ def launch_scope() -> Iterator[None]:
             sys.meta_path.remove(watcher)
         if owner is not None:
             owner.uninstall()
+            if owner in _owners:
+                _owners.remove(owner)
             owner.release()

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine import groups, rendezvous, serialize, shm, starter, teardown
 from mpify.engine.child import RankSpec, _in_fn, call_fn, rank_scope, stamp_failure
 from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, THREADS_VAR, Topology, caller_threads, held, rank_env
@@ -449,6 +449,7 @@ class World:
             self._record(rnd, Failure(me, stamp_failure(exc), exc))
         finally:
             _in_fn.clear()
+            groups.release_destroyed()  # as every rank does after each cell (world_rank.py)
             with rnd.cond:
                 rnd.caller_busy = False
                 rnd.cond.notify_all()

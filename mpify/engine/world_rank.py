@@ -28,7 +28,7 @@ import types
 from contextlib import ExitStack
 from typing import Any
 
-from mpify.engine import displays, serialize
+from mpify.engine import displays, groups, serialize
 from mpify.engine.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
 from mpify.engine.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
@@ -124,6 +124,8 @@ class _Rank:
         except BaseException as exc:  # KeyboardInterrupt and SystemExit are a cell's outcome too
             _busy.clear()
             return Failed.of(self.spec.rank, _from_user_code(exc), stamp_failure(exc))
+        finally:
+            groups.release_destroyed()
 
     def enter(self) -> None:
         self.scope.enter_context(rank_scope(self.ctx))  # as a launch's rank, for the world's life
