@@ -4,6 +4,7 @@ bottom), in a live world's `%%ranch` cell; a pipe gets whole lines, the final fr
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -118,6 +119,84 @@ def test_world_ranch_cell_shows_child_bars_live(executed):
     for rank in (1, 2):
         finals = [s for s in shown if s.startswith(f"[rank {rank}] ")]
         assert len(finals) == 1 and "100%" in finals[0], shown
+
+
+# ---- a fresh kernel's first launch and first world: ranks forked from the kernel itself ------------
+
+FIRST_LAUNCH = """import json, os, sys, time, psutil
+from tqdm.auto import tqdm  # the notebook's usual bar: a widget in the kernel, text in a rank
+from mpify import ranch
+
+
+def work(steps: int = 30):
+    for _ in tqdm(range(steps)):
+        time.sleep(0.1)
+    from IPython import get_ipython
+    return hasattr(sys, "ps1"), type(get_ipython()).__name__, psutil.Process(os.getppid()).cmdline()
+
+
+seen = ranch(3, work, gather=True)
+print("SEEN", json.dumps(seen[1:]))
+print("LAUNCH-DONE")"""
+
+FIRST_WORLD = """%load_ext mpify
+%mpify start 3"""
+
+WORLD_BAR = """%%ranch
+import os, sys, time, psutil
+from tqdm.auto import tqdm
+from IPython import get_ipython
+for _ in tqdm(range(30)):
+    time.sleep(0.1)
+if os.environ["RANK"] != "0":
+    print("SEEN", hasattr(sys, "ps1"), type(get_ipython()).__name__)"""
+
+
+def run_recorded(kernel_name, cells: list[str], cwd) -> tuple:
+    """A fresh kernel runs `cells`; every iopub message of each cell kept with its arrival time."""
+    from nbclient import NotebookClient
+
+    seen: dict[int, list] = {}
+
+    class Recording(NotebookClient):
+        def process_message(self, msg, cell, cell_index):
+            seen.setdefault(cell_index, []).append((time.monotonic(), msg))
+            return super().process_message(msg, cell, cell_index)
+
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells])
+    Recording(nb, kernel_name=kernel_name, timeout=120, allow_errors=True,
+              resources={"metadata": {"path": str(cwd)}}).execute()
+    for cell in nb.cells:
+        errors = [o for o in cell.get("outputs", []) if o.output_type == "error"]
+        assert not errors, errors
+    return nb, seen
+
+
+def test_a_fresh_kernels_first_launch_shows_every_rank_bar_from_ranks_without_a_shell(kernel_name, tmp_path):
+    """The first launch, in the same cell as `from mpify import ranch`, is served by the kernel
+    forked (no forkserver is ready yet): its ranks are plain processes all the same (engine/plain.py),
+    so tqdm.auto is a text bar there, shown live in the cell."""
+    nb, seen = run_recorded(kernel_name, [FIRST_LAUNCH], tmp_path)
+    msgs = seen[0]
+    done = next(t for t, m in msgs if m["msg_type"] == "stream" and "LAUNCH-DONE" in m["content"]["text"])
+    assert_live(msgs, done)
+    out = "".join(o.text for o in nb.cells[0].outputs if o.output_type == "stream" and o.name == "stdout")
+    ranks = json.loads(out.split("SEEN ", 1)[1].splitlines()[0])
+    for ps1, shell, parent in ranks:
+        assert (ps1, shell) == (False, "NoneType"), ranks
+        assert "ipykernel_launcher" in " ".join(parent), parent  # forked from the kernel (the zygote)
+    stderr = "".join(o.text for o in nb.cells[0].outputs if o.output_type == "stream" and o.name == "stderr")
+    assert "send message from fork" not in stderr and "[rank 1]" not in stderr, stderr[-2000:]
+
+
+def test_a_world_started_in_a_fresh_kernels_first_cell_shows_every_rank_bar(kernel_name, tmp_path):
+    nb, seen = run_recorded(kernel_name, [FIRST_WORLD, WORLD_BAR, "%mpify stop"], tmp_path)
+    msgs = seen[1]
+    idle = next(t for t, m in msgs if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle")
+    assert_live(msgs, idle - 0.5)
+    out = "".join(o.text for o in nb.cells[1].outputs if o.output_type == "stream" and o.name == "stdout")
+    for rank in (1, 2):
+        assert f"[rank {rank}] SEEN False NoneType" in out, out
 
 
 # ---- the terminal and the pipe: `mpify run` ----------------------------------------------------------
