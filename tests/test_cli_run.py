@@ -242,3 +242,26 @@ def test_list_none_and_async_targets_from_run_and_from_the_export(tmp_path, no_s
                             timeout=120)
     assert script.returncode == 0, script.stderr
     assert script.stdout.strip() == repr([7, None, ["a", "b"]])
+
+
+def test_a_child_ranks_figure_goes_to_a_file_in_a_terminal(tmpdir_, tmp_path, no_strays):
+    """`mpify run`: no cell to show a child rank's `plt.show()` in, so its figure is written as a
+    PNG under mpify_figures/ in the ranks' working directory (the notebook's folder, as in its
+    kernel) and its path printed; rank 0's figure is matplotlib's own business
+    (a non-interactive backend here: nothing is written)."""
+    nb = tmp_path / "plots.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(
+        "import os\nimport matplotlib.pyplot as plt\n\n"
+        "def draw():\n    rank = int(os.environ['RANK'])\n    plt.plot([0, 1], [rank, rank + 1])\n"
+        "    plt.show()\n    return rank")]), str(nb))
+    work = tmp_path / "work"
+    work.mkdir()
+    r = mpify("run", str(nb), "--fn", "draw", "-n", "2", tmpdir=tmpdir_, cwd=work)
+    assert r.returncode == 0, r.stderr
+    shown = re.findall(r"^\[rank 1\] figure: (.+\.png)$", r.stdout, re.M)
+    assert len(shown) == 1, r.stdout
+    path = shown[0]
+    assert os.path.dirname(path) == str(tmp_path / "mpify_figures")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path / "mpify_figures") == [os.path.basename(path)]  # rank 0 wrote none

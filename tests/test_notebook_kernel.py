@@ -1,6 +1,8 @@
 """ranch inside a real Jupyter kernel (nbclient + ipykernel): the kernel is rank 0, cells' own
 functions, lambdas and classes travel to the ranks, rank output lands in the launching cell.
 The notebooks run in the session's shared kernel (conftest.SharedKernel), one after another."""
+import re
+
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -82,3 +84,33 @@ def test_async_function_from_a_kernel(shared_kernel, kernel_name, tmp_path):
     shared_kernel.run(nb, tmp_path)
     assert texts(nb.cells[2]).strip() == "[0, 1, 2]"
     assert not strays()
+
+
+FLOOD = """import os, re
+from mpify import ranch
+
+def flood(n=300):
+    from IPython.display import display
+    if os.environ["RANK"] != "0":  # rank 0 is the kernel: its displays are the user's own
+        for i in range(n):
+            display({"text/html": f"<b>{i}</b>", "text/plain": str(i)}, raw=True)
+    return n
+
+ranch(2, flood)"""
+
+
+def test_a_rank_displaying_in_a_tight_loop_cannot_flood_the_cell(shared_kernel, kernel_name, tmp_path):
+    """300 displays from rank 1 in well under a second: a burst reaches the cell, the rest are
+    counted in one line of rank 1's (engine/output.py's RICH_* limits)."""
+    from mpify.engine.output import RICH_BURST, RICH_PER_SECOND
+
+    nb = new_notebook(cells=[new_code_cell(FLOOD)])
+    nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
+    shared_kernel.run(nb, tmp_path)
+    outputs = nb.cells[0].outputs
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    shown = [o for o in outputs if o.output_type == "display_data" and o.metadata.get("mpify", {}).get("rank") == 1]
+    assert RICH_BURST <= len(shown) <= RICH_BURST + 2 * RICH_PER_SECOND, len(shown)
+    assert [o.data["text/plain"] for o in shown[:3]] == ["[rank 1] 0", "[rank 1] 1", "[rank 1] 2"]
+    note = re.search(r"\[rank 1\] \((\d+) displays left out: at most 5 a second", texts(nb.cells[0]))
+    assert note and int(note[1]) + len(shown) == 300, texts(nb.cells[0])
