@@ -189,14 +189,23 @@ def test_a_fresh_kernels_first_launch_shows_every_rank_bar_from_ranks_without_a_
     assert "send message from fork" not in stderr and "[rank 1]" not in stderr, stderr[-2000:]
 
 
+NOTEBOOK_BAR = """%%ranch
+from tqdm.notebook import trange  # a widget bar, asked for by name: text in a rank
+for _ in trange(5, desc="widget"):
+    time.sleep(0.05)"""
+
+
 def test_a_world_started_in_a_fresh_kernels_first_cell_shows_every_rank_bar(kernel_name, tmp_path):
-    nb, seen = run_recorded(kernel_name, [FIRST_WORLD, WORLD_BAR, "%mpify stop"], tmp_path)
+    nb, seen = run_recorded(kernel_name, [FIRST_WORLD, WORLD_BAR, NOTEBOOK_BAR, "%mpify stop"], tmp_path)
     msgs = seen[1]
     idle = next(t for t, m in msgs if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle")
     assert_live(msgs, idle - 0.5)
     out = "".join(o.text for o in nb.cells[1].outputs if o.output_type == "stream" and o.name == "stdout")
     for rank in (1, 2):
         assert f"[rank {rank}] SEEN False NoneType" in out, out
+    shown = [o.data["text/plain"] for o in nb.cells[2].outputs if o.output_type == "display_data"]
+    for rank in (1, 2):
+        assert any(s.startswith(f"[rank {rank}] widget: 100%") for s in shown), shown
 
 
 # ---- the terminal and the pipe: `mpify run` ----------------------------------------------------------

@@ -71,7 +71,14 @@ def _drop_shell() -> None:
             trap.deactivate()  # puts back what the trap replaced, removes what it added
         except Exception:  # not active (no cell was running): nothing of it to take out
             pass
-    builtins.__dict__.pop("get_ipython", None)
+    # What IPython's shell put in the builtins for good (`display`, `__IPYTHON__`, which some
+    # libraries read as "in IPython") and its hooks: a process torchrun starts has none of them.
+    for name in ("get_ipython", "display", "__IPYTHON__"):
+        builtins.__dict__.pop(name, None)
+    for hook in ("displayhook", "excepthook"):
+        # an instance's __module__ is its class's; a bound method's, its function's
+        if (getattr(getattr(sys, hook), "__module__", None) or "").startswith(("IPython.", "ipykernel.")):
+            setattr(sys, hook, getattr(sys, f"__{hook}__"))
     # Every class from the shell's own type up holds the instance (traitlets' singletons):
     # clearing from InteractiveShell alone would leave ZMQInteractiveShell._instance set.
     type(shell).clear_instance()
