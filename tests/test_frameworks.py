@@ -11,6 +11,7 @@ shared); 2 ranks, tiny models, a few steps. Every training cell prints, on every
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -217,9 +218,18 @@ RESULT = re.compile(r"^(?:\[rank (\d+)\] )?RESULT (\{.*\})$", re.M)
 def executed(kernel_name, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("frameworks")
     nb = new_notebook(cells=[new_code_cell(c) for c in CELLS])
-    import os
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    run_notebook(nb, kernel_name, cwd=cwd, timeout=240)
+    # the kernel inherits this process's environment: HF offline (no network here), only for it
+    offline = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    before = {k: os.environ.get(k) for k in offline}
+    os.environ.update(offline)
+    try:
+        run_notebook(nb, kernel_name, cwd=cwd, timeout=240)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     for i, cell in enumerate(nb.cells):
         errors = [o for o in cell.outputs if o.output_type == "error"]
         assert not errors, (i, cell.source[:200], [(e.ename, e.evalue, "\n".join(e.traceback)[-3000:]) for e in errors])
