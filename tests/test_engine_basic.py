@@ -309,3 +309,38 @@ def test_a_launch_from_a_second_thread_is_refused_and_nested_launches_work(no_st
     t.join()
     assert out["bg"] == [0, 1]
     assert ranch(2, lambda: ranch(2, slow_rank, gather=True), gather=True) == [[0, 1], [0, 1]]  # nested
+
+
+DEEP_TMPDIR_SCRIPT = """
+import os
+from mpify import ranch
+from mpify.engine import starter
+
+def where():
+    return os.environ["RANK"]
+
+print("RESULTS", ranch(3, where, gather=True), ranch(2, where, gather=True), flush=True)
+print("OUTSIDE", [owned[-1] for owned in starter._outside], flush=True)
+"""
+
+
+def test_a_deep_tmpdir_still_launches_and_leaves_nothing(tmp_path):
+    """A TMPDIR too deep for a socket's path (a CI's per-test folder: bind failed with "AF_UNIX
+    path too long" before any rank started): the forkservers' sockets go to a short folder of
+    their own, removed at exit, as is everything in TMPDIR."""
+    import subprocess
+
+    from helpers import die_with_parent, python_script
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env["TMPDIR"] = str(deep)
+    done = subprocess.run(python_script(tmp_path, DEEP_TMPDIR_SCRIPT), env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=die_with_parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "RESULTS ['0', '1', '2'] ['0', '1']" in done.stdout, done.stdout + done.stderr
+    outside = eval(done.stdout.split("OUTSIDE", 1)[1].strip())
+    assert outside and all(len(f) < 40 for f in outside), outside  # the short folders were used
+    assert not [f for f in outside if os.path.exists(f)], "left behind"
+    assert not [n for n in os.listdir(deep) if n.startswith(("pymp-", "mpify-"))], os.listdir(deep)

@@ -82,12 +82,13 @@ def test_killed_kernel_and_launcher_leave_no_temp_files(kernel_name, tmp_path):
     kc.start_channels()
     pids: set[int] = set()
     try:
-        ranks = set()
+        ranks, said = set(), []
         for line in launcher.stdout:
+            said.append(line)
             ranks |= {int(p) for p in re.findall(r"RANK PID (\d+)", line)}
             if len(ranks) == 3:
                 break
-        assert len(ranks) == 3, "the launcher's ranks did not start"
+        assert len(ranks) == 3, "the launcher's ranks did not start:\n" + "".join(said)
         pids |= marked(mark)
         launcher.kill()
         launcher.wait()

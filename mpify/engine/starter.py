@@ -109,6 +109,9 @@ _reapers: set[threading.Thread] = set()  # threads waiting for a retired server 
 # once, on 3.10). At exit the reapers leave the sockets to it (_at_exit).
 _files_lock = threading.Lock()
 _exiting = False
+# Listeners' sockets made outside multiprocess's temp folder (_listener): [socket, folder] lists
+# whose removal no exit handler of multiprocess's does; _at_exit removes what is left of them.
+_outside: list[list[str]] = []
 _refused: set[str] = set()  # modules that failed the check once: never preloaded again
 _packages_seen: tuple[int, tuple] = (-1, ())
 
@@ -177,6 +180,7 @@ if sys.platform != "win32":
             self.signature = (heavy, () if quick else extras, env)
             self.quick = quick
             self.proc = None  # subprocess.Popen of the forkserver
+            self.owned: list[str] = []  # its socket's file (and folder), removed once it exits
             self.verdict: dict | None = None  # engine/warm.py's, once its preloading is done
             self.present: set[str] = set()  # top-level modules it holds (the verdict's)
             self.started = time.monotonic()
@@ -198,14 +202,14 @@ if sys.platform != "win32":
             preload = list(BASE_MODULES) + list(heavy) + ["mpify.engine.warm"]
             env = dict(os.environ, **{warm.LIST_ENV: json.dumps(list(extras)), warm.REPORT_ENV: self.report,
                                       warm.PATH_ENV: json.dumps(sys.path)})
-            listener, address = _listener()
+            listener, address, owned = _listener()
             with listener:
                 # Every rank holds the write end of "alive" too: the forkserver exits once the
                 # caller and all its ranks have closed it. Then, if the caller is gone (killed: its
                 # exit handlers never ran), it removes the caller's files (warm.remove_leftovers):
                 # its own verdict, its own socket, and multiprocess's temp folder if it is the caller's.
                 alive_r, alive_w = os.pipe()
-                leftovers = [self.report, address, *_own_temp_dir()]
+                leftovers = [self.report, *owned, *_own_temp_dir()]
                 # It leads a process group of its own so that it outlives a kill of its caller's
                 # whole group, which is how Jupyter kills a kernel (a restart, or a shutdown that
                 # did not finish in time: SIGKILL to the kernel's group); in the caller's group it
@@ -230,7 +234,7 @@ if sys.platform != "win32":
                     raise
                 finally:
                     os.close(alive_r)
-            self._forkserver_address = address
+            self._forkserver_address, self.owned = address, owned
             self._forkserver_alive_fd = alive_w
             self._forkserver_pid = self.proc.pid
             debug("forkserver", self.proc.pid, "starting,", "quick" if self.quick else "complete",
@@ -283,15 +287,15 @@ if sys.platform != "win32":
                 os.close(self._forkserver_alive_fd)
             except (OSError, TypeError):
                 pass
-            address = self._forkserver_address
+            owned = self.owned
             self._forkserver_alive_fd = self._forkserver_address = None
 
             def reap():
                 if self.proc is not None:
                     self.proc.wait()
                 with _files_lock:
-                    if address and not _exiting and not util.is_abstract_socket_namespace(address):
-                        _unlink(address)
+                    if not _exiting:
+                        _remove_owned(owned)
                 _unlink(self.report)  # in TMPDIR itself, not in multiprocess's folder
                 with _lock:
                     if self in _servers:
@@ -322,25 +326,49 @@ if sys.platform != "win32":
             pass
         return []
 
-    def _listener() -> tuple[socket.socket, str]:
-        """A forkserver's listening socket (as multiprocess's ensure_running makes it): the socket
-        and its address, which only this user may connect to."""
-        listener = socket.socket(socket.AF_UNIX)
+    # A socket's path must fit sockaddr_un's sun_path: 108 bytes with the closing NUL on Linux.
+    _SUN_PATH = 107
+
+    def _listener() -> tuple[socket.socket, str, list[str]]:
+        """A forkserver's listening socket (as multiprocess's ensure_running makes it): the socket,
+        its address, which only this user may connect to, and what to remove once it is closed
+        (the socket's file, then a folder made for it), in that order.
+
+        The address is in multiprocess's temp folder (pymp-* in TMPDIR) unless that path is too
+        long for a socket: a deep TMPDIR (a CI's per-test folder, a cluster's job folder) made
+        bind fail with "AF_UNIX path too long" before any rank started. Then the socket goes in a
+        folder of its own, private to this user (0700), under the first short system temp folder,
+        as CPython 3.12's multiprocessing does for its own temp folder."""
         address = connection.arbitrary_address("AF_UNIX")
-        listener.bind(address)
-        if not util.is_abstract_socket_namespace(address):
-            os.chmod(address, 0o600)
+        owned = [address]
+        if len(os.fsencode(address)) > _SUN_PATH:
+            name = os.path.basename(address)
+            for base in ("/tmp", "/var/tmp", "/usr/tmp", os.getcwd()):
+                if os.path.isdir(base) and len(os.fsencode(base)) + 24 + len(name) <= _SUN_PATH:
+                    break
+            folder = tempfile.mkdtemp(prefix="mpify-", dir=base)  # 0700
+            address = os.path.join(folder, name)
+            owned = [address, folder]
+            _outside.append(owned)
+        listener = socket.socket(socket.AF_UNIX)
+        try:
+            listener.bind(address)
+        except OSError:
+            listener.close()
+            _remove_owned(owned)
+            raise
+        os.chmod(address, 0o600)
         listener.listen()
-        return listener, address
+        return listener, address, owned
 
     class Zygote(Server):
         """The caller forked into a forkserver (see the module's docstring): ready at once."""
 
         def launch(self) -> None:
             resource_tracker.ensure_running()  # in the caller, as for any server: ranks get its fd
-            listener, address = _listener()
+            listener, address, owned = _listener()
             alive_r, alive_w = os.pipe()
-            caller, leftovers = os.getpid(), [address, *_own_temp_dir()]  # as a Server's (launch)
+            caller, leftovers = os.getpid(), [*owned, *_own_temp_dir()]  # as a Server's (launch)
             # What the caller printed but has not flushed would be printed again by the zygote.
             util._flush_std_streams()
             with warnings.catch_warnings():
@@ -353,7 +381,7 @@ if sys.platform != "win32":
             listener.close()
             os.close(alive_r)
             self.proc = _Forked(pid)
-            self._forkserver_address = address
+            self._forkserver_address, self.owned = address, owned
             self._forkserver_alive_fd = alive_w
             self._forkserver_pid = pid
             present = sorted(name for name in sys.modules if "." not in name)
@@ -534,6 +562,17 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _remove_owned(paths: list[str]) -> None:
+    """Remove a listener's socket file, then the folder made for it (_listener), if there."""
+    if paths in _outside:
+        _outside.remove(paths)
+    for path in paths:
+        try:
+            os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+        except OSError:
+            pass
 
 
 def context() -> mp.context.BaseContext:
@@ -751,6 +790,8 @@ def _at_exit() -> None:
     global _exiting
     with _files_lock:
         _exiting = True
+        for owned in list(_outside):
+            _remove_owned(owned)
     _kill_starting()
 
 
