@@ -15,6 +15,16 @@ SHARED_KERNELS: set[int] = set()
 _KEEPER_MAINS = ("multiprocess.forkserver import main", "multiprocess.resource_tracker import main")
 
 
+def _exiting(pid: int) -> bool:
+    """The process is on its way out (PF_EXITING in /proc/PID/stat's flags, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & 0x4)
+    except (OSError, IndexError, ValueError):
+        return True  # gone already
+
+
 def keepers() -> set[int]:
     """Processes mpify keeps on purpose between launches: the warm forkservers and the resource
     tracker of multiprocess; and the session's shared kernel with its own of them."""
@@ -30,13 +40,20 @@ def keepers() -> set[int]:
         pass
     for kernel in SHARED_KERNELS:
         try:
-            children = psutil.Process(kernel).children()
+            proc = psutil.Process(kernel)
+            children, argv = proc.children(), proc.cmdline()
         except psutil.NoSuchProcess:
             continue
         pids.add(kernel)
         for child in children:  # its ranks are the forkserver's children, never kept
             try:
-                if any(m in " ".join(child.cmdline()) for m in _KEEPER_MAINS):
+                # A forkserver; or the kernel's zygote (the kernel forked into a forkserver, so
+                # the kernel's own command line), which serves until a forkserver is ready and
+                # exits a moment after that, once its last ranks have.
+                # A kernel's child that is exiting is one of those, retired (a forkserver once
+                # a complete one is ready): ranks are a forkserver's or the zygote's children.
+                line = child.cmdline()
+                if any(m in " ".join(line) for m in _KEEPER_MAINS) or line == argv or _exiting(child.pid):
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass
@@ -54,6 +71,17 @@ def strays(root: int | None = None) -> list[psutil.Process]:
                 out.append(p)
         except psutil.NoSuchProcess:
             pass
+    return out
+
+
+def described(procs: list[psutil.Process]) -> list[tuple]:
+    """Strays as an assertion shows them: pid, parent, command line."""
+    out = []
+    for p in procs:
+        try:
+            out.append((p.pid, p.ppid(), p.cmdline()[:4]))
+        except psutil.NoSuchProcess:
+            out.append((p.pid, "gone"))
     return out
 
 

@@ -205,6 +205,7 @@ WORLDS = (
     world_cells("", LIGHTNING, "Tiny()", "lightning_fit('ddp', model, tag='lightning-world')")
     + world_cells("", HF, "Regressor()", "hf_train(hf_out, model, tag='hf-world')")
     + world_cells(" --ddp", ACCELERATE, "torch.nn.Linear(4, 1)", "accelerate_train(model, tag='accelerate-world')")
+    + world_cells("", IGNITE, "torch.nn.Linear(4, 1)", "ignite_train(model, tag='ignite-world')")
     + ["%mpify start 2", f"%%ranch\n{COMMON}\n{RICH}\nshow_shard()", "%mpify stop"]
 )
 CELLS = [COMMON, LIGHTNING, LIGHTNING_RUNS, HF, HF_RUNS, ACCELERATE, ACCELERATE_RUNS, IGNITE, IGNITE_RUNS,
@@ -329,8 +330,8 @@ def test_ignite_parallel_joins_the_ranks_three_launches_and_a_world(executed):
     same_training(runs)
     assert {r["backend"] for run in runs for r in run} == {"gloo"}
     assert {r["parallel_made"] for run in runs for r in run} == {"native-dist"}
-    # ignite in a live world: a second training cell still failed once under load (gloo
-    # connectFullMesh), so its world row is left out until that is understood (closing note).
+    world = check(executed, "ignite-world", 2)
+    assert world[0][0]["losses"] != world[1][0]["losses"]
 
 
 def rich_outputs(cell, rank: int) -> list:

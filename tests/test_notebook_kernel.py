@@ -6,7 +6,7 @@ import re
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
 
-from helpers import strays
+from helpers import described, strays
 
 CELLS = [
     "import os\nfrom mpify import ranch",
@@ -45,7 +45,7 @@ def test_notebook_cells_run_on_three_ranks(shared_kernel, kernel_name, tmp_path)
     again = [o for o in nb.cells[6].outputs if o.output_type == "execute_result"]
     assert again and again[0]["data"]["text/plain"] == "11"
     assert "[rank 1] hello from 1" in texts(nb.cells[6])
-    assert not strays()
+    assert not strays(), described(strays())
 
 
 BIG_CELLS = [
@@ -67,7 +67,7 @@ def test_big_arguments_passed_again_from_a_kernel(shared_kernel, kernel_name, tm
     shared_kernel.run(nb, tmp_path)
     want = [(float((8 << 20) - 1), 0)] * 3, [(-1.0, 7)] * 3
     assert texts(nb.cells[5]).strip() == f"{want[0]} {want[1]} True"
-    assert not strays()
+    assert not strays(), described(strays())
 
 
 ASYNC_CELLS = [
@@ -83,7 +83,7 @@ def test_async_function_from_a_kernel(shared_kernel, kernel_name, tmp_path):
     nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}
     shared_kernel.run(nb, tmp_path)
     assert texts(nb.cells[2]).strip() == "[0, 1, 2]"
-    assert not strays()
+    assert not strays(), described(strays())
 
 
 FLOOD = """import os, re

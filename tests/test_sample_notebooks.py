@@ -10,7 +10,7 @@ import shutil
 import nbformat
 import pytest
 
-from helpers import strays
+from helpers import described, strays
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sample_notebooks")
 
@@ -23,7 +23,7 @@ def run_all(shared_kernel, tmp_path, name: str):
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, [(e.ename, e.evalue) for e in errors]
-    assert not strays()
+    assert not strays(), described(strays())
     return code
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import python_script, strays
+from helpers import described, python_script, strays
 from mpify import PortInUseError, TorchDDPCtx, in_torchddp, ranch, torchddp_launch
 
 torch = pytest.importorskip("torch")
@@ -195,7 +195,7 @@ def test_sample_notebook_trains_in_a_real_kernel(shared_kernel, tmp_path):
     # seconds on CPU, as its first cell says (12-19 s with two test workers on 2 cores, 34 s
     # with three): a bound against a launch that waits or hangs, not a speed goal (benchmarks/)
     assert took < 60
-    assert not strays()
+    assert not strays(), described(strays())
 
 
 def test_twenty_launches_from_one_kernel(shared_kernel, tmp_path):

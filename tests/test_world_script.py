@@ -10,7 +10,7 @@ import time
 import pytest
 
 import mpify
-from helpers import python_script, strays, wait_gone
+from helpers import described, python_script, strays, wait_gone
 from mpify import RankDiedError, World, WorldClosedError
 
 SCRIPT = r'''
@@ -92,6 +92,31 @@ def test_the_user_makes_the_group_in_a_cell(world):
     world.exec("dist.destroy_process_group()")
 
 
+REINIT = ("import os, time, torch, torch.distributed as dist\n"
+          "if os.environ['RANK'] == '0':\n"
+          "    time.sleep(1.5)  # the other ranks reach the store first\n"
+          "dist.init_process_group('gloo')\n"
+          "t = torch.ones(1) * (dist.get_rank() + 1)\n"
+          "dist.all_reduce(t)\n"
+          "dist.destroy_process_group()")
+
+
+@pytest.mark.parametrize("hosted", [True, False], ids=["store-hosted", "rank0-hosts"])
+def test_a_group_made_again_in_a_later_cell_meets_anew(no_strays, hosted):
+    """The way a framework trains in each cell (ignite's idist.Parallel, a script's main): a group
+    made and destroyed, then made again. The store still held the first group's keys (a new
+    default group has the same name), so a rank that came before rank 0 read rank 0's old gloo
+    address and failed ("Gloo connectFullMesh failed"); each new group now meets on a fresh store."""
+    if hosted:  # the world hosts the store when the caller has torch (a kernel that imported it)
+        import torch  # noqa: F401
+    with World(3) as world:
+        if not hosted:
+            assert world.meeting.store is None or "torch" in sys.modules
+        for _ in range(3):
+            world.exec(REINIT)
+            assert [world.pull("t", r).item() for r in (1, 2)] == [6.0, 6.0]
+
+
 def test_a_rank_killed_between_cells_closes_the_world(no_strays, capfd):
     w = World(3)
     pid = w.status()[2]["pid"]
@@ -105,7 +130,7 @@ def test_a_rank_killed_between_cells_closes_the_world(no_strays, capfd):
     assert isinstance(info.value.__cause__, RankDiedError) and info.value.__cause__.rank == 2
     assert "rank 2 died" in capfd.readouterr().err
     assert not wait_gone([pid], 2)
-    assert not strays()
+    assert not strays(), described(strays())
 
 
 def test_start_failure_is_typed_and_leaves_nothing(no_strays):

@@ -110,15 +110,16 @@ class _Owner:
         self.groups.clear()
         self.models.clear()
 
-    def release_destroyed(self) -> None:
+    def release_destroyed(self) -> bool:
         """Let go of the groups destroyed since they were made (by fn, a framework's own
-        teardown), as `release` does at the scope's end (see `release_destroyed` below)."""
+        teardown), as `release` does at the scope's end (see `release_destroyed` below); whether
+        there were any."""
         live = getattr(getattr(self.c10d, "_world", None), "pg_map", None)
         if live is None:
-            return
+            return False
         gone = [pg for pg in self.groups if pg not in live]
         if not gone:
-            return
+            return False
         self.groups = [pg for pg in self.groups if pg in live]
         ours = {id(pg) for pg in gone}
         self._unhook_models(ours)
@@ -127,6 +128,7 @@ class _Owner:
             gc.collect()
             self._unhook_models(ours)
         gone.clear()  # the last references, as in release
+        return True
 
     def _unhook_models(self, ours: set[int]) -> None:
         for ref in self.models:
@@ -206,15 +208,15 @@ _TORCH_READY = "torch.nn.parallel.distributed"
 _owners: list[_Owner] = []  # the scopes open in this process, innermost last
 
 
-def release_destroyed() -> None:
+def release_destroyed() -> bool:
     """Between a live world's cells, in each of its ranks: the groups a cell destroyed are let go
     of now, not when the world closes. A destroyed group that something still holds (fn's DDP model
     in a cycle of a framework's objects, ignite's Engine and its handlers) keeps its rendezvous
     store listening on the world's MASTER_PORT; the next cell's `init_process_group` then made a
     second store on that port, and a rank that reached the old one waited for good (ignite's
-    `idist.Parallel` in a second training cell, seen in a kernel)."""
-    if _owners:
-        _owners[-1].release_destroyed()
+    `idist.Parallel` in a second training cell, seen in a kernel). Whether any was: the world
+    then has the next group meet at a new store (World._meet_anew)."""
+    return bool(_owners) and _owners[-1].release_destroyed()
 
 
 @contextmanager

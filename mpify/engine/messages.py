@@ -105,6 +105,14 @@ class Status:
 
 
 @dataclass
+class MeetAt:
+    """Set `env` (MASTER_PORT) before the next command, with no reply: the group a cell destroyed
+    is made again at a new store (see Rebuild for why), as torchrun's restarts meet anew."""
+
+    env: dict
+
+
+@dataclass
 class Rebuild:
     """Leave the world's ctx and enter it again (a new default group, same namespaces), with
     `env` set first: the new group meets at a new store (a destroyed group's keys stay in the old

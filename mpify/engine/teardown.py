@@ -81,8 +81,20 @@ def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | Non
             time.sleep(0.01)
 
 
+# How long sweep_groups waits for what it killed to be gone: a SIGKILLed process exits within
+# milliseconds, but its exit is not done when kill() returns.
+SWEEP_WAIT = 2.0
+
+
 def sweep_groups(pids: Iterable[int]) -> None:
-    """After ranks have exited by themselves, kill whatever their groups still hold."""
-    for pid in pids:
-        if pid is not None and group_alive(pid):
-            _signal_rank(pid, signal.SIGKILL)
+    """After ranks have exited by themselves, kill whatever their groups still hold (a
+    DataLoader's workers, a rank's own subprocesses), and wait until it is gone: a launch
+    returned while a killed worker was still exiting, seen in the process table as a stray."""
+    swept = [pid for pid in pids if pid is not None and group_alive(pid)]
+    for pid in swept:
+        _signal_rank(pid, signal.SIGKILL)
+    deadline = time.monotonic() + SWEEP_WAIT
+    while swept and time.monotonic() < deadline:
+        swept = [pid for pid in swept if group_alive(pid)]
+        if swept:
+            time.sleep(0.005)

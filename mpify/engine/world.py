@@ -53,7 +53,7 @@ from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.launch import DEATH_SLACK, _annotate, _check_int, _gated
-from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
+from mpify.engine.messages import Call, Close, Done, Exec, Failed, MeetAt, Pull, Push, Rebuild, Status
 from mpify.engine.bars import display_mode
 from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump
 from mpify.engine.unstick import break_pairs
@@ -182,6 +182,7 @@ class World:
         self._gates: dict[str, LineGate] = {}  # the round's, by stream name (see _CurrentStream)
         self._freeing: threading.Thread | None = None
         self.broken = False  # rank 0 was freed from a collective outside a round: rebuild first
+        self.regrouped = False  # a cell destroyed a group: the next one meets at a new store
         self._scope = ExitStack()  # the caller's rank: launch_scope + ctx
         self._env_set: dict[str, str] = {}
         self._threads = ExitStack()  # torch's thread count in the caller, put back at close
@@ -385,11 +386,14 @@ class World:
             raise LaunchBusyError("this world is already running a round (from another thread); wait for it")
         try:
             if self.broken and not sent:
-                self.broken = False
+                self.broken = self.regrouped = False
                 note = self._rebuild()
                 if self.closed:
                     raise WorldClosedError(note)
                 print(note, file=sys.stderr)
+            if self.regrouped and not sent:
+                self.regrouped = False
+                self._meet_anew()
             out, err = gates(sys.stdout, sys.stderr)
             self._gates.update(stdout=out, stderr=err)
             with InterruptGuard() as guard:
@@ -449,7 +453,10 @@ class World:
             self._record(rnd, Failure(me, stamp_failure(exc), exc))
         finally:
             _in_fn.clear()
-            groups.release_destroyed()  # as every rank does after each cell (world_rank.py)
+            # As every rank does after each cell (world_rank.py). A default group spans every
+            # rank, rank 0 too, so rank 0 alone tells whether one was destroyed.
+            if groups.release_destroyed():
+                self.regrouped = True
             with rnd.cond:
                 rnd.caller_busy = False
                 rnd.cond.notify_all()
@@ -577,6 +584,36 @@ class World:
             add_note(exc, note)
         raise exc
 
+    def _new_meeting(self) -> dict[str, str]:
+        """A new store at a new port for the world's next group, the old one closed; what the
+        ranks must set to meet there."""
+        old = self.meeting
+        self.meeting = rendezvous.meet(old.addr, None, self.topo.world_size, 0, 1, True)
+        # The store's variables too: the first meeting may have had none (torch was not imported
+        # yet), and a rank 0 that is not told the world hosts the store would host one itself.
+        env = {**self.meeting.env, "MASTER_PORT": str(self.meeting.port), LAUNCH_PORT_VAR: str(self.meeting.port)}
+        old.close()
+        self._env_set.update(env)
+        return env
+
+    def _meet_anew(self) -> None:
+        """The last cell destroyed a group (a framework's training call makes and destroys its
+        own): the next group meets at a new store. The old store still holds the destroyed
+        group's keys, and a new default group has the same name, so a rank that came before
+        rank 0 read rank 0's old gloo address there ("Gloo connectFullMesh failed", ignite's
+        idist.Parallel in a second cell). A multi-node world keeps its store: the other nodes'
+        ranks were told its port."""
+        if self.topo.nnodes > 1:
+            return
+        env = self._new_meeting()
+        os.environ.update(env)
+        for m in self._live(None):
+            try:
+                m.cmd_w.send_bytes(serialize.dumps(MeetAt(env)))
+            except (OSError, ValueError):  # it died: the supervisor reports it
+                pass
+        _debug("world: the next group meets at port", env["MASTER_PORT"])
+
     def _rebuild(self) -> str:
         """Leave and enter the world's ctx in every rank (a new group); say what that means."""
         _debug("world: rebuilding the process group")
@@ -585,11 +622,7 @@ class World:
             return ("mpify: ranks were stuck in a collective and their connections were shut down to free them; "
                     "a multi-node world cannot rebuild its group, so it is closed: the other ranks' namespaces "
                     "are lost, rank 0's is untouched")
-        old = self.meeting
-        self.meeting = rendezvous.meet(old.addr, None, self.topo.world_size, 0, 1, True)
-        env = {"MASTER_PORT": str(self.meeting.port), LAUNCH_PORT_VAR: str(self.meeting.port)}
-        old.close()
-        self._env_set.update(env)
+        env = self._new_meeting()
         live = self._live(None)
         rnd = _Round(live, True, None)
         self._round = rnd

@@ -31,7 +31,7 @@ from typing import Any
 from mpify.engine import displays, groups, serialize
 from mpify.engine.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
 from mpify.engine.unstick import break_pairs
-from mpify.engine.messages import Call, Close, Done, Exec, Failed, Pull, Push, Rebuild, Status
+from mpify.engine.messages import Call, Close, Done, Exec, Failed, MeetAt, Pull, Push, Rebuild, Status
 
 # Set while user code runs in this rank: only then does SIGINT raise KeyboardInterrupt.
 _busy = threading.Event()
@@ -172,6 +172,9 @@ class _Rank:
                 return
             if isinstance(msg, Close):
                 return
+            if isinstance(msg, MeetAt):  # no reply: the command that follows has one
+                os.environ.update(msg.env)
+                continue
             self.reply(self.user_code(handlers[type(msg)], msg))
 
 
