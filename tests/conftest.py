@@ -208,3 +208,26 @@ def jupyter_kernel(kernel_name):
         kc.stop_channels()
         if km.is_alive():
             km.shutdown_kernel(now=True)
+
+
+def skip_without_slurm() -> None:
+    """Skip where no real Slurm cluster can start here (not root, no apt-get)."""
+    from slurm_cluster import ensure_available
+
+    ok, why = ensure_available()
+    if not ok:
+        pytest.skip(f"no Slurm cluster here: {why}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real 2-node Slurm cluster on this machine (tests/slurm_cluster.py), for one test file."""
+    from slurm_cluster import SlurmCluster
+
+    skip_without_slurm()
+    c = SlurmCluster(nodes=2)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -720,6 +720,18 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             shutil.rmtree(r, ignore_errors=True)
 
 
+def ensure_available() -> tuple[bool, str]:
+    """Whether a cluster can start here, installing Slurm first where it can (root, apt-get);
+    and why not."""
+    ok, why = SlurmCluster.available()
+    if not ok and SlurmCluster.can_install():
+        r = SlurmCluster.install()
+        ok, why = SlurmCluster.available()
+        if not ok:
+            why += f" (scripts/install_slurm.sh exited {r.returncode}: {r.stdout}{r.stderr})"
+    return ok, why
+
+
 def _written_here(conf: Path) -> bool:
     try:
         with open(conf) as f:

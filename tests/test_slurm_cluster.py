@@ -5,31 +5,9 @@ import os
 import time
 
 import psutil
-import pytest
 
+from conftest import skip_without_slurm
 from slurm_cluster import SlurmCluster
-
-
-def _ensure_available():
-    ok, why = SlurmCluster.available()
-    if not ok and SlurmCluster.can_install():
-        r = SlurmCluster.install()
-        ok, why = SlurmCluster.available()
-        if not ok:
-            why += f" (scripts/install_slurm.sh exited {r.returncode}: {r.stdout}{r.stderr})"
-    if not ok:
-        pytest.skip(f"no Slurm cluster here: {why}")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    _ensure_available()
-    c = SlurmCluster(nodes=2)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def _alive(pids) -> list[int]:
@@ -136,7 +114,7 @@ def _cluster_leaves_nothing(c: SlurmCluster, tmp_path):
 
 def test_loopback_cluster_when_asked(tmp_path):
     """netns=False, the fallback where namespaces cannot be made: every slurmd on 127.0.0.1."""
-    _ensure_available()
+    skip_without_slurm()
     with SlurmCluster(nodes=2, netns=False) as c:
         assert not c.netns and set(c.addresses.values()) == {"127.0.0.1"}
         rows = _srun_each_node(c)

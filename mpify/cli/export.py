@@ -1,4 +1,6 @@
-"""`mpify export NB --fn NAME [-o OUT] [--ddp] [--backend B] [--cell K] [--force]`: a standalone script.
+"""`mpify export NB --fn NAME [-o OUT] [--ddp] [--backend B] [--cell K] [--force] [--slurm [-n N]]`: a
+standalone script, and with --slurm an sbatch script beside it that runs it with torchrun on every
+node of a job (mpify.export.sbatch).
 
 Thin on purpose: it slices, renders the payload plus main() (mpify.export.script), checks it
 compiles, and writes it. It never overwrites a file without --force. The default output is
@@ -18,6 +20,7 @@ import typer
 from mpify.analysis import AnalysisError
 from mpify.cli.common import CALL_HELP, CELL_HELP, FAITHFUL_HELP, fail, replay_options
 from mpify.export.errors import ExportError, MissingArgumentsError, OutputExistsError
+from mpify.export.sbatch import render_sbatch, sbatch_path
 
 
 def export(
@@ -32,6 +35,10 @@ def export(
     cell: Optional[int] = typer.Option(None, "--cell", help=CELL_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
+    slurm: bool = typer.Option(False, "--slurm", help="Also write OUT's sbatch script beside it (OUT with "
+                               ".sbatch for .py): torchrun on every node of the job."),
+    nproc: int = typer.Option(1, "-n", "--nproc-per-node", min=1, help="With --slurm: ranks per node when "
+                              "neither NPROC_PER_NODE nor the node's GPUs say."),
 ) -> None:
     """Write FN from NOTEBOOK, with what it needs, as a script runnable with python or torchrun."""
     from mpify.export.prepare import prepare
@@ -45,6 +52,8 @@ def export(
             raise ExportError(f"{out} is a directory; give a file name with -o")
         if os.path.exists(out) and not force:
             raise OutputExistsError(f"{out} exists; use --force to overwrite it")
+        if slurm and os.path.exists(sbatch_path(out)) and not force:
+            raise OutputExistsError(f"{sbatch_path(out)} exists; use --force to overwrite it")
     except (AnalysisError, ExportError) as e:
         fail(str(e))
     from mpify.export.script import render_script
@@ -57,17 +66,28 @@ def export(
         fail(f"the exported script does not compile (line {e.lineno}: {e.msg}); please report it")
     for w in prep.warnings + _object_parameters(prep):
         print(f"mpify: warning: {w}", file=sys.stderr)
-    tmp = f"{out}.mpify-tmp"
+    _write(out, payload.text)
+    cells = ", ".join(map(str, prep.slice.cells_used))
+    print(f"wrote {out}: `{fn}` and what it needs from cell(s) {cells} of {notebook}", file=sys.stderr)
+    if slurm:
+        wrapper = sbatch_path(out)
+        _write(wrapper, render_sbatch(os.path.abspath(out), fn, notebook, sys.executable, nproc), mode=0o755)
+        print(f"wrote {wrapper}: run it with `sbatch --wait -N NODES {wrapper}`", file=sys.stderr)
+
+
+def _write(path: str, text: str, mode: int | None = None) -> None:
+    """Whole or nothing: never a half-written file."""
+    tmp = f"{path}.mpify-tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(payload.text)
-        os.replace(tmp, out)  # whole or nothing: never a half-written script
+            f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        fail(f"cannot write {out}: {e.strerror or e}")
-    cells = ", ".join(map(str, prep.slice.cells_used))
-    print(f"wrote {out}: `{fn}` and what it needs from cell(s) {cells} of {notebook}", file=sys.stderr)
+        fail(f"cannot write {path}: {e.strerror or e}")
 
 
 def _object_parameters(prep) -> list[str]:
