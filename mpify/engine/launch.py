@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine import rendezvous, serialize, shm, slurm, starter, teardown
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
@@ -57,6 +57,7 @@ class Child:
     streams: dict = field(default_factory=dict)  # output pipe (Connection) -> LineForwarder
     outcome: Done | Failed | None = None  # the message it sent
     exited: bool = False
+    node: int | None = None  # another node of a Slurm launch (slurm.py): its step, not a rank
 
 
 class Launch:
@@ -125,6 +126,20 @@ class Launch:
         self._supervisor.start()
         if not self.children:
             self._done.set()
+
+    def add_nodes(self, names: list[str], fn, args, kwargs, ctx, imports, stdout, stderr) -> None:
+        """Start the other nodes of a Slurm launch (slurm.py): one child per node, its step the
+        process, its channel the result pipe, its step's output its lines (already prefixed)."""
+        payload = serialize.dumps((fn, args, kwargs, {"ctx": ctx, "imports": imports}))
+        launch_args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
+                       "master_port": self.meeting.port, "timeout": self.timeout}
+        for name, node, step, conn in slurm.start_nodes(names, 1, self.meeting.addr, payload, launch_args):
+            first = node * self.topo.nprocs
+            child = Child(first, 0, step, conn, slurm.placeholder(), node=node)
+            child.streams = {step.popen.stdout: LineForwarder(first, stdout, True, "stdout", prefix=""),
+                             step.popen.stderr: LineForwarder(first, stderr, True, "stderr", prefix="")}
+            self.children.append(child)
+            _debug("node", node, name, "step", step.pid)
 
     # ---- the supervisor thread -------------------------------------------------------------
     def _waitables(self) -> dict:
@@ -195,7 +210,15 @@ class Launch:
         _debug("message from rank", child.rank, type(child.outcome).__name__)
         if child.outcome is None:  # nothing sent (a grandchild may still hold the pipe open)
             return
-        if isinstance(child.outcome, Failed):
+        if child.node is not None and isinstance(child.outcome, Failed):
+            # Another machine's clock: dated at its arrival, backdated as a death is (its ranks'
+            # peers here may have failed from it a moment before it arrived); its rank is the
+            # node's failed rank, not the node's first.
+            child.outcome.when = time.monotonic() - DEATH_SLACK
+            error = child.outcome.rebuild()
+            add_note(error, f"mpify: on node {child.node}")
+            self.record(Failure(child.outcome.rank, child.outcome.when, error))
+        elif isinstance(child.outcome, Failed):
             self.record(Failure(child.rank, child.outcome.when, child.outcome.rebuild()))
         self._check_done()
 
@@ -216,7 +239,11 @@ class Launch:
             # code 0 without one is a death like any other (fn's os._exit(0), say).
             ours = code < 0 and -code in self.signals_sent.get(child.proc.pid, ())
             when = now if ours else now - DEATH_SLACK
-            self.record(Failure(child.rank, when, RankDiedError(child.rank, code), by_stop=ours))
+            error = RankDiedError(child.rank, code)
+            if child.node is not None:
+                add_note(error, f"mpify: node {child.node}'s step (ranks {child.rank}-"
+                                f"{child.rank + self.topo.nprocs - 1}) ended without an outcome")
+            self.record(Failure(child.rank, when, error, by_stop=ours))
         self._check_done()
 
     def _check_done(self) -> None:
@@ -333,15 +360,24 @@ class Launch:
             raise first.error
         if self.stop_reason == "timeout":
             raise LaunchTimeoutError(f"the launch ran past its timeout of {self.timeout} s; every rank was stopped")
-        values = {}
+        values = {}  # by global rank
         if self.caller_rank is not None:
-            values[self.caller_rank] = self.caller_value
+            values[self.topo.global_rank(self.caller_rank)] = self.caller_value
         for c in self.children:
             if isinstance(c.outcome, Done) and c.outcome.blob is not None:
-                values[c.local_rank] = serialize.loads(c.outcome.blob)
+                if c.node is not None:  # a node's ranks' values, by global rank
+                    values.update(serialize.loads(c.outcome.blob))
+                else:
+                    values[self.topo.global_rank(c.local_rank)] = serialize.loads(c.outcome.blob)
+        # A Slurm launch answers for every node's ranks; a node of a by-hand multi-node launch,
+        # for its own.
+        if any(c.node is not None for c in self.children):
+            ranks = list(range(self.topo.world_size))
+        else:
+            ranks = [self.topo.global_rank(r) for r in range(self.topo.nprocs)]
         if self.gather:
-            return [values.get(r) for r in range(self.topo.nprocs)]
-        return values.get(0)
+            return [values.get(r) for r in ranks]
+        return values.get(ranks[0])
 
 
 @contextmanager
@@ -448,7 +484,8 @@ def shutdown() -> None:
 
 def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: int | None = 0,
           gather: bool = False, timeout: float | None = None, show_ranks: None | int | Iterable[int] = None,
-          nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None, master_port: int | None = None,
+          nnodes: int | None = None, node_rank: int = 0, master_addr: str | None = None,
+          master_port: int | None = None, launcher: str | None = None,
           need: str | Iterable[str] = "", imports: str = "", **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` on ranks 0..nprocs-1 and return rank 0's result.
 
@@ -460,12 +497,25 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     ``show_ranks``: whose output to show (None: every rank; an int or a collection of ranks).
     ``nnodes``/``node_rank``/``master_addr``/``master_port``: multi-node; RANK is
     node_rank * nprocs + local_rank, and node 0's launcher hosts the rendezvous store.
+    ``launcher="slurm"``: inside a Slurm allocation, the other nodes' ranks start as srun steps
+    (slurm.py); this process is node 0 (``nnodes``: the allocation's node count by default), and
+    the result (or ``gather``'s list) covers every node's ranks.
     ``need``/``imports``: the original mpify's names of caller globals to ship, and import lines
     run in every rank. Every other keyword argument goes to fn.
     """
     _check_int("nprocs", nprocs, 1)
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    if launcher not in (None, "slurm"):
+        raise ValueError(f"launcher must be None or 'slurm', got {launcher!r}")
+    nodes = None
+    if launcher == "slurm":
+        if node_rank != 0:
+            raise ValueError("with launcher='slurm' this process is node 0; node_rank is not given")
+        nodes = slurm.Nodes.of_allocation()
+        nnodes = len(nodes.names) if nnodes is None else nnodes
+        master_addr = master_addr or slurm.node_address(nodes.here)
+    nnodes = 1 if nnodes is None else nnodes
     _check_int("nnodes", nnodes, 1)
     _check_int("node_rank", node_rank, 0, nnodes - 1)
     if caller_rank is not None:
@@ -493,6 +543,8 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
         meeting = rendezvous.meet(master_addr, master_port, topo.world_size, node_rank, nnodes, want_store)
         launch = Launch(topo, caller_rank, gather, show, timeout, guard, meeting)
         try:
+            if nodes is not None and nnodes > 1:
+                launch.add_nodes(nodes.others(nnodes - 1), fn, args, kwargs, ctx, imports, stdout, stderr)
             launch.start(blob, stdout, stderr)
             if caller_rank is not None:
                 launch.run_caller(fn, args, kwargs, ctx, imports, needed)

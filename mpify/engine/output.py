@@ -137,8 +137,9 @@ class LineForwarder:
     (`sink.live_bars`, looked up at each frame), at most one frame per INTERVAL: the frame waits
     here, and the supervisor calls `tick` when it is due (see `next_due`)."""
 
-    def __init__(self, rank: int, sink: TextIO, shown: bool, name: str = ""):
-        self.prefix = f"[rank {rank}] "
+    def __init__(self, rank: int, sink: TextIO, shown: bool, name: str = "", prefix: str | None = None):
+        # `prefix`: given for a node's lines (slurm.py), which its own forwarders prefixed already
+        self.prefix = f"[rank {rank}] " if prefix is None else prefix
         self.key = (rank, name)
         self.sink = sink
         self.shown = shown

@@ -1,0 +1,216 @@
+"""A launch past one machine through Slurm: the other nodes' ranks start as `srun` steps of the
+allocation the caller runs in, the caller (the kernel) staying rank 0 on node 0.
+
+Why Slurm and not anything of our own: the users who outgrow one box sit on a Slurm cluster,
+often in a notebook inside an allocation (`salloc -N 2`, Open OnDemand). Slurm places, starts,
+signals and cleans up the processes; torch.distributed does the collectives; mpify stays what it
+is on one machine. For each other node of the launch, one step (`srun --overlap -N1 -w NODE`)
+runs a node process (slurm_node.py), which launches that node's ranks with the engine's own
+multi-node `ranch` (node_rank, master_addr, master_port) and answers with their outcome. To the
+caller's Launch a node is one more child (`Child.node`): its step is the process the supervisor
+watches (its exit is the node's death, a stop signals its process group: srun forwards SIGTERM to
+the step), its authenticated connection carries the one outcome, and the step's stdout and
+stderr are the node's ranks' lines, already `[rank N]`-prefixed, shown live in the cell.
+
+The channel is a network socket, so it is authenticated: a secret made per launch reaches the
+node processes through srun's environment (never a command line), and multiprocess's
+`Listener(authkey=...)` runs its HMAC challenge, both ways, before anything is read; a connection
+without the secret is refused and nothing of it is unpickled. It listens on the address of the
+caller's node that Slurm's node name resolves to, not on every interface. Nothing assumes a
+shared filesystem: the payload travels over the channel (dill; modules by name must import on
+every node, the same environment path).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mpify.engine import serialize
+from mpify.engine.errors import MpifyError
+
+SECRET_VAR = "MPIFY_SLURM_SECRET"
+ADDRESS_VAR = "MPIFY_SLURM_ADDRESS"
+# How long the node processes may take to call back (srun's step start and their imports).
+CONNECT_TIMEOUT = 120.0
+
+
+class SlurmLaunchError(MpifyError, RuntimeError):
+    """A Slurm launch could not start: no allocation, too few nodes, srun failed or a node did
+    not call back."""
+
+
+@dataclass
+class Nodes:
+    """The allocation as the caller sees it: its node names in Slurm's order, the caller's node."""
+
+    names: list[str]
+    here: str
+
+    @classmethod
+    def of_allocation(cls) -> "Nodes":
+        if "SLURM_JOB_ID" not in os.environ:
+            raise SlurmLaunchError("launcher='slurm' runs inside a Slurm allocation (SLURM_JOB_ID is not set): "
+                                   "start the notebook or script under salloc, sbatch or srun")
+        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+        names = _hostnames(nodelist)
+        here = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+        if here not in names:
+            raise SlurmLaunchError(f"this process runs on {here!r}, which is not a node of job "
+                                   f"{os.environ['SLURM_JOB_ID']} ({', '.join(names)}); run the caller on one of them")
+        return cls(names, here)
+
+    def others(self, count: int) -> list[str]:
+        rest = [n for n in self.names if n != self.here]
+        if count > len(rest):
+            raise SlurmLaunchError(f"nnodes={count + 1} but the allocation has {len(self.names)} node(s): "
+                                   f"{', '.join(self.names)}")
+        return rest[:count]
+
+
+def _hostnames(nodelist: str) -> list[str]:
+    """Slurm's compact node list (`n[1-3],gpu7`) as names, expanded by Slurm itself."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        raise SlurmLaunchError("scontrol is not on PATH: launcher='slurm' needs Slurm's commands")
+    out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    if out.returncode:
+        raise SlurmLaunchError(f"scontrol show hostnames {nodelist!r} failed: {out.stderr.strip()}")
+    return out.stdout.split()
+
+
+def node_address(name: str) -> str:
+    """The address Slurm's name for this node resolves to: where the store and channel listen."""
+    try:
+        return socket.gethostbyname(name)
+    except OSError as exc:
+        raise SlurmLaunchError(f"the node name {name!r} does not resolve here ({exc})") from None
+
+
+class Step:
+    """One `srun` step as the launch's supervisor sees a rank's process (pid, sentinel, join,
+    exitcode, close): a Popen, with a pidfd as the sentinel that becomes readable at its exit."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.pid = popen.pid
+        self.sentinel = os.pidfd_open(popen.pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
+
+
+class _Placeholder:
+    """A node has no alive pipe of its own: its node process ends with the caller's channel."""
+
+    def close(self) -> None:
+        pass
+
+
+def start_nodes(names: list[str], first_node: int, addr: str, payload: bytes,
+                launch_args: dict[str, Any]) -> list[tuple[str, int, Step, Any]]:
+    """Start one step per node of `names` (node ranks first_node, first_node + 1, ...), each
+    running slurm_node.py, wait for each to call back, and send it the launch: `payload` (fn,
+    args, kwargs and extras, pickled) and `launch_args` (nprocs, nnodes, master address and
+    port...). Returns (name, node rank, step, connection) per node. On any failure every step
+    started is stopped before the error is raised."""
+    from multiprocess.connection import Listener
+
+    secret = secrets.token_bytes(32)
+    steps: list[tuple[str, int, Step]] = []
+    listener = Listener((addr, 0), authkey=secret)
+    try:
+        env = dict(os.environ, **{SECRET_VAR: secret.hex(), ADDRESS_VAR: f"{addr}:{listener.address[1]}"})
+        srun = shutil.which("srun") or "srun"
+        for i, name in enumerate(names):
+            cmd = [srun, "--overlap", "-N1", "-n1", "-w", name, "--job-name", f"mpify-node{first_node + i}",
+                   sys.executable, "-u", "-m", "mpify.engine.slurm_node"]
+            popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, process_group=0)
+            steps.append((name, first_node + i, Step(popen)))
+        conns = _accept(listener, steps)
+        for name, node, _ in steps:
+            conns[name].send_bytes(serialize.dumps(dict(launch_args, node_rank=node)))
+            conns[name].send_bytes(payload)
+        return [(name, node, step, conns[name]) for name, node, step in steps]
+    except BaseException:
+        for _, _, step in steps:
+            stop_step(step)
+        raise
+    finally:
+        listener.close()
+
+
+def _accept(listener, steps) -> dict[str, Any]:
+    """Each node process's connection, by node name, once it passed the challenge. A connection
+    that fails it is dropped unread; a step that exits first is an error with its stderr."""
+    from multiprocess.connection import AuthenticationError
+
+    conns: dict[str, Any] = {}
+    wanted = {name for name, _, _ in steps}
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    sock = listener._listener._socket
+    while wanted - set(conns):
+        for name, node, step in steps:
+            if name not in conns and step.exitcode is not None:
+                err = step.popen.stderr.read().decode(errors="replace").strip()
+                raise SlurmLaunchError(f"the step for node {node} ({name}) exited with {step.exitcode} before "
+                                       f"calling back: {err or '(no output)'}")
+        if time.monotonic() > deadline:
+            missing = ", ".join(sorted(wanted - set(conns)))
+            raise SlurmLaunchError(f"node(s) {missing} did not call back within {CONNECT_TIMEOUT:.0f} s")
+        if not select.select([sock], [], [], 0.2)[0]:
+            continue
+        try:
+            conn = listener.accept()  # the HMAC challenge, both ways, before anything is read
+        except (AuthenticationError, OSError, EOFError):
+            continue  # without the secret: refused, nothing of it unpickled
+        try:
+            if not conn.poll(10):
+                conn.close()
+                continue
+            name = conn.recv_bytes(256).decode()
+        except (OSError, EOFError):
+            conn.close()
+            continue
+        if name in wanted and name not in conns:
+            conns[name] = conn
+        else:
+            conn.close()
+    return conns
+
+
+def stop_step(step: Step, grace: float = 5.0) -> None:
+    """End a step: SIGTERM to srun (which forwards it and ends the step), SIGKILL after `grace`."""
+    for sig, wait in ((15, grace), (9, 5.0)):
+        if step.popen.poll() is not None:
+            break
+        try:
+            os.killpg(step.pid, sig)
+        except ProcessLookupError:
+            break
+        step.join(wait)
+    step.close()
+
+
+def placeholder() -> _Placeholder:
+    return _Placeholder()

@@ -1,0 +1,57 @@
+"""The node process of a Slurm launch (slurm.py): one per other node, started by `srun` there.
+
+It calls the caller back over the authenticated channel (the secret and address come in its
+environment from srun, and leave it at once, so its ranks never hold them), receives the launch,
+runs that node's ranks with the engine's own multi-node `ranch` (every rank a child of this
+process, node_rank from the caller), and answers with one message: `Done` (each rank's value, by
+global rank) or `Failed` (the first failure, with its rank). Its ranks' lines go, prefixed, to its
+stdout and stderr, which srun carries to the caller. If the caller goes, the channel closes; if
+the step is cancelled, srun's SIGTERM ends this process, and its ranks follow it (their watchdogs).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+
+def main() -> int:
+    from multiprocess.connection import Client
+
+    from mpify.engine import serialize
+    from mpify.engine.launch import ranch
+    from mpify.engine.messages import Done, Failed
+    from mpify.engine.slurm import ADDRESS_VAR, SECRET_VAR
+
+    secret = bytes.fromhex(os.environ.pop(SECRET_VAR))
+    host, port = os.environ.pop(ADDRESS_VAR).rsplit(":", 1)
+    name = os.environ.get("SLURMD_NODENAME", "")
+    conn = Client((host, int(port)), authkey=secret)
+    conn.send_bytes(name.encode())
+    args = serialize.loads(conn.recv_bytes())
+    fn, fn_args, kwargs, extra = serialize.loads(conn.recv_bytes())
+    # SIGTERM (srun forwarding a cancel or the caller's stop) as an interrupt: ranch stops the
+    # node's ranks and returns, rather than this process dying with them still starting.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    first = args["node_rank"] * args["nprocs"]
+    try:
+        values = ranch(args["nprocs"], fn, *fn_args, ctx=extra.get("ctx"), caller_rank=None, gather=True,
+                       timeout=args.get("timeout"), nnodes=args["nnodes"], node_rank=args["node_rank"],
+                       master_addr=args["master_addr"], master_port=args["master_port"],
+                       imports=extra.get("imports", ""), **kwargs)
+        blob = serialize.dumps({first + i: v for i, v in enumerate(values)})
+        message = Done(first, time.monotonic(), blob)
+    except BaseException as exc:
+        message = Failed.of(getattr(exc, "mpify_rank", first), exc, time.monotonic())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        conn.send_bytes(serialize.dumps(message))
+    except OSError:  # the caller is gone
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""ranch past one machine through Slurm (launcher="slurm"), on a real two-node cluster started on
+this machine (tests/slurm_cluster.py: each node its own network namespace, address and hostname).
+The caller runs as a batch job on the first node, as a notebook inside an allocation does; the
+other node's ranks start as an srun step there. Results and gather across nodes, a DDP all_reduce
+across nodes, a remote rank's error with its type, rank and node, and nothing left behind."""
+from __future__ import annotations
+
+import ast
+import time
+import sys
+
+SCRIPT = r'''
+import os, socket, sys, time
+import psutil
+from mpify import ranch, torchddp_launch
+
+def where(tag):
+    names = [p.name() for p in psutil.Process().parents()]
+    return {"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]),
+            "node": os.environ.get("SLURMD_NODENAME"), "host": socket.gethostname(),
+            "under_step": "slurmstepd" in names, "secret": "MPIFY_SLURM_SECRET" in os.environ, "tag": tag}
+
+def total():
+    import torch, torch.distributed as dist
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    print("summed on", socket.gethostname(), flush=True)
+    return t.item(), dist.get_world_size()
+
+def boom():
+    if os.environ["RANK"] == "3":
+        raise ValueError("bad input on rank 3")
+    time.sleep(60)
+
+print("GATHER", ranch(2, where, "a", launcher="slurm", gather=True), flush=True)
+print("RANK0", ranch(2, where, "b", nnodes=2, launcher="slurm"), flush=True)
+print("DDP", torchddp_launch(2, total, launcher="slurm", gather=True), flush=True)
+t0 = time.monotonic()
+try:
+    ranch(2, boom, launcher="slurm")
+except ValueError as e:
+    notes = " | ".join(getattr(e, "__notes__", []))
+    print("RAISED", repr((str(e), e.mpify_rank, notes, round(time.monotonic() - t0, 1))), flush=True)
+print("DONE", flush=True)
+'''
+
+
+def test_ranch_across_two_slurm_nodes(cluster, tmp_path):
+    script = tmp_path / "caller.py"
+    script.write_text(SCRIPT)
+    job = tmp_path / "job.sh"
+    job.write_text(f"#!/bin/sh\nexec {sys.executable} -u {script}\n")
+    out = tmp_path / "job.out"
+    done = cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp_path), str(job)],
+                       timeout=300, check=False)
+    log = out.read_text() if out.exists() else "(no output file)"
+    assert done.returncode == 0 and "DONE" in log, f"{done.stdout}{done.stderr}\n{log}"
+    said = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in log.splitlines()
+            if ln.split(" ", 1)[0] in ("GATHER", "RANK0", "DDP", "RAISED")}
+    gathered = ast.literal_eval(said["GATHER"])
+    assert [r["rank"] for r in gathered] == [0, 1, 2, 3] and {r["world"] for r in gathered} == {4}, gathered
+    assert [r["node"] for r in gathered] == ["n1", "n1", "n2", "n2"], gathered
+    # the other node's ranks run under that node's srun step; none holds the channel's secret
+    assert all(r["under_step"] for r in gathered) and not any(r["secret"] for r in gathered), gathered
+    if cluster.netns:
+        assert [r["host"] for r in gathered] == ["n1", "n1", "n2", "n2"], gathered
+    assert ast.literal_eval(said["RANK0"])["rank"] == 0
+    assert ast.literal_eval(said["DDP"]) == [(10.0, 4)] * 4
+    assert "[rank 2] summed on" in log and "[rank 3] summed on" in log, log  # the remote ranks' lines
+    message, rank, notes, seconds = ast.literal_eval(said["RAISED"])
+    assert message == "bad input on rank 3" and rank == 3 and "on node 1" in notes, said["RAISED"]
+    assert seconds < 30, said["RAISED"]
+    # nothing of the job left on either node
+    time.sleep(1)  # the job's last step ends with it
+    left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+    assert not left, [(p.pid, p.name()) for p in left]
