@@ -360,6 +360,10 @@ class SlurmCluster:
         lines.append(f"{self.controller_addr} {CTL_NAME} {me}")
         lines += [f"{a} {n}" for n, a in self.addresses.items()]
         (self.root / "run" / "hosts").write_text("\n".join(lines) + "\n")
+        # Names from that file alone: the machine's DNS server is out of the nodes' reach, and a
+        # lookup there (torch's TCPStore names each client it accepts) waited for its timeout,
+        # seconds per connection ("The hostname of the client socket cannot be retrieved").
+        (self.root / "run" / "nsswitch.conf").write_text("hosts: files\n")
         self._check_network()
 
     def _check_network(self):
@@ -484,9 +488,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """argv run as `hostname` (a UTS namespace), with the nodes' /etc/hosts (a bind mount in a
         private mount namespace: nothing leaks out), in network namespace `net` if given. Each
         program execs the next: the pid is argv's."""
+        binds = [("hosts", "/etc/hosts")] + ([("nsswitch.conf", "/etc/nsswitch.conf")] if net else [])
+        mounts = " && ".join(f'mount --bind "{self.root / "run" / name}" {target}' for name, target in binds)
         argv = [_which("unshare"), "--mount", "--uts", "--", "/bin/sh", "-c",
-                'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"',
-                "sh", hostname, str(self.root / "run" / "hosts"), *argv]
+                f'hostname "$1" && {mounts} && shift && exec "$@"', "sh", hostname, *argv]
         if net:
             argv = [_which("nsenter"), f"--net=/run/netns/{net}", *argv]
         return argv

@@ -74,3 +74,101 @@ def test_ranch_across_two_slurm_nodes(cluster, tmp_path):
     time.sleep(1)  # the job's last step ends with it
     left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
     assert not left, [(p.pid, p.name()) for p in left]
+
+
+FAILURES = r'''
+import os, signal, time
+import psutil
+from mpify import ranch, RankDiedError
+
+def die():
+    if os.environ["RANK"] == "3":
+        time.sleep(2)  # the others are waiting by now
+        print("DYING", time.time(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+def kill_node():
+    if os.environ["RANK"] == "2":
+        node = next(p for p in psutil.Process().parents() if "mpify.engine.slurm_node" in " ".join(p.cmdline()))
+        time.sleep(2)
+        print("DYING", time.time(), flush=True)
+        node.kill()
+    time.sleep(60)
+
+for fn in (die, kill_node):
+    t0 = time.monotonic()
+    try:
+        ranch(2, fn, launcher="slurm")
+    except RankDiedError as e:
+        notes = " | ".join(getattr(e, "__notes__", []))
+        print("DIED", repr((fn.__name__, e.rank, str(e), notes, time.time())), flush=True)
+print("AGAIN", ranch(2, lambda: int(os.environ["RANK"]), launcher="slurm", gather=True), flush=True)
+'''
+
+KILLED_CALLER = r'''
+import os, signal, threading, time
+from mpify import ranch
+
+def sleepy():
+    print("SLEEPING", os.getpid(), flush=True)
+    time.sleep(120)
+
+threading.Timer(8.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+ranch(2, sleepy, launcher="slurm")
+'''
+
+
+def _job(cluster, tmp_path, name: str, text: str, then: str = "") -> tuple[str, object]:
+    script = tmp_path / f"{name}.py"
+    script.write_text(text)
+    job = tmp_path / f"{name}.sh"
+    job.write_text(f"#!/bin/sh\n{sys.executable} -u {script}\n{then}")
+    out = tmp_path / f"{name}.out"
+    return str(job), out
+
+
+def test_remote_deaths_are_reported_with_rank_and_node(cluster, tmp_path):
+    job, out = _job(cluster, tmp_path, "failures", FAILURES)
+    done = cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp_path), job],
+                       timeout=300, check=False)
+    log = out.read_text() if out.exists() else "(no output file)"
+    assert done.returncode == 0 and "AGAIN" in log, f"{done.stdout}{done.stderr}\n{log}"
+    died = [ast.literal_eval(ln.split(" ", 1)[1]) for ln in log.splitlines() if ln.startswith("DIED ")]
+    assert [d[0] for d in died] == ["die", "kill_node"], log
+    # how long from the death (the dying rank's own clock line) to the caller's error
+    dying = [float(ln.rsplit(" ", 1)[1]) for ln in log.splitlines() if " DYING " in ln]
+    assert len(dying) == 2, log
+    (_, rank, text, notes, end), (_, node_rank, node_text, node_notes, node_end) = died
+    seconds, node_seconds = end - dying[0], node_end - dying[1]
+    # a remote rank SIGKILLed: named, with its signal and its node, within 3 s
+    assert rank == 3 and "SIGKILL" in text and "on node 1" in notes and seconds < 3, died[0]
+    # the node process killed: its step ends, the node's ranks are reported, within 5 s
+    assert node_rank == 2 and "node 1's step (ranks 2-3)" in node_notes and node_seconds < 5, died[1]
+    assert ast.literal_eval(log.split("AGAIN ", 1)[1].splitlines()[0]) == [0, 1, 2, 3]
+    time.sleep(1)
+    left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+    assert not left, [(p.pid, p.name()) for p in left]
+
+
+def test_a_killed_caller_takes_the_other_nodes_ranks_along(cluster, tmp_path):
+    """The caller SIGKILLed mid-launch while its job goes on (a kernel killed inside an allocation):
+    the other node's ranks, node process and step end within 10 s."""
+    job, out = _job(cluster, tmp_path, "killed", KILLED_CALLER, then="echo CALLER_GONE\nsleep 30\n")
+    jobid = cluster.run(["sbatch", "--parsable", "-N", "2", "-o", str(out), "-D", str(tmp_path), job]).stdout.strip()
+    try:
+        deadline = time.monotonic() + 120
+        while "CALLER_GONE" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, out.read_text() if out.exists() else "(no output)"
+            time.sleep(0.2)
+        gone_at = time.monotonic()
+        log = out.read_text()
+        assert log.count("SLEEPING") == 4, log  # every rank had started, both nodes'
+        while True:
+            ours = [p for p in cluster.processes() if p.name() == "python" or "mpify" in " ".join(p.cmdline())]
+            if not ours or time.monotonic() - gone_at > 10:
+                break
+            time.sleep(0.2)
+        assert not ours, [(p.pid, p.cmdline()[:4]) for p in ours]
+    finally:
+        cluster.run(["scancel", jobid.split(";")[0]], check=False)

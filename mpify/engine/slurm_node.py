@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 
@@ -34,6 +35,9 @@ def main() -> int:
     # SIGTERM (srun forwarding a cancel or the caller's stop) as an interrupt: ranch stops the
     # node's ranks and returns, rather than this process dying with them still starting.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    # The caller sends nothing more: the channel's end means it is gone (killed with its kernel),
+    # and so must this node's ranks be.
+    threading.Thread(target=_watch, args=(conn,), name="mpify-caller-watch", daemon=True).start()
     first = args["node_rank"] * args["nprocs"]
     try:
         values = ranch(args["nprocs"], fn, *fn_args, ctx=extra.get("ctx"), caller_rank=None, gather=True,
@@ -51,6 +55,17 @@ def main() -> int:
     except OSError:  # the caller is gone
         return 1
     return 0
+
+
+def _watch(conn) -> None:
+    """Interrupt this process once the caller's end of the channel closes."""
+    try:
+        conn.poll(None)
+        if conn.recv_bytes():
+            return
+    except (EOFError, OSError):
+        pass
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 if __name__ == "__main__":
