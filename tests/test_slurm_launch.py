@@ -6,6 +6,7 @@ across nodes, a remote rank's error with its type, rank and node, and nothing le
 from __future__ import annotations
 
 import ast
+import os
 import time
 import sys
 
@@ -172,3 +173,23 @@ def test_a_killed_caller_takes_the_other_nodes_ranks_along(cluster, tmp_path):
         assert not ours, [(p.pid, p.cmdline()[:4]) for p in ours]
     finally:
         cluster.run(["scancel", jobid.split(";")[0]], check=False)
+
+
+def test_mpify_run_inside_an_allocation(cluster, tmp_path):
+    """`mpify run --slurm` in a batch job: the notebook's slice runs on both nodes (it travels as
+    text: the other node imports it from a folder of its own), rank 0's value printed."""
+    import nbformat
+
+    from test_slurm_export import CELLS
+
+    nbformat.write(nbformat.v4.new_notebook(cells=CELLS), str(tmp_path / "census.ipynb"))
+    mpify = os.path.join(os.path.dirname(sys.executable), "mpify")
+    job, out = _job(cluster, tmp_path, "run", "")
+    (tmp_path / "run.sh").write_text(f"#!/bin/sh\n{mpify} run census.ipynb --fn census -n 2 --ddp --slurm -- --scale 2\n")
+    done = cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp_path), job],
+                       timeout=300, check=False)
+    log = out.read_text() if out.exists() else "(no output file)"
+    assert done.returncode == 0, f"{done.stdout}{done.stderr}\n{log}"
+    got = ast.literal_eval([ln for ln in log.splitlines() if ln.startswith("{")][-1])
+    assert got["world_size"] == 4 and got["sum"] == 20.0, log
+    assert [node for _, node, _ in got["ranks"]] == ["n1", "n1", "n2", "n2"], got

@@ -1,4 +1,5 @@
-"""`mpify run NB --fn NAME [-n N] [--ddp] ... [-- target options]`: one notebook function on N ranks.
+"""`mpify run NB --fn NAME [-n N] [--ddp] [--slurm] ... [-- target options]`: one notebook function on N
+ranks (per node: --slurm runs the other nodes of a Slurm allocation too).
 
 Thin on purpose: it prepares the slice (mpify.export.prepare), parses the target's options from its
 signature (mpify.export.signature), runs it with ranch (this process is rank 0) and prints rank 0's
@@ -85,7 +86,10 @@ def run(
     backend: Optional[str] = typer.Option(None, "--backend", help="gloo or nccl (default: nccl with "
                                           "one GPU per rank, else gloo). Needs --ddp."),
     cell: Optional[int] = typer.Option(None, "--cell", help=CELL_HELP),
-    nnodes: int = typer.Option(1, "--nnodes", help="Nodes in all (multi-node)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes in all (multi-node; with --slurm, "
+                                         "default: the allocation's nodes)."),
+    slurm: bool = typer.Option(False, "--slurm", help="Inside a Slurm allocation: this process is node 0 and "
+                               "the other nodes' ranks start as srun steps."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (0 hosts the rendezvous)."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Node 0's rendezvous port."),
@@ -98,6 +102,7 @@ def run(
     """Run FN from NOTEBOOK on N ranks and print rank 0's value. Target options go after `--`
     (`-- --lr 0.1`; `-- --help` lists them), or the whole call with --call "train(model, 3)"."""
     from mpify.engine.rendezvous import PortInUseError
+    from mpify.engine.slurm import SlurmLaunchError
     from mpify.export.replay import check_required, given_options
     from mpify.export.runner import prepare, run_prepared
     from mpify.export.signature import parse_target_args, target_description, target_params
@@ -105,7 +110,9 @@ def run(
     try:
         try:
             show = parse_show_ranks(show_ranks)
-            _check_launch_options(nprocs, nnodes, node_rank, master_port, timeout)
+            if slurm and node_rank:
+                raise ExportError("--slurm runs this process as node 0: drop --node-rank")
+            _check_launch_options(nprocs, 1 if nnodes is None else nnodes, node_rank, master_port, timeout)
             if call is not None and ctx.args:
                 raise ExportError(f"--call gives all the arguments of the call; drop the options after "
                                   f"-- ({' '.join(ctx.args)}) or put them in the call")
@@ -134,8 +141,8 @@ def run(
         try:
             value = run_prepared(prep, nprocs, kwargs=kwargs, timeout=timeout, show_ranks=show,
                                  nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                                 master_port=master_port)
-        except (AnalysisError, ExportError, PortInUseError) as e:
+                                 master_port=master_port, launcher="slurm" if slurm else None)
+        except (AnalysisError, ExportError, PortInUseError, SlurmLaunchError) as e:
             fail(str(e))
         except typer.Exit:
             raise

@@ -132,7 +132,7 @@ class Launch:
         process, its channel the result pipe, its step's output its lines (already prefixed)."""
         payload = serialize.dumps((fn, args, kwargs, {"ctx": ctx, "imports": imports}))
         launch_args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
-                       "master_port": self.meeting.port, "timeout": self.timeout}
+                       "master_port": self.meeting.port, "timeout": self.timeout, "modules": slurm.shipped()}
         for name, node, step, conn in slurm.start_nodes(names, 1, self.meeting.addr, payload, launch_args):
             first = node * self.topo.nprocs
             child = Child(first, 0, step, conn, slurm.placeholder(), node=node)

@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from mpify.engine import serialize
 from mpify.engine.errors import MpifyError
@@ -40,6 +41,26 @@ SECRET_VAR = "MPIFY_SLURM_SECRET"
 ADDRESS_VAR = "MPIFY_SLURM_ADDRESS"
 # How long the node processes may take to call back (srun's step start and their imports).
 CONNECT_TIMEOUT = 120.0
+
+
+_shipped: dict[str, str] = {}  # module name -> source text, for the node processes (ship_modules)
+
+
+@contextmanager
+def ship_modules(modules: dict[str, str]) -> Iterator[None]:
+    """Within the block, a Slurm launch sends these modules' text along (each node writes them in a
+    private folder on its sys.path before anything is unpickled): `mpify run` imports the
+    notebook's slice from a temp folder of its own, which no other machine has."""
+    _shipped.update(modules)
+    try:
+        yield
+    finally:
+        for name in modules:
+            _shipped.pop(name, None)
+
+
+def shipped() -> dict[str, str]:
+    return dict(_shipped)
 
 
 class SlurmLaunchError(MpifyError, RuntimeError):

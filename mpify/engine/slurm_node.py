@@ -11,8 +11,10 @@ the step is cancelled, srun's SIGTERM ends this process, and its ranks follow it
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -31,7 +33,7 @@ def main() -> int:
     conn = Client((host, int(port)), authkey=secret)
     conn.send_bytes(name.encode())
     args = serialize.loads(conn.recv_bytes())
-    fn, fn_args, kwargs, extra = serialize.loads(conn.recv_bytes())
+    blob = conn.recv_bytes()
     # SIGTERM (srun forwarding a cancel or the caller's stop) as an interrupt: ranch stops the
     # node's ranks and returns, rather than this process dying with them still starting.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
@@ -39,7 +41,14 @@ def main() -> int:
     # and so must this node's ranks be.
     threading.Thread(target=_watch, args=(conn,), name="mpify-caller-watch", daemon=True).start()
     first = args["node_rank"] * args["nprocs"]
+    shipped = _place_modules(args.get("modules") or {})
     try:
+        try:
+            fn, fn_args, kwargs, extra = serialize.loads(blob)
+        except ModuleNotFoundError as exc:
+            exc.add_note(f"mpify: node {args['node_rank']} ({name}) cannot import {exc.name!r}: modules travel "
+                         "by name, so each must be importable on every node (the same environment path)")
+            raise
         values = ranch(args["nprocs"], fn, *fn_args, ctx=extra.get("ctx"), caller_rank=None, gather=True,
                        timeout=args.get("timeout"), nnodes=args["nnodes"], node_rank=args["node_rank"],
                        master_addr=args["master_addr"], master_port=args["master_port"],
@@ -48,6 +57,8 @@ def main() -> int:
         message = Done(first, time.monotonic(), blob)
     except BaseException as exc:
         message = Failed.of(getattr(exc, "mpify_rank", first), exc, time.monotonic())
+    finally:
+        shutil.rmtree(shipped, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -55,6 +66,17 @@ def main() -> int:
     except OSError:  # the caller is gone
         return 1
     return 0
+
+
+def _place_modules(modules: dict[str, str]) -> str:
+    """Write the modules the caller shipped as text (`mpify run`'s payload: slurm.ship_modules)
+    into a private folder first on sys.path, as the caller imported them; the folder's path."""
+    folder = tempfile.mkdtemp(prefix="mpify-node-")
+    for module_name, text in modules.items():
+        with open(os.path.join(folder, module_name + ".py"), "w", encoding="utf-8") as f:
+            f.write(text)
+    sys.path.insert(0, folder)
+    return folder
 
 
 def _watch(conn) -> None:

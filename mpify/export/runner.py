@@ -99,6 +99,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
                  **ranch_options: Any) -> Any:
     """Run a Prepared target on `nprocs` ranks with ranch; rank 0's value (or every local rank's
     with gather=True)."""
+    from mpify.engine import slurm
     from mpify.engine.launch import ranch
 
     if prep.call is not None and (args or kwargs):
@@ -120,7 +121,9 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
             # partial: the target's own keywords can never collide with ranch's (timeout, gather...).
             call = functools.partial(target, *args, **(kwargs or {}))
         try:
-            return ranch(nprocs, call, ctx=ctx, **ranch_options)
+            # A Slurm launch's other nodes have no such temp folder: the slice travels as text.
+            with slurm.ship_modules({os.path.splitext(os.path.basename(path))[0]: prep.payload.text}):
+                return ranch(nprocs, call, ctx=ctx, **ranch_options)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
