@@ -154,11 +154,8 @@ def start_nodes(names: list[str], first_node: int, addr: str, payload: bytes,
     args, kwargs and extras, pickled) and `launch_args` (nprocs, nnodes, master address and
     port...). Returns (name, node rank, step, connection) per node. On any failure every step
     started is stopped before the error is raised."""
-    from multiprocess.connection import Listener
-
-    secret = secrets.token_bytes(32)
+    listener, secret = open_channel(addr)
     steps: list[tuple[str, int, Step]] = []
-    listener = Listener((addr, 0), authkey=secret)
     try:
         env = dict(os.environ, **{SECRET_VAR: secret.hex(), ADDRESS_VAR: f"{addr}:{listener.address[1]}"})
         srun = shutil.which("srun") or "srun"
@@ -179,6 +176,15 @@ def start_nodes(names: list[str], first_node: int, addr: str, payload: bytes,
         raise
     finally:
         listener.close()
+
+
+def open_channel(addr: str) -> tuple[Any, bytes]:
+    """A listener on `addr` (a free port) whose connections must prove they hold the secret made
+    here (multiprocess's HMAC challenge, both ways) before accept returns them."""
+    from multiprocess.connection import Listener
+
+    secret = secrets.token_bytes(32)
+    return Listener((addr, 0), authkey=secret), secret
 
 
 def _accept(listener, steps) -> dict[str, Any]:
