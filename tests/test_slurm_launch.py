@@ -193,3 +193,62 @@ def test_mpify_run_inside_an_allocation(cluster, tmp_path):
     got = ast.literal_eval([ln for ln in log.splitlines() if ln.startswith("{")][-1])
     assert got["world_size"] == 4 and got["sum"] == 20.0, log
     assert [node for _, node, _ in got["ranks"]] == ["n1", "n1", "n2", "n2"], got
+
+
+def test_mpify_run_from_outside_an_allocation(cluster, tmp_path):
+    """From the login node: Slurm makes the allocation (salloc), the command runs on its first
+    node, every rank's lines and rank 0's value come back here live."""
+    import subprocess
+
+    import nbformat
+
+    from test_slurm_export import CELLS
+
+    nbformat.write(nbformat.v4.new_notebook(cells=CELLS), str(tmp_path / "census.ipynb"))
+    mpify = os.path.join(os.path.dirname(sys.executable), "mpify")
+    done = subprocess.run([mpify, "run", "census.ipynb", "--fn", "census", "-n", "2", "--ddp", "--nnodes", "2",
+                           "--slurm", "--slurm-arg=--time=5", "--", "--scale", "2"],
+                          cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert got["world_size"] == 4 and got["sum"] == 20.0, done.stdout
+    assert [node for _, node, _ in got["ranks"]] == ["n1", "n1", "n2", "n2"], got
+    assert not cluster.run(["squeue", "-h"]).stdout.strip()  # the allocation is given back
+
+
+SLEEPY_CELLS = ["import os, time", "def sleepy():\n    print('started', flush=True)\n    time.sleep(120)"]
+
+
+def test_ctrl_c_on_mpify_run_from_outside_cancels_the_job(cluster, tmp_path):
+    import signal
+    import subprocess
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in SLEEPY_CELLS]), str(tmp_path / "sleepy.ipynb"))
+    mpify = os.path.join(os.path.dirname(sys.executable), "mpify")
+    proc = subprocess.Popen([mpify, "run", "sleepy.ipynb", "--fn", "sleepy", "-n", "2", "--nnodes", "2", "--slurm"],
+                            cwd=tmp_path, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if sum("started" in ln for ln in seen) == 4:
+                break
+        assert sum("started" in ln for ln in seen) == 4, "".join(seen)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130, "".join(seen) + rest
+        assert "cancelled" in rest, rest
+        deadline = time.monotonic() + 15
+        while cluster.run(["squeue", "-h"]).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not cluster.run(["squeue", "-h"]).stdout.strip()
+        left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+        assert not left, [(p.pid, p.name()) for p in left]
+        assert time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()

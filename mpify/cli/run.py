@@ -13,8 +13,9 @@ no process.
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -89,7 +90,10 @@ def run(
     nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes in all (multi-node; with --slurm, "
                                          "default: the allocation's nodes)."),
     slurm: bool = typer.Option(False, "--slurm", help="Inside a Slurm allocation: this process is node 0 and "
-                               "the other nodes' ranks start as srun steps."),
+                               "the other nodes' ranks start as srun steps. Outside one: salloc makes one of "
+                               "--nnodes nodes and this command runs on its first node."),
+    slurm_arg: List[str] = typer.Option([], "--slurm-arg", help="With --slurm outside an allocation: an option "
+                                        "for salloc (--slurm-arg=--partition=gpu); repeatable."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (0 hosts the rendezvous)."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Node 0's rendezvous port."),
@@ -135,6 +139,18 @@ def run(
             fail(str(e))
         for w in prep.warnings:
             print(f"mpify: warning: {w}", file=sys.stderr)
+        if slurm and "SLURM_JOB_ID" not in os.environ:
+            if nnodes is None:
+                fail("--slurm outside an allocation needs --nnodes (how many nodes to ask Slurm for)")
+            from mpify.cli.submit import inner_command, submit
+
+            options = _options(fn, call, nprocs, ddp, backend, cell, nnodes, master_port, timeout, show_ranks,
+                               as_json, faithful)
+            raise typer.Exit(submit(inner_command(notebook, options, list(ctx.args)), nnodes, slurm_arg,
+                                    fn or "call"))
+        if slurm_arg:
+            fail("--slurm-arg goes with --slurm outside an allocation (inside one, Slurm's options are the "
+                 "allocation's)")
         from mpify.engine import starter
 
         starter.single_launch()  # no forkserver for launches to come: this command makes one
@@ -159,6 +175,17 @@ def run(
         print(json.dumps(value, default=to_jsonable))
     else:
         print(repr(value))
+
+
+def _options(fn, call, nprocs, ddp, backend, cell, nnodes, master_port, timeout, show_ranks, as_json,
+             faithful) -> list[str]:
+    """The options given, spelled again for the `mpify run` that runs inside the allocation."""
+    out = ["-n", str(nprocs), "--nnodes", str(nnodes), "--show-ranks", show_ranks]
+    for flag, value in (("--fn", fn), ("--call", call), ("--backend", backend), ("--cell", cell),
+                        ("--master-port", master_port), ("--timeout", timeout)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out + [flag for flag, on in (("--ddp", ddp), ("--json", as_json), ("--faithful", faithful)) if on]
 
 
 def _check_launch_options(nprocs, nnodes, node_rank, master_port, timeout) -> None:

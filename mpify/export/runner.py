@@ -99,6 +99,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
                  **ranch_options: Any) -> Any:
     """Run a Prepared target on `nprocs` ranks with ranch; rank 0's value (or every local rank's
     with gather=True)."""
+    import mpify.torch_store  # noqa: F401 (node 0 of a multi-node launch hosts torch's store: it registers the host)
     from mpify.engine import slurm
     from mpify.engine.launch import ranch
 
