@@ -22,11 +22,14 @@ import time
 def main() -> int:
     from multiprocess.connection import Client
 
-    from mpify.engine import serialize
+    from mpify.engine import serialize, starter
     from mpify.engine.launch import ranch
     from mpify.engine.messages import Done, Failed
     from mpify.engine.slurm import ADDRESS_VAR, SECRET_VAR
 
+    # One launch, then this process exits: no forkserver started for launches to come (it would
+    # import torch for nobody, and the step lasts until every process of it has ended).
+    starter.single_launch()
     secret = bytes.fromhex(os.environ.pop(SECRET_VAR))
     host, port = os.environ.pop(ADDRESS_VAR).rsplit(":", 1)
     name = os.environ.get("SLURMD_NODENAME", "")

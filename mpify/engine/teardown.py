@@ -31,21 +31,48 @@ def _signal_rank(pid: int, sig: int) -> None:
 
 
 def group_alive(pid: int) -> bool:
+    """Some process of the group `pid` still runs. A group of zombies alone is not alive: an
+    orphan's zombie waits for init to reap it, which some inits do only every second or so (srun's
+    helper child, orphaned at srun's exit, kept a Slurm node's group "alive" for a second per
+    launch, and the stop waited for it)."""
     try:
         os.killpg(pid, 0)
-        return True
     except (ProcessLookupError, PermissionError):
         return False
+    return _runs_in_group(pid)
+
+
+def _runs_in_group(pgid: int) -> bool:
+    """Whether a process of group `pgid` is not a zombie, read from /proc (Linux); elsewhere, or
+    if /proc cannot be read, True (the group counts as alive while kill() reaches it)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the command: state, ppid, pgrp (proc(5))
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def rank_alive(pid: int) -> bool:
-    """The rank or anything in its group still runs. Checked by signal 0 only: the supervisor
+    """The rank, unreaped, or anything else in its group still runs. Checked by signal 0 only: the supervisor
     thread alone reads the processes' exit codes (two readers of one multiprocess sentinel race,
     and the loser sees exit code 255)."""
     if group_alive(pid):
         return True
     try:
-        os.kill(pid, 0)  # a rank that has not yet made its own group
+        # A rank that has not yet made its own group; or one that died and is not yet reaped:
+        # its parent's report of the death is still to come, and the stop waits for it.
+        os.kill(pid, 0)
         return True
     except (ProcessLookupError, PermissionError):
         return False
