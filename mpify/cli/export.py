@@ -37,13 +37,15 @@ def export(
     faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
     slurm: bool = typer.Option(False, "--slurm", help="Also write OUT's sbatch script beside it (OUT with "
                                ".sbatch for .py): torchrun on every node of the job."),
-    nproc: int = typer.Option(1, "-n", "--nproc-per-node", min=1, help="With --slurm: ranks per node when "
+    nproc: int = typer.Option(1, "-n", "--nproc-per-node", help="With --slurm: ranks per node when "
                               "neither NPROC_PER_NODE nor the node's GPUs say."),
 ) -> None:
     """Write FN from NOTEBOOK, with what it needs, as a script runnable with python or torchrun."""
     from mpify.export.prepare import prepare
 
     try:
+        if nproc < 1:
+            raise ExportError(f"-n must be at least 1, got {nproc}")
         prep = prepare(notebook, fn, ddp=ddp, backend=backend, cell=cell, call=call, faithful=faithful)
         fn = prep.slice.target
         if out is None:
