@@ -252,3 +252,43 @@ def test_ctrl_c_on_mpify_run_from_outside_cancels_the_job(cluster, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+STUCK = r'''
+import os, signal, threading, time
+import psutil
+from mpify import torchddp_launch
+
+def stuck():
+    import torch, torch.distributed as dist
+    print("IN", flush=True)
+    if dist.get_rank() == 3:
+        time.sleep(600)  # the others wait for it in the all_reduce
+    dist.all_reduce(torch.ones(1))
+
+threading.Timer(15.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+t0 = time.monotonic()
+try:
+    torchddp_launch(2, stuck, launcher="slurm")
+except KeyboardInterrupt:
+    print("INTERRUPTED", round(time.monotonic() - t0, 1), flush=True)
+ranks = [p for p in psutil.Process().children(recursive=True) if "RANK" in p.environ()]  # forkservers aside
+print("CHILDREN", len(ranks), flush=True)
+'''
+
+
+def test_ctrl_c_frees_ranks_stuck_in_a_collective_across_nodes(cluster, tmp_path):
+    """Ctrl-C in the caller (SIGINT, as a kernel's interrupt) while ranks of both nodes wait in an
+    all_reduce for a rank that never comes: KeyboardInterrupt, every rank on both nodes stopped."""
+    job, out = _job(cluster, tmp_path, "stuck", STUCK)
+    done = cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp_path), job],
+                       timeout=300, check=False)
+    log = out.read_text() if out.exists() else "(no output file)"
+    assert done.returncode == 0 and "INTERRUPTED" in log, f"{done.stdout}{done.stderr}\n{log}"
+    assert log.count("IN") >= 4, log
+    seconds = float(log.split("INTERRUPTED ", 1)[1].split()[0])
+    assert seconds < 15 + 10, log  # the interrupt came at 15 s
+    assert "CHILDREN 0" in log, log
+    time.sleep(1)
+    left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+    assert not left, [(p.pid, p.name()) for p in left]
