@@ -195,6 +195,8 @@ def _accept(listener, steps) -> dict[str, Any]:
     conns: dict[str, Any] = {}
     wanted = {name for name, _, _ in steps}
     deadline = time.monotonic() + CONNECT_TIMEOUT
+    # multiprocess's Listener has no timeout of its own; its socket is waited on here so that a
+    # step that died before calling back is seen, and the wait is bounded.
     sock = listener._listener._socket
     while wanted - set(conns):
         for name, node, step in steps:
