@@ -185,7 +185,11 @@ def test_mpify_run_inside_an_allocation(cluster, tmp_path):
     nbformat.write(nbformat.v4.new_notebook(cells=CELLS), str(tmp_path / "census.ipynb"))
     mpify = os.path.join(os.path.dirname(sys.executable), "mpify")
     job, out = _job(cluster, tmp_path, "run", "")
-    (tmp_path / "run.sh").write_text(f"#!/bin/sh\n{mpify} run census.ipynb --fn census -n 2 --ddp --slurm -- --scale 2\n")
+    bad = [nbformat.v4.new_code_cell("import os"),
+           nbformat.v4.new_code_cell("def bad():\n    if os.environ['RANK'] == '3':\n        raise ValueError('rank 3 bad')")]
+    nbformat.write(nbformat.v4.new_notebook(cells=bad), str(tmp_path / "bad.ipynb"))
+    (tmp_path / "run.sh").write_text(f"#!/bin/sh\n{mpify} run census.ipynb --fn census -n 2 --ddp --slurm -- --scale 2\n"
+                                     f"{mpify} run bad.ipynb --fn bad -n 2 --slurm\necho EXIT $?\n")
     done = cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp_path), job],
                        timeout=300, check=False)
     log = out.read_text() if out.exists() else "(no output file)"
@@ -193,6 +197,9 @@ def test_mpify_run_inside_an_allocation(cluster, tmp_path):
     got = ast.literal_eval([ln for ln in log.splitlines() if ln.startswith("{")][-1])
     assert got["world_size"] == 4 and got["sum"] == 20.0, log
     assert [node for _, node, _ in got["ranks"]] == ["n1", "n1", "n2", "n2"], got
+    # a rank of the other node raises: its traceback names the notebook's cell, as on one machine
+    assert 'File "bad.ipynb", cell 2, line 3, in bad' in log and "ValueError: rank 3 bad" in log, log
+    assert "mpify: on node 1" in log and "EXIT 1" in log, log
 
 
 def test_mpify_run_from_outside_an_allocation(cluster, tmp_path):

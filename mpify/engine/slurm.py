@@ -43,14 +43,16 @@ ADDRESS_VAR = "MPIFY_SLURM_ADDRESS"
 CONNECT_TIMEOUT = 120.0
 
 
-_shipped: dict[str, str] = {}  # module name -> source text, for the node processes (ship_modules)
+# module name -> (source text, the caller's path of it), for the node processes (ship_modules)
+_shipped: dict[str, tuple[str, str]] = {}
 
 
 @contextmanager
-def ship_modules(modules: dict[str, str]) -> Iterator[None]:
+def ship_modules(modules: dict[str, tuple[str, str]]) -> Iterator[None]:
     """Within the block, a Slurm launch sends these modules' text along (each node writes them in a
     private folder on its sys.path before anything is unpickled): `mpify run` imports the
-    notebook's slice from a temp folder of its own, which no other machine has."""
+    notebook's slice from a temp folder of its own, which no other machine has. The caller's path
+    travels too: a node's traceback names it, so `mpify run` maps its frames to notebook cells."""
     _shipped.update(modules)
     try:
         yield
@@ -59,7 +61,7 @@ def ship_modules(modules: dict[str, str]) -> Iterator[None]:
             _shipped.pop(name, None)
 
 
-def shipped() -> dict[str, str]:
+def shipped() -> dict[str, tuple[str, str]]:
     return dict(_shipped)
 
 

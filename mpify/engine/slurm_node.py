@@ -24,6 +24,7 @@ def main() -> int:
 
     from mpify.engine import serialize, starter
     from mpify.engine.launch import ranch
+    from mpify.engine.errors import RemoteTraceback
     from mpify.engine.messages import Done, Failed
     from mpify.engine.slurm import ADDRESS_VAR, SECRET_VAR
 
@@ -44,7 +45,7 @@ def main() -> int:
     # and so must this node's ranks be.
     threading.Thread(target=_watch, args=(conn,), name="mpify-caller-watch", daemon=True).start()
     first = args["node_rank"] * args["nprocs"]
-    shipped = _place_modules(args.get("modules") or {})
+    shipped, paths = _place_modules(args.get("modules") or {})
     try:
         try:
             fn, fn_args, kwargs, extra = serialize.loads(blob)
@@ -60,6 +61,10 @@ def main() -> int:
         message = Done(first, time.monotonic(), blob)
     except BaseException as exc:
         message = Failed.of(getattr(exc, "mpify_rank", first), exc, time.monotonic())
+        if isinstance(exc.__cause__, RemoteTraceback):  # the rank's own traceback, not this process's
+            message.tb_text = exc.__cause__.text
+        for here, there in paths.items():  # the caller's name of the shipped files (its cell map)
+            message.tb_text = message.tb_text.replace(here, there)
     finally:
         shutil.rmtree(shipped, ignore_errors=True)
     sys.stdout.flush()
@@ -71,15 +76,19 @@ def main() -> int:
     return 0
 
 
-def _place_modules(modules: dict[str, str]) -> str:
+def _place_modules(modules: dict[str, tuple[str, str]]) -> tuple[str, dict[str, str]]:
     """Write the modules the caller shipped as text (`mpify run`'s payload: slurm.ship_modules)
-    into a private folder first on sys.path, as the caller imported them; the folder's path."""
+    into a private folder first on sys.path, as the caller imported them; the folder's path, and
+    each file's path here -> its path in the caller."""
     folder = tempfile.mkdtemp(prefix="mpify-node-")
-    for module_name, text in modules.items():
-        with open(os.path.join(folder, module_name + ".py"), "w", encoding="utf-8") as f:
+    paths = {}
+    for module_name, (text, caller_path) in modules.items():
+        here = os.path.join(folder, module_name + ".py")
+        with open(here, "w", encoding="utf-8") as f:
             f.write(text)
+        paths[here] = caller_path
     sys.path.insert(0, folder)
-    return folder
+    return folder, paths
 
 
 def _watch(conn) -> None:

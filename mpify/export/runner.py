@@ -123,7 +123,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
             call = functools.partial(target, *args, **(kwargs or {}))
         try:
             # A Slurm launch's other nodes have no such temp folder: the slice travels as text.
-            with slurm.ship_modules({os.path.splitext(os.path.basename(path))[0]: prep.payload.text}):
+            with slurm.ship_modules({os.path.splitext(os.path.basename(path))[0]: (prep.payload.text, path)}):
                 return ranch(nprocs, call, ctx=ctx, **ranch_options)
         except KeyboardInterrupt:
             raise
