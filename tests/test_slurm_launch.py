@@ -299,3 +299,36 @@ def test_ctrl_c_frees_ranks_stuck_in_a_collective_across_nodes(cluster, tmp_path
     time.sleep(1)
     left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
     assert not left, [(p.pid, p.name()) for p in left]
+
+
+SCANCELLED = r'''
+import os, time
+from mpify import ranch
+
+def sleepy():
+    print("SLEEPING", os.getpid(), flush=True)
+    time.sleep(120)
+
+ranch(2, sleepy, launcher="slurm")
+'''
+
+
+def test_scancel_of_the_job_during_a_launch_leaves_nothing(cluster, tmp_path):
+    """`scancel JOB` from a shell while a launch runs on both nodes: every process of it, on
+    both nodes, ends (Slurm ends the steps; the caller's ranks follow the caller)."""
+    job, out = _job(cluster, tmp_path, "scancelled", SCANCELLED)
+    jobid = cluster.run(["sbatch", "--parsable", "-N", "2", "-o", str(out), "-D", str(tmp_path), job]).stdout.strip()
+    deadline = time.monotonic() + 120
+    while (out.read_text() if out.exists() else "").count("SLEEPING") < 4:
+        assert time.monotonic() < deadline, out.read_text() if out.exists() else "(no output)"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    cluster.run(["scancel", jobid.split(";")[0]])
+    while True:
+        left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+        if not left or time.monotonic() - t0 > 15:
+            break
+        time.sleep(0.2)
+    assert not left, [(p.pid, p.name(), p.cmdline()[:3]) for p in left]
+    seconds = time.monotonic() - t0
+    assert seconds < 15, seconds
