@@ -92,6 +92,16 @@ def _ns_id(name: str) -> str:
     return f"net:[{os.stat(f'/run/netns/{name}').st_ino}]"
 
 
+def _add_descendants(procs: dict[int, psutil.Process]) -> None:
+    """Add every descendant of the processes in `procs` (pid -> Process) to it."""
+    for p in list(procs.values()):
+        try:
+            for c in p.children(recursive=True):
+                procs.setdefault(c.pid, c)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -542,12 +552,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     found[p.pid] = p
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                 pass
-        for p in list(found.values()):
-            try:
-                for c in p.children(recursive=True):
-                    found.setdefault(c.pid, c)
-            except psutil.NoSuchProcess:
-                pass
+        _add_descendants(found)
         live = []
         for p in found.values():
             try:
@@ -710,12 +715,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     continue
                 if any(link.startswith(f"{r}/log/") for r in roots for link in links):
                     procs[p.pid] = p
-        for p in list(procs.values()):
-            try:
-                for c in p.children(recursive=True):
-                    procs.setdefault(c.pid, c)
-            except psutil.NoSuchProcess:
-                pass
+        _add_descendants(procs)
         if procs:
             cls._signal_wait(list(procs.values()), timeout=1.0)
         for name, (ident, _) in stale_ns.items():

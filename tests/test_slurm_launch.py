@@ -10,6 +10,14 @@ import os
 import time
 import sys
 
+DAEMONS = ("munged", "slurmctld", "slurmscriptd", "slurmd")
+
+
+def job_processes(cluster) -> list:
+    """What of the cluster's processes is not one of its daemons: what jobs left running."""
+    return [p for p in cluster.processes() if p.name() not in DAEMONS]
+
+
 SCRIPT = r'''
 import os, socket, sys, time
 import psutil
@@ -73,7 +81,7 @@ def test_ranch_across_two_slurm_nodes(cluster, tmp_path):
     assert seconds < 30, said["RAISED"]
     # nothing of the job left on either node
     time.sleep(1)  # the job's last step ends with it
-    left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+    left = job_processes(cluster)
     assert not left, [(p.pid, p.name()) for p in left]
 
 
@@ -148,7 +156,7 @@ def test_remote_deaths_are_reported_with_rank_and_node(cluster, tmp_path):
     assert node_rank == 2 and "node 1's step (ranks 2-3)" in node_notes and node_seconds < 5, died[1]
     assert ast.literal_eval(log.split("AGAIN ", 1)[1].splitlines()[0]) == [0, 1, 2, 3]
     time.sleep(1)
-    left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+    left = job_processes(cluster)
     assert not left, [(p.pid, p.name()) for p in left]
 
 
@@ -253,7 +261,7 @@ def test_ctrl_c_on_mpify_run_from_outside_cancels_the_job(cluster, tmp_path):
         while cluster.run(["squeue", "-h"]).stdout.strip() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not cluster.run(["squeue", "-h"]).stdout.strip()
-        left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+        left = job_processes(cluster)
         assert not left, [(p.pid, p.name()) for p in left]
         assert time.monotonic() - t0 < 20
     finally:
@@ -297,7 +305,7 @@ def test_ctrl_c_frees_ranks_stuck_in_a_collective_across_nodes(cluster, tmp_path
     assert seconds < 15 + 10, log  # the interrupt came at 15 s
     assert "CHILDREN 0" in log, log
     time.sleep(1)
-    left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+    left = job_processes(cluster)
     assert not left, [(p.pid, p.name()) for p in left]
 
 
@@ -325,7 +333,7 @@ def test_scancel_of_the_job_during_a_launch_leaves_nothing(cluster, tmp_path):
     t0 = time.monotonic()
     cluster.run(["scancel", jobid.split(";")[0]])
     while True:
-        left = [p for p in cluster.processes() if p.name() not in ("munged", "slurmctld", "slurmscriptd", "slurmd")]
+        left = job_processes(cluster)
         if not left or time.monotonic() - t0 > 15:
             break
         time.sleep(0.2)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, serialize, shm, slurm, starter, teardown
+from mpify.engine import rendezvous, serialize, shm, starter, teardown
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
@@ -130,6 +130,8 @@ class Launch:
     def add_nodes(self, names: list[str], fn, args, kwargs, ctx, imports, stdout, stderr) -> None:
         """Start the other nodes of a Slurm launch (slurm.py): one child per node, its step the
         process, its channel the result pipe, its step's output its lines (already prefixed)."""
+        from mpify.engine import slurm
+
         payload = serialize.dumps((fn, args, kwargs, {"ctx": ctx, "imports": imports}))
         launch_args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
                        "master_port": self.meeting.port, "timeout": self.timeout, "modules": slurm.shipped()}
@@ -510,6 +512,8 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
         raise ValueError(f"launcher must be None or 'slurm', got {launcher!r}")
     nodes = None
     if launcher == "slurm":
+        from mpify.engine import slurm  # only a Slurm launch needs it (srun, the channel)
+
         if node_rank != 0:
             raise ValueError("with launcher='slurm' this process is node 0; node_rank is not given")
         nodes = slurm.Nodes.of_allocation()

@@ -50,17 +50,23 @@ def _runs_in_group(pgid: int) -> bool:
     except OSError:
         return True
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
+        fields = _stat(entry) if entry.isdigit() else None
         # after the command: state, ppid, pgrp (proc(5))
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in _GONE:
             return True
     return False
+
+
+_GONE = (b"Z", b"X")  # /proc/PID/stat states of a process that has exited: zombie, dead
+
+
+def _stat(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command's name, or None (gone, or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def rank_alive(pid: int) -> bool:
@@ -81,11 +87,8 @@ def rank_alive(pid: int) -> bool:
 def _dead(pid: int) -> bool:
     """The process has exited and waits to be reaped (a zombie). A signal sent to it now is not
     what it died of. Linux only; elsewhere a rank counts as alive until it is reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
+    fields = _stat(pid)
+    return bool(fields) and fields[0] in _GONE
 
 
 def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | None = None) -> None:
