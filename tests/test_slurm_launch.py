@@ -101,7 +101,10 @@ def kill_node():
     if os.environ["RANK"] == "2":
         node = next(p for p in psutil.Process().parents() if "mpify.engine.slurm_node" in " ".join(p.cmdline()))
         time.sleep(2)
-        print("DYING", time.time(), flush=True)
+        # the time of the kill, said half a second ahead: the node process forwards this line,
+        # and a kill right after the print lost it once
+        print("DYING", time.time() + 0.5, flush=True)
+        time.sleep(0.5)
         node.kill()
     time.sleep(60)
 
