@@ -33,7 +33,7 @@ from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, caller_threads, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted
-from mpify.engine.messages import Done, Failed
+from mpify.engine.messages import Done, Failed, Lines
 from mpify.engine.bars import display_mode
 from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump, rank_filter
 
@@ -45,6 +45,9 @@ DEATH_SLACK = 0.5
 EXIT_GRACE = 5.0
 # How long to keep reading output once every rank is gone (an escaped grandchild may hold a pipe).
 DRAIN_GRACE = 1.0
+# How long another node may take to answer once asked to stop (its own ladder: ask, terminate,
+# kill), before its node process is ended.
+NODE_GRACE = 15.0
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Child:
     outcome: Done | Failed | None = None  # the message it sent
     exited: bool = False
     node: int | None = None  # another node of a Slurm launch (slurm.py): its step, not a rank
+    agent: Any = None  # that node's resident process (slurm.Agent): its channel is result_r
+    lines: dict = field(default_factory=dict)  # that node's output: stream name -> LineForwarder
 
 
 class Launch:
@@ -128,20 +133,27 @@ class Launch:
             self._done.set()
 
     def add_nodes(self, names: list[str], fn, args, kwargs, ctx, imports, stdout, stderr) -> None:
-        """Start the other nodes of a Slurm launch (slurm.py): one child per node, its step the
-        process, its channel the result pipe, its step's output its lines (already prefixed)."""
+        """Start the other nodes of a Slurm launch (slurm.py): one child per node, its resident
+        process's step the process, its channel the result pipe, which also brings its ranks'
+        lines (already prefixed) before its outcome."""
         from mpify.engine import slurm
+        from mpify.engine.messages import NodeLaunch
 
+        # Pickled without shared memory, which does not cross machines.
         payload = serialize.dumps((fn, args, kwargs, {"ctx": ctx, "imports": imports}))
         launch_args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
                        "master_port": self.meeting.port, "timeout": self.timeout, "modules": slurm.shipped()}
-        for name, node, step, conn in slurm.start_nodes(names, 1, self.meeting.addr, payload, launch_args):
+        for node, agent in enumerate(slurm.lease(names), start=1):
             first = node * self.topo.nprocs
-            child = Child(first, 0, step, conn, slurm.placeholder(), node=node)
-            child.streams = {step.popen.stdout: LineForwarder(first, stdout, True, "stdout", prefix=""),
-                             step.popen.stderr: LineForwarder(first, stderr, True, "stderr", prefix="")}
+            child = Child(first, 0, agent.step, agent.conn, slurm.placeholder(), node=node, agent=agent)
+            child.lines = {"stdout": LineForwarder(first, stdout, True, "stdout", prefix=""),
+                           "stderr": LineForwarder(first, stderr, True, "stderr", prefix="")}
             self.children.append(child)
-            _debug("node", node, name, "step", step.pid)
+            try:
+                agent.send(NodeLaunch(dict(launch_args, node_rank=node), payload))
+            except (OSError, ValueError):  # its process died: its step's exit reports it
+                pass
+            _debug("node", node, agent.name, "step", agent.step.pid)
 
     # ---- the supervisor thread -------------------------------------------------------------
     def _waitables(self) -> dict:
@@ -178,7 +190,7 @@ class Launch:
             else:
                 wait_for = None
             # A bar frame held back by the throttle (output.py) is shown when it is due.
-            due = next_due(fwd for c in self.children for fwd in c.streams.values())
+            due = next_due(fwd for c in self.children for fwd in (*c.streams.values(), *c.lines.values()))
             if due is not None:
                 wait_for = max(0.0, due - time.monotonic()) if wait_for is None else \
                     min(wait_for, max(0.0, due - time.monotonic()))
@@ -188,7 +200,7 @@ class Launch:
             if self.deadline is not None and self.stop_reason is None and time.monotonic() >= self.deadline:
                 self.begin_stop("timeout")
         for c in self.children:
-            for fwd in c.streams.values():
+            for fwd in (*c.streams.values(), *c.lines.values()):
                 fwd.close()
 
     def _on_control(self) -> None:
@@ -205,21 +217,31 @@ class Launch:
         result would otherwise fill the pipe and block the rank)."""
         try:
             if block or child.result_r.poll():
-                child.outcome = serialize.loads(child.result_r.recv_bytes())
+                message = serialize.loads(child.result_r.recv_bytes())
+                if isinstance(message, Lines):  # a node's ranks' output, before its outcome
+                    child.lines[message.stream].feed(message.data)
+                    return
+                child.outcome = message
         except (EOFError, OSError):
             child.result_r.close()
             return
         _debug("message from rank", child.rank, type(child.outcome).__name__)
         if child.outcome is None:  # nothing sent (a grandchild may still hold the pipe open)
             return
+        if child.agent is not None:
+            with self._exits:  # a node's ranks are gone once it answers; its process stays
+                child.exited = True
+                self._exits.notify_all()
         if child.node is not None and isinstance(child.outcome, Failed):
             # Another machine's clock: dated at its arrival, backdated as a death is (its ranks'
-            # peers here may have failed from it a moment before it arrived); its rank is the
-            # node's failed rank, not the node's first.
-            child.outcome.when = time.monotonic() - DEATH_SLACK
+            # peers here may have failed from it a moment before it arrived), unless it answers
+            # the stop's own Interrupt; its rank is the node's failed rank, not the node's first.
+            now = time.monotonic()
+            ours = self.stop_reason is not None and child.outcome.type_name == "builtins.KeyboardInterrupt"
+            child.outcome.when = now if ours else now - DEATH_SLACK
             error = child.outcome.rebuild()
             add_note(error, f"mpify: on node {child.node}")
-            self.record(Failure(child.outcome.rank, child.outcome.when, error))
+            self.record(Failure(child.outcome.rank, child.outcome.when, error, by_stop=ours))
         elif isinstance(child.outcome, Failed):
             self.record(Failure(child.rank, child.outcome.when, child.outcome.rebuild()))
         self._check_done()
@@ -243,8 +265,10 @@ class Launch:
             when = now if ours else now - DEATH_SLACK
             error = RankDiedError(child.rank, code)
             if child.node is not None:
+                said = child.agent.said() if child.agent is not None else ""
                 add_note(error, f"mpify: node {child.node}'s step (ranks {child.rank}-"
-                                f"{child.rank + self.topo.nprocs - 1}) ended without an outcome")
+                                f"{child.rank + self.topo.nprocs - 1}) ended without an outcome"
+                                + (f"; its last words:\n{said}" if said else ""))
             self.record(Failure(child.rank, when, error, by_stop=ours))
         self._check_done()
 
@@ -275,7 +299,10 @@ class Launch:
         _debug("stop:", reason)
         self.meeting.close()
         first = signal.SIGINT if reason in ("interrupt", "timeout") else signal.SIGTERM
-        pids = [c.proc.pid for c in self.children]
+        pids = [c.proc.pid for c in self.children if c.agent is None]
+        for c in self.children:
+            if c.agent is not None and c.outcome is None:
+                c.agent.interrupt()  # the node stops its ranks with its own ladder, and answers
         self._stopper = threading.Thread(target=teardown.stop_ranks, args=(pids, first, self.signals_sent),
                                          name="mpify-stopper", daemon=True)
         self._stopper.start()
@@ -322,15 +349,26 @@ class Launch:
 
     # ---- teardown --------------------------------------------------------------------------
     def teardown(self) -> None:
-        """Nothing this launch started outlives this call."""
-        pids = [c.proc.pid for c in self.children if c.proc.pid is not None]
+        """Nothing this launch started outlives this call (another node's resident process
+        outlives it, idle, its ranks gone, or is ended if it does not answer)."""
+        pids = [c.proc.pid for c in self.children if c.proc.pid is not None and c.agent is None]
+        nodes = [c for c in self.children if c.agent is not None]
         if self.stop_reason is None:
             # Ranks that sent their outcome are exiting by themselves; the supervisor sees them go.
             with self._exits:
                 self._exits.wait_for(lambda: all(c.exited for c in self.children), EXIT_GRACE)
             teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self.signals_sent)
+            for c in nodes:
+                if not c.exited:
+                    c.agent.interrupt()
         elif self._stopper is not None:
             self._stopper.join()
+        if nodes:
+            with self._exits:
+                self._exits.wait_for(lambda: all(c.exited for c in nodes), NODE_GRACE)
+            for c in nodes:
+                if c.outcome is None:  # did not answer: its process is ended, not kept
+                    c.agent.stop()
         teardown.sweep_groups(pids)
         for c in self.children:
             c.alive_w.close()
@@ -338,12 +376,18 @@ class Launch:
             os.write(self._control_w, b"x")
             self._supervisor.join()
         for c in self.children:
+            if c.agent is not None:
+                continue  # its channel and step are the resident node process's
             c.result_r.close()
             for conn in c.streams:
                 conn.close()
             c.streams.clear()
             if c.proc.pid is not None and c.proc.exitcode is not None:
                 c.proc.close()
+        if nodes:
+            from mpify.engine import slurm
+
+            slurm.give_back([c.agent for c in nodes])
         os.close(self._control_r)
         os.close(self._control_w)
         self.meeting.close()
@@ -482,6 +526,9 @@ def shutdown() -> None:
     next launch starts afresh."""
     starter.shutdown()
     shm.release()
+    slurm = sys.modules.get("mpify.engine.slurm")
+    if slurm is not None:  # another node's resident processes, if a Slurm launch started any
+        slurm.shutdown()
 
 
 def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: int | None = 0,

@@ -2,8 +2,9 @@
 
 A launch's rank sends one outcome (`Done` or `Failed`) and exits. A live world's rank (see
 world.py) stays and answers commands, one reply per command, until `Close`. Every message is
-pickled with the engine's serializer (dill) over a pipe that only the caller and that rank hold:
-nothing here is ever read from a socket.
+pickled with the engine's serializer (dill) over a pipe that only the caller and that rank hold,
+or, to another node's resident process (slurm.py), over a socket that passed the HMAC challenge
+of the launch's secret before anything on it is unpickled.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class Exec:
     source: str
     filename: str
     echo: bool = True
+    ranks: list | None = None  # to another node's process: which of its ranks run it (None: all)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Pull:
     """Send back the value bound to `name` in the rank's namespace."""
 
     name: str
+    rank: int | None = None  # to another node's process: which of its ranks
 
 
 @dataclass
@@ -124,3 +127,47 @@ class Rebuild:
 @dataclass
 class Close:
     """Leave the world's ctx and exit."""
+
+
+# ---- another node's resident process (slurm_node.py): what the caller asks it -----------------
+@dataclass
+class NodeLaunch:
+    """Run one launch's ranks of this node (`args`: nprocs, nnodes, node_rank, master address
+    and port...; `payload`: fn, args, kwargs and extras, pickled without shared memory, which
+    does not cross machines). Answered by `Lines` while it runs, then one `Done` (a dict of each
+    rank's value by global rank) or `Failed`."""
+
+    args: dict
+    payload: bytes
+
+
+@dataclass
+class NodeWorld:
+    """Start this node's ranks of a live world (`ctx_blob`: its ctx, pickled); answered as a
+    launch is. The world's commands (Call, Exec, Push, Pull, Status) follow, one reply each,
+    until `Close`, answered by `Done` once the node's ranks have left ctx and exited."""
+
+    args: dict
+    ctx_blob: bytes
+
+
+@dataclass
+class Interrupt:
+    """Stop what the node runs now, as Ctrl-C stops a launch or a world's round: its ranks are
+    asked, freed or killed by the node's own ladder, and the node answers with what happened."""
+
+
+@dataclass
+class Lines:
+    """Output of a node's ranks, already cut into lines and prefixed `[rank N] ` on the node;
+    sent on the channel before the outcome that follows it, so nothing arrives late."""
+
+    stream: str  # "stdout" or "stderr"
+    data: bytes
+
+
+@dataclass
+class NodeLost:
+    """The node's world closed itself (a rank of it died or stayed stuck); `text` says why."""
+
+    text: str

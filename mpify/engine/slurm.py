@@ -22,6 +22,7 @@ every node, the same environment path).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import select
@@ -29,13 +30,16 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from mpify.engine import serialize
 from mpify.engine.errors import MpifyError
+from mpify.engine.messages import Interrupt
 
 SECRET_VAR = "MPIFY_SLURM_SECRET"
 ADDRESS_VAR = "MPIFY_SLURM_ADDRESS"
@@ -143,41 +147,147 @@ class Step:
 
 
 class _Placeholder:
-    """A node has no alive pipe of its own: its node process ends with the caller's channel."""
+    """A node has no alive pipe or breaker pipe of its own: its process ends with the caller's
+    channel, and frees its ranks with its own ladder (an Interrupt)."""
 
     def close(self) -> None:
         pass
 
+    def send_bytes(self, data: bytes) -> None:
+        pass
 
-def start_nodes(names: list[str], first_node: int, addr: str, payload: bytes,
-                launch_args: dict[str, Any]) -> list[tuple[str, int, Step, Any]]:
-    """Start one step per node of `names` (node ranks first_node, first_node + 1, ...), each
-    running slurm_node.py, wait for each to call back, and send it the launch: `payload` (fn,
-    args, kwargs and extras, pickled) and `launch_args` (nprocs, nnodes, master address and
-    port...). Returns (name, node rank, step, connection) per node. On any failure every step
-    started is stopped before the error is raised."""
+
+class Agent:
+    """One node's resident process (slurm_node.py) as the caller holds it: its srun step, its
+    authenticated channel, and the tail of its step's own stderr (anything its ranks did not
+    write: an import error, a crash), kept for the error that names the node.
+
+    Resident, as a forkserver is: started by the first Slurm launch or world that needs the node,
+    lent to one launch or world at a time, kept warm between them (its own forkserver ready), and
+    stopped at exit, by `shutdown`, or with the caller (its channel's end)."""
+
+    def __init__(self, name: str, step: Step, conn):
+        self.name = name
+        self.step = step
+        self.conn = conn
+        self.tail: deque[str] = deque(maxlen=40)
+        self._drain = threading.Thread(target=self._drain_stderr, name=f"mpify-agent-{name}", daemon=True)
+        self._drain.start()
+
+    def _drain_stderr(self) -> None:
+        # Read all the time: a full pipe would block the node process.
+        for raw in iter(self.step.popen.stderr.readline, b""):
+            self.tail.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def alive(self) -> bool:
+        return self.step.exitcode is None and not self.conn.closed
+
+    def send(self, message: Any) -> None:
+        self.conn.send_bytes(serialize.dumps(message))
+
+    def read(self) -> Any:
+        return serialize.loads(self.conn.recv_bytes())
+
+    def interrupt(self) -> None:
+        try:
+            self.send(Interrupt())
+        except (OSError, ValueError):  # gone: its step's exit says so
+            pass
+
+    def said(self) -> str:
+        return "\n".join(self.tail)
+
+    def stop(self) -> None:
+        """Close the channel (the node process ends its work and exits), then end the step."""
+        with _pool_lock:
+            if self in _agents:
+                _agents.remove(self)
+            if self in _idle:
+                _idle.remove(self)
+        self.conn.close()
+        self.step.join(STOP_GRACE)
+        stop_step(self.step)
+
+
+_agents: list[Agent] = []  # every node process started and not stopped
+_idle: list[Agent] = []  # those no launch or world holds now
+_pool_lock = threading.Lock()
+STOP_GRACE = 2.0  # seconds for a node process to exit once its channel closed, before its step is ended
+
+
+def lease(names: list[str]) -> list[Agent]:
+    """A node process on each of `names` (in that order), lent until `give_back`: an idle one
+    kept from an earlier launch, or one started now (the starts in parallel). On any failure every
+    process started here is stopped before the error is raised."""
+    with _pool_lock:
+        found: dict[str, Agent] = {}
+        for agent in list(_idle):
+            if agent.name in names and agent.name not in found:
+                _idle.remove(agent)
+                if agent.alive():
+                    found[agent.name] = agent
+                else:
+                    _agents.remove(agent)
+                    agent.step.close()
+    missing = [n for n in names if n not in found]
+    if missing:
+        try:
+            started = _start_agents(missing)
+        except BaseException:
+            give_back(list(found.values()))
+            raise
+        found.update({a.name: a for a in started})
+    return [found[n] for n in names]
+
+
+def give_back(agents: list[Agent]) -> None:
+    """Back to the pool, warm; a node process that died or was stopped is forgotten."""
+    with _pool_lock:
+        for agent in agents:
+            if agent.alive() and agent in _agents:
+                _idle.append(agent)
+            elif agent in _agents:
+                _agents.remove(agent)
+
+
+def shutdown() -> None:
+    """Stop every node process (at exit, and by mpify's shutdown)."""
+    with _pool_lock:
+        agents = list(_agents)
+    for agent in agents:
+        agent.conn.close()  # all at once: each exits on its channel's end
+    for agent in agents:
+        agent.stop()
+
+
+atexit.register(shutdown)
+
+
+def _start_agents(names: list[str]) -> list[Agent]:
+    """One step per node of `names`, each running slurm_node.py, each calling back."""
+    addr = node_address(Nodes.of_allocation().here)
     listener, secret = open_channel(addr)
     steps: list[tuple[str, int, Step]] = []
     try:
         env = dict(os.environ, **{SECRET_VAR: secret.hex(), ADDRESS_VAR: f"{addr}:{listener.address[1]}"})
         srun = shutil.which("srun") or "srun"
         for i, name in enumerate(names):
-            cmd = [srun, "--overlap", "-N1", "-n1", "-w", name, "--job-name", f"mpify-node{first_node + i}",
+            cmd = [srun, "--overlap", "-N1", "-n1", "-w", name, "--job-name", f"mpify-node-{name}",
                    sys.executable, "-u", "-m", "mpify.engine.slurm_node"]
-            popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, process_group=0)
-            steps.append((name, first_node + i, Step(popen)))
+            steps.append((name, i, Step(popen)))
         conns = _accept(listener, steps)
-        for name, node, _ in steps:
-            conns[name].send_bytes(serialize.dumps(dict(launch_args, node_rank=node)))
-            conns[name].send_bytes(payload)
-        return [(name, node, step, conns[name]) for name, node, step in steps]
     except BaseException:
         for _, _, step in steps:
             stop_step(step)
         raise
     finally:
         listener.close()
+    agents = [Agent(name, step, conns[name]) for name, _, step in steps]
+    with _pool_lock:
+        _agents.extend(agents)
+    return agents
 
 
 def open_channel(addr: str) -> tuple[Any, bytes]:
