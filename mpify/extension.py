@@ -36,6 +36,10 @@ def _start_parser() -> _Parser:
     parser.add_argument("nprocs", type=int)
     parser.add_argument("--ddp", action="store_true", help="enter TorchDDPCtx once in every rank")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default=None)
+    parser.add_argument("--slurm", action="store_true",
+                        help="inside a Slurm allocation: the other nodes' ranks start through srun")
+    parser.add_argument("--nnodes", type=int, default=None,
+                        help="with --slurm: how many of the allocation's nodes (all by default)")
     return parser
 
 
@@ -58,10 +62,10 @@ class WorldMagics(Magics):
     # ---- %mpify ------------------------------------------------------------------------------
     @line_magic
     def mpify(self, line: str) -> Any:
-        """%mpify start N [--ddp] [--backend gloo|nccl] | stop | status | auto on|off"""
+        """%mpify start N [--ddp] [--backend gloo|nccl] [--slurm [--nnodes K]] | stop | status | auto on|off"""
         words = shlex.split(line)
         if not words:
-            raise UsageError("usage: %mpify start N [--ddp] [--backend gloo|nccl] | stop | status | auto on|off")
+            raise UsageError("usage: %mpify start N [--ddp] [--backend gloo|nccl] [--slurm [--nnodes K]] | stop | status | auto on|off")
         command, rest = words[0], words[1:]
         if command == "start":
             args = _start_parser().parse_args(rest)
@@ -69,8 +73,12 @@ class WorldMagics(Magics):
                 self.world.close()
                 print("mpify: the previous world was closed")
             self.world = None
-            self.world = World(args.nprocs, ddp=args.ddp, backend=args.backend)
-            print(f"mpify: a world of {args.nprocs} ranks is up; this kernel is rank 0"
+            if args.nnodes is not None and not args.slurm:
+                raise UsageError("%mpify start: --nnodes goes with --slurm")
+            self.world = World(args.nprocs, ddp=args.ddp, backend=args.backend, nnodes=args.nnodes,
+                               launcher="slurm" if args.slurm else None)
+            across = f" on {self.world.topo.nnodes} nodes ({args.nprocs} each)" if args.slurm else ""
+            print(f"mpify: a world of {self.world.world_size} ranks is up{across}; this kernel is rank 0"
                   + (" (DDP, one process group)" if args.ddp else ""))
             return None
         if command == "stop":
@@ -97,9 +105,12 @@ class WorldMagics(Magics):
             print(f"mpify: the world is closed ({self.world.lost_reason or 'stopped'})")
             return
         rows = self.world.status()
-        print(f"{'rank':>4} {'pid':>8} {'alive':>5} {'device':>8} {'rss MB':>8} {'cuda MB':>8}")
+        nodes = any("node" in row for row in rows)  # a Slurm world: each rank's node
+        print(f"{'rank':>4} " + (f"{'node':>8} " if nodes else "")
+              + f"{'pid':>8} {'alive':>5} {'device':>8} {'rss MB':>8} {'cuda MB':>8}")
         for row in rows:
-            print(f"{row['rank']:>4} {row.get('pid', '?'):>8} {str(row['alive']):>5} {row.get('device', '?'):>8} "
+            print(f"{row['rank']:>4} " + (f"{row.get('node', '?'):>8} " if nodes else "")
+                  + f"{row.get('pid', '?'):>8} {str(row['alive']):>5} {row.get('device', '?'):>8} "
                   f"{row.get('rss_mb', '?'):>8} {row.get('cuda_mb', '-'):>8}")
 
     def _set_auto(self, on: bool) -> None:

@@ -142,7 +142,8 @@ class Launch:
         # Pickled without shared memory, which does not cross machines.
         payload = serialize.dumps((fn, args, kwargs, {"ctx": ctx, "imports": imports}))
         launch_args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
-                       "master_port": self.meeting.port, "timeout": self.timeout, "modules": slurm.shipped()}
+                       "master_port": self.meeting.port, "timeout": self.timeout, "modules": slurm.shipped(),
+                       "heavy": starter.heavy_imported()}
         for node, agent in enumerate(slurm.lease(names), start=1):
             first = node * self.topo.nprocs
             child = Child(first, 0, agent.step, agent.conn, slurm.placeholder(), node=node, agent=agent)

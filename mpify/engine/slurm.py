@@ -171,6 +171,7 @@ class Agent:
         self.step = step
         self.conn = conn
         self.tail: deque[str] = deque(maxlen=40)
+        self.ended = False  # stopped by the caller: never lent again
         self._drain = threading.Thread(target=self._drain_stderr, name=f"mpify-agent-{name}", daemon=True)
         self._drain.start()
 
@@ -180,7 +181,7 @@ class Agent:
             self.tail.append(raw.decode(errors="replace").rstrip("\n"))
 
     def alive(self) -> bool:
-        return self.step.exitcode is None and not self.conn.closed
+        return not self.ended and self.step.exitcode is None and not self.conn.closed
 
     def send(self, message: Any) -> None:
         self.conn.send_bytes(serialize.dumps(message))
@@ -198,15 +199,26 @@ class Agent:
         return "\n".join(self.tail)
 
     def stop(self) -> None:
-        """Close the channel (the node process ends its work and exits), then end the step."""
-        with _pool_lock:
-            if self in _agents:
-                _agents.remove(self)
-            if self in _idle:
-                _idle.remove(self)
-        self.conn.close()
+        """End the channel (the node process stops its work and exits), then the step. The
+        channel is shut down, not closed, and the step's sentinel stays open: a launch's or a
+        world's supervisor may be waiting on both right now, and sees the end as it would a
+        death; `forget` closes them once nobody waits."""
+        self.ended = True
+        try:
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already
+            pass
         self.step.join(STOP_GRACE)
-        stop_step(self.step)
+        stop_step(self.step, close=False)
+
+    def forget(self) -> None:
+        with _pool_lock:
+            for pool in (_agents, _idle):
+                if self in pool:
+                    pool.remove(self)
+        self.conn.close()
+        self.step.close()
 
 
 _agents: list[Agent] = []  # every node process started and not stopped
@@ -219,16 +231,19 @@ def lease(names: list[str]) -> list[Agent]:
     """A node process on each of `names` (in that order), lent until `give_back`: an idle one
     kept from an earlier launch, or one started now (the starts in parallel). On any failure every
     process started here is stopped before the error is raised."""
+    found: dict[str, Agent] = {}
+    dead = []
     with _pool_lock:
-        found: dict[str, Agent] = {}
         for agent in list(_idle):
             if agent.name in names and agent.name not in found:
                 _idle.remove(agent)
                 if agent.alive():
                     found[agent.name] = agent
                 else:
-                    _agents.remove(agent)
-                    agent.step.close()
+                    dead.append(agent)
+    for agent in dead:
+        agent.stop()
+        agent.forget()
     missing = [n for n in names if n not in found]
     if missing:
         try:
@@ -241,13 +256,16 @@ def lease(names: list[str]) -> list[Agent]:
 
 
 def give_back(agents: list[Agent]) -> None:
-    """Back to the pool, warm; a node process that died or was stopped is forgotten."""
-    with _pool_lock:
-        for agent in agents:
-            if agent.alive() and agent in _agents:
-                _idle.append(agent)
-            elif agent in _agents:
-                _agents.remove(agent)
+    """Back to the pool, warm; a node process that died or was stopped is forgotten (its
+    channel and sentinel closed: whoever lent it no longer waits on them)."""
+    for agent in agents:
+        if agent.alive():
+            with _pool_lock:
+                if agent in _agents:
+                    _idle.append(agent)
+        else:
+            agent.stop()
+            agent.forget()
 
 
 def shutdown() -> None:
@@ -255,9 +273,11 @@ def shutdown() -> None:
     with _pool_lock:
         agents = list(_agents)
     for agent in agents:
+        agent.ended = True
         agent.conn.close()  # all at once: each exits on its channel's end
     for agent in agents:
         agent.stop()
+        agent.forget()
 
 
 atexit.register(shutdown)
@@ -340,8 +360,9 @@ def _accept(listener, steps) -> dict[str, Any]:
     return conns
 
 
-def stop_step(step: Step, grace: float = 5.0) -> None:
-    """End a step: SIGTERM to srun (which forwards it and ends the step), SIGKILL after `grace`."""
+def stop_step(step: Step, grace: float = 5.0, close: bool = True) -> None:
+    """End a step: SIGTERM to srun (which forwards it and ends the step), SIGKILL after `grace`;
+    `close`: its sentinel too."""
     for sig, wait in ((15, grace), (9, 5.0)):
         if step.popen.poll() is not None:
             break
@@ -350,7 +371,8 @@ def stop_step(step: Step, grace: float = 5.0) -> None:
         except ProcessLookupError:
             break
         step.join(wait)
-    step.close()
+    if close:
+        step.close()
 
 
 def placeholder() -> _Placeholder:

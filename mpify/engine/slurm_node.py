@@ -17,6 +17,7 @@ machine); the channel's end (the caller is gone) stops the job and this process;
 """
 from __future__ import annotations
 
+import importlib
 import os
 import queue
 import shutil
@@ -153,6 +154,10 @@ class Node:
             if message is None:
                 return
             self._place_modules(message.args.get("modules") or {})
+            for name in message.args.get("heavy") or ():
+                # As the caller has them: the forkserver of this node then preloads them too
+                # (starter.py), and the ranks of the launches to come do not import them each.
+                importlib.import_module(name)
             if isinstance(message, NodeLaunch):
                 self.answer(self.outcome(_first(message.args), lambda: self.launch(message)))
             elif isinstance(message, NodeWorld):
@@ -197,16 +202,15 @@ class Node:
                     return
                 if isinstance(command, Call):
                     def run(command=command):
-                        fn, fn_args, kwargs, _ = self._loads(command.blob, args)
-                        values = world.run(fn, *fn_args, gather=True, **kwargs)
-                        return {first + i: v for i, v in enumerate(values)} if command.send_result else None
+                        values = world.relay(Call(command.blob, True))
+                        return values if command.send_result else None
                 elif isinstance(command, Exec):
                     def run(command=command):
                         world.exec(command.source, ranks=command.ranks, filename=command.filename,
                                    echo=command.echo)
                 elif isinstance(command, Push):
                     def run(command=command):
-                        world.push(**self._loads(command.blob, args)[3])
+                        world.relay(command)
                 elif isinstance(command, Pull):
                     def run(command=command):
                         return {command.rank: world.pull(command.name, command.rank)}

@@ -141,6 +141,12 @@ def _installed_packages() -> tuple:
     return _packages_seen[1]
 
 
+def heavy_imported() -> list[str]:
+    """The heavy modules this process has imported: another node's process imports them too
+    (slurm_node.py), so that its forkserver preloads them as this one's does."""
+    return [m for m in HEAVY_MODULES if m in sys.modules]
+
+
 def _wanted_signature(installed_heavy: bool = False) -> tuple:
     """(heavy modules, extras, import-time environment) for the caller as it is now.
     installed_heavy: count the heavy modules that are installed, not only those imported (prewarm:

@@ -53,7 +53,8 @@ from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_
 from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.launch import DEATH_SLACK, _annotate, _check_int, _gated
-from mpify.engine.messages import Call, Close, Done, Exec, Failed, MeetAt, Pull, Push, Rebuild, Status
+from mpify.engine.messages import (Call, Close, Done, Exec, Failed, Lines, MeetAt, NodeLost, Pull, Push, Rebuild,
+                                  Status)
 from mpify.engine.bars import display_mode
 from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump
 from mpify.engine.unstick import break_pairs
@@ -119,6 +120,16 @@ class _Member:
     streams: dict = field(default_factory=dict)  # output pipe -> LineForwarder
     expect: deque = field(default_factory=deque)  # "round" or "reset", one per reply still owed
     exited: bool = False
+    # Another node of a Slurm world (slurm.py): one member for that node's ranks (rank is its
+    # first), its resident process's step the process, its channel both cmd_w and reply_r.
+    node: int | None = None
+    agent: Any = None
+    lines: dict = field(default_factory=dict)  # that node's output: stream name -> LineForwarder
+    stopped: bool = False  # its process was ended by the world (not a death to report)
+    eof: bool = False  # its channel ended: its process is gone or going (its sentinel reports it)
+
+    def holds(self, rank: int, nprocs: int) -> bool:
+        return rank == self.rank or (self.node is not None and self.rank <= rank < self.rank + nprocs)
 
 
 class _Round:
@@ -149,14 +160,33 @@ class World:
     ``ctx``: a context manager (or a factory of one) entered once in every rank at start and left
     at close; ``ddp=True`` means ``ctx=TorchDDPCtx(backend=backend)`` (with ``ctx`` inside it).
     ``nnodes``/``node_rank``/``master_addr``/``master_port``: as for ``ranch``.
+    ``launcher="slurm"``: inside a Slurm allocation, the other nodes' ranks live in their nodes'
+    resident processes (slurm.py), started through srun; this process is node 0 and rank 0
+    (``nnodes``: the allocation's node count by default).
+    ``caller_rank=None``: every rank is a child (another node's part of a Slurm world).
     The rank environment (RANK, WORLD_SIZE, MASTER_ADDR...) holds in the caller for the world's
     life, and is put back at close.
     """
 
     def __init__(self, nprocs: int, *, ctx: Any = None, ddp: bool = False, backend: str | None = None,
-                 nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
-                 master_port: int | None = None):
+                 nnodes: int | None = None, node_rank: int = 0, master_addr: str | None = None,
+                 master_port: int | None = None, launcher: str | None = None, caller_rank: int | None = 0):
         _check_int("nprocs", nprocs, 1)
+        if launcher not in (None, "slurm"):
+            raise ValueError(f"launcher must be None or 'slurm', got {launcher!r}")
+        if caller_rank not in (0, None):
+            raise ValueError("a world's caller is its rank 0 (caller_rank=0), or no rank (None)")
+        self.nodes = None
+        if launcher == "slurm":
+            from mpify.engine import slurm  # only a Slurm world needs it (srun, the channel)
+
+            if node_rank != 0:
+                raise ValueError("with launcher='slurm' this process is node 0; node_rank is not given")
+            self.nodes = slurm.Nodes.of_allocation()
+            nnodes = len(self.nodes.names) if nnodes is None else nnodes
+            others = self.nodes.others(nnodes - 1)  # too few nodes: said before anything starts
+            master_addr = master_addr or slurm.node_address(self.nodes.here)
+        nnodes = 1 if nnodes is None else nnodes
         _check_int("nnodes", nnodes, 1)
         _check_int("node_rank", node_rank, 0, nnodes - 1)
         if master_port is not None:
@@ -168,6 +198,7 @@ class World:
         elif backend is not None:
             raise ValueError("backend= goes with ddp=True")
         self.topo = Topology(nprocs, nnodes, node_rank)
+        self.caller = caller_rank is not None
         self.ctx = ctx
         self.members: list[_Member] = []
         self.closed = False
@@ -194,34 +225,36 @@ class World:
         try:
             self.meeting = rendezvous.meet(master_addr, master_port, self.topo.world_size, node_rank, nnodes,
                                            want_store)
-            self._start()
+            self._start(others if self.nodes is not None else [])
         except BaseException:
             self.close()
             raise
 
     # ---- starting ------------------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start(self, others: list[str]) -> None:
         t0 = time.monotonic()
         meeting = self.meeting
         env0 = rank_env(self.topo, 0, meeting.addr, meeting.port, meeting.env)
         writer = shm.ShmWriter()  # the ctx's big buffers, if any: kept until every rank has entered it
         self._scope.callback(writer.cleanup)
         ctx_blob = serialize.dumps_launch(None, (), {}, {"ctx": self.ctx}, writer)
-        if self.topo.nprocs > 1:
+        first_child = 1 if self.caller else 0
+        if self.topo.nprocs > first_child:
             # Before the rank environment is set here: the forkserver is the one a launch uses.
             mpctx = starter.context()
             Process = starter.process_class()
         self._env_before = dict(os.environ)
-        self._env_set = env0
-        os.environ.update(env0)
-        if THREADS_VAR in env0:
-            held[THREADS_VAR] = env0[THREADS_VAR]
-            self._threads.callback(held.pop, THREADS_VAR, None)
-        self._threads.enter_context(caller_threads(env0))
-        if self.topo.nprocs > 1:
+        if self.caller:
+            self._env_set = env0
+            os.environ.update(env0)
+            if THREADS_VAR in env0:
+                held[THREADS_VAR] = env0[THREADS_VAR]
+                self._threads.callback(held.pop, THREADS_VAR, None)
+            self._threads.enter_context(caller_threads(env0))
+        if self.topo.nprocs > first_child:
             base_env = dict(os.environ)
             cwd, sys_path = os.getcwd(), list(sys.path)
-            for local in range(1, self.topo.nprocs):
+            for local in range(first_child, self.topo.nprocs):
                 rank = self.topo.global_rank(local)
                 env = dict(base_env)
                 env.update(rank_env(self.topo, local, meeting.addr, meeting.port, meeting.env))
@@ -242,14 +275,17 @@ class World:
                 proc.start()
                 for end in (cmd_r, reply_w, break_r, alive_r, out_w, err_w):
                     end.close()
-        self._relay.install()
+        if others:
+            self._add_nodes(others)
+        if self.caller:
+            self._relay.install()
         _debug("world started", [(m.rank, m.proc.pid) for m in self.members], "port", meeting.port)
 
         def enter() -> None:
             self._scope.enter_context(rank_scope(self.ctx))
 
         try:
-            self._run_round(list(self.members), enter, sent=True)
+            self._run_round(list(self.members), enter if self.caller else None, sent=True)
         except BaseException as exc:
             if not isinstance(exc, KeyboardInterrupt):
                 add_note(exc, "mpify: the world could not start; every rank was stopped")
@@ -257,6 +293,35 @@ class World:
         _debug(f"world ready in {time.monotonic() - t0:.3f} s")
         if self.members:
             starter.catch_up()  # for the launches and worlds to come, in the background
+
+    def _add_nodes(self, names: list[str]) -> None:
+        """The other nodes of a Slurm world: each node's resident process starts that node's ranks
+        (a World of its own, with no caller rank) and answers for them; to this world a node is
+        one member whose replies cover its ranks."""
+        from mpify.engine import slurm
+        from mpify.engine.messages import NodeWorld
+
+        # Pickled without shared memory, which does not cross machines.
+        ctx_blob = serialize.dumps((None, (), {}, {"ctx": self.ctx}))
+        args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
+                "master_port": self.meeting.port, "modules": slurm.shipped(), "heavy": starter.heavy_imported()}
+        for node, agent in enumerate(slurm.lease(names), start=1):
+            first = node * self.topo.nprocs
+            member = _Member(first, 0, agent.step, agent.conn, agent.conn, slurm.placeholder(), slurm.placeholder(),
+                             node=node, agent=agent)
+            member.lines = {name: LineForwarder(first, _CurrentStream(name, self._gates), True, name, prefix="")
+                            for name in ("stdout", "stderr")}
+            member.expect.append("round")  # its start
+            self.members.append(member)
+            try:
+                agent.send(NodeWorld(dict(args, node_rank=node), ctx_blob))
+            except (OSError, ValueError):  # its process died: its step's exit reports it
+                pass
+            _debug("world: node", node, agent.name, "step", agent.step.pid)
+
+    def _node_blob(self, fn: Any, args: tuple, kwargs: dict, extra: dict) -> bytes:
+        """What a command carries to another node: pickled without shared memory."""
+        return serialize.dumps((fn, args, kwargs, extra)) if any(m.node is not None for m in self.members) else b""
 
     # ---- the public calls ------------------------------------------------------------------------
     @property
@@ -277,13 +342,24 @@ class World:
         writer = shm.ShmWriter()
         try:
             blob = serialize.dumps_launch(fn, args, kwargs, {}, writer) if self.members else b""
-            values = self._run_round(self._live(None), lambda: call_fn(fn, args, kwargs),
-                                     command=lambda m: Call(blob, gather))
+            node_blob = self._node_blob(fn, args, kwargs, {})
+            caller_part = (lambda: call_fn(fn, args, kwargs)) if self.caller else None
+            values = self._run_round(self._live(None), caller_part,
+                                     command=lambda m: Call(blob if m.node is None else node_blob, gather))
         finally:
             writer.cleanup()
-        if gather:
-            return [values.get(self.topo.global_rank(r)) for r in range(self.topo.nprocs)]
+        if gather:  # a Slurm world's: every node's ranks
+            ranks = range(self.topo.world_size) if self.nodes is not None else \
+                [self.topo.global_rank(r) for r in range(self.topo.nprocs)]
+            return [values.get(r) for r in ranks]
         return values.get(self.topo.global_rank(0))
+
+    def relay(self, message: Call | Push) -> dict[int, Any]:
+        """Another node's part of a Slurm world (slurm_node.py): a command as the caller pickled
+        it, to every rank here, unpickled only in the ranks (as the caller's own ranks do: a
+        function of the caller's `__main__` finds each rank's namespace); each rank's value."""
+        self._check_open()
+        return self._run_round(self._live(None), None, command=lambda m: message)
 
     def exec(self, source: str, ranks: Iterable[int] | None = None, namespace: dict | None = None,
              filename: str | None = None, runner: Callable[[], Any] | None = None, echo: bool = True) -> Any:
@@ -300,9 +376,15 @@ class World:
                 namespace = __main__.__dict__
             runner = lambda: run_source(source, namespace, filename)  # noqa: E731
         me = self.topo.global_rank(0)
-        caller_part = runner if me in wanted else None
+        caller_part = runner if self.caller and me in wanted else None
         __tracebackhide__ = True  # noqa: F841 (IPython leaves mpify's frames out of tracebacks)
-        values = self._run_round(self._live(wanted), caller_part, command=lambda m: Exec(source, filename, echo))
+
+        def command(m: _Member) -> Exec:
+            if m.node is None:
+                return Exec(source, filename, echo)
+            return Exec(source, filename, echo, sorted(r for r in wanted if m.holds(r, self.topo.nprocs)))
+
+        values = self._run_round(self._live(wanted), caller_part, command=command)
         return values.get(me)
 
     def push(self, **objects: Any) -> None:
@@ -312,31 +394,42 @@ class World:
         writer = shm.ShmWriter()
         try:
             blob = serialize.dumps_launch(None, (), {}, objects, writer)
-            self._run_round(self._live(None), None, command=lambda m: Push(blob))
+            node_blob = self._node_blob(None, (), {}, objects)
+            self._run_round(self._live(None), None, command=lambda m: Push(blob if m.node is None else node_blob))
         finally:
             writer.cleanup()
 
     def pull(self, name: str, rank: int) -> Any:
         """The value bound to `name` in rank `rank`'s namespace (rank 0: the caller's `__main__`)."""
         self._check_open()
-        if rank == self.topo.global_rank(0):
+        if self.caller and rank == self.topo.global_rank(0):
             import __main__
             return getattr(__main__, name)
         member = self._member(rank)
         if member.exited:
             self._check_open()
-        values = self._run_round([member], None, command=lambda m: Pull(name))
+        values = self._run_round([member], None, command=lambda m: Pull(name, rank if m.node is not None else None))
         return values[rank]
 
     def status(self) -> list[dict]:
-        """Per rank: pid, alive, device, resident memory (and CUDA memory where used)."""
+        """Per rank: pid, alive, device, resident memory (and CUDA memory where used); in a Slurm
+        world, each rank's node too."""
         self._check_open()
-        rows = {self.topo.global_rank(0): dict(memory_status(), rank=self.topo.global_rank(0), alive=True)}
+        here = self.nodes.here if self.nodes is not None else None
+        rows = {}
+        if self.caller:
+            rows[self.topo.global_rank(0)] = dict(memory_status(), rank=self.topo.global_rank(0), alive=True)
         live = self._live(None)
         values = self._run_round(live, None, command=lambda m: Status()) if live else {}
         for m in self.members:
-            row = dict(values.get(m.rank) or {"pid": m.proc.pid}, rank=m.rank, alive=not m.exited)
-            rows[m.rank] = row
+            if m.node is None:
+                rows[m.rank] = dict(values.get(m.rank) or {"pid": m.proc.pid}, rank=m.rank, alive=not m.exited)
+            else:
+                for rank in range(m.rank, m.rank + self.topo.nprocs):
+                    rows[rank] = dict(values.get(rank) or {}, rank=rank, alive=not m.exited and rank in values)
+        if here is not None:
+            for row in rows.values():
+                row.setdefault("node", here)
         return [rows[r] for r in sorted(rows)]
 
     def __enter__(self) -> "World":
@@ -357,7 +450,8 @@ class World:
                                    + "; start a new one") from self.lost_reason
 
     def _wanted(self, ranks: Iterable[int] | None) -> set[int]:
-        everyone = {self.topo.global_rank(r) for r in range(self.topo.nprocs)}
+        everyone = set(range(self.topo.world_size)) if self.nodes is not None else \
+            {self.topo.global_rank(r) for r in range(self.topo.nprocs)}
         if ranks is None:
             return everyone
         if isinstance(ranks, int) and not isinstance(ranks, bool):
@@ -369,11 +463,12 @@ class World:
         return wanted
 
     def _live(self, wanted: set[int] | None) -> list[_Member]:
-        return [m for m in self.members if not m.exited and (wanted is None or m.rank in wanted)]
+        return [m for m in self.members if not m.exited and
+                (wanted is None or any(m.holds(r, self.topo.nprocs) for r in wanted))]
 
     def _member(self, rank: int) -> _Member:
         for m in self.members:
-            if m.rank == rank:
+            if m.holds(rank, self.topo.nprocs):
                 return m
         raise ValueError(f"no rank {rank} in this world")
 
@@ -533,7 +628,12 @@ class World:
         if stuck:
             rnd.killed = [m.rank for m in stuck]
             _debug("world: ranks still stuck, killed:", rnd.killed)
-            teardown.stop_ranks([m.proc.pid for m in stuck], first=signal.SIGKILL, sent=self._signals_sent)
+            for m in stuck:
+                if m.node is not None:  # its process is ended, its ranks with it
+                    m.stopped = True
+                    m.agent.stop()
+            teardown.stop_ranks([m.proc.pid for m in stuck if m.node is None], first=signal.SIGKILL,
+                                sent=self._signals_sent)
 
     def _free_rank0(self) -> bool:
         """Shut down the caller's connections to the other ranks (see unstick.py)."""
@@ -545,9 +645,13 @@ class World:
             return False
 
     def _pids(self) -> list[int]:
-        return [os.getpid()] + [m.proc.pid for m in self.members if not m.exited]
+        """This machine's processes of the world (another node's are freed by that node)."""
+        return [os.getpid()] * self.caller + [m.proc.pid for m in self.members if not m.exited and m.node is None]
 
     def _signal(self, member: _Member, sig: int) -> None:
+        if member.node is not None:  # the node stops its ranks with its own ladder, and answers
+            member.agent.interrupt()
+            return
         try:
             os.kill(member.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -576,9 +680,13 @@ class World:
         elif closed:
             exc = self.lost_reason if self.lost_reason is not None else WorldClosedError(notes[0])
         else:
-            values = {self.topo.global_rank(0): caller_value}
+            values = {self.topo.global_rank(0): caller_value} if self.caller else {}
             for rank, reply in rnd.replies.items():
-                values[rank] = serialize.loads(reply.blob) if reply.blob is not None else None
+                value = serialize.loads(reply.blob) if reply.blob is not None else None
+                if rnd.members[rank].node is not None:  # a node's ranks' values, by global rank
+                    values.update(value or {})
+                else:
+                    values[rank] = value
             return values
         for note in notes:
             add_note(exc, note)
@@ -691,12 +799,12 @@ class World:
         for m in self.members:
             for conn in m.streams:
                 table[conn] = lambda m=m, conn=conn: pump(m.streams, conn)
-            if not m.reply_r.closed:
+            if not m.reply_r.closed and not m.eof:
                 table[m.reply_r] = lambda m=m: self._on_reply(m)
             if not m.exited:
                 table[m.proc.sentinel] = lambda m=m: self._on_exit(m)
         # A bar frame held back by the throttle (output.py) is shown when it is due.
-        due = next_due(fwd for m in self.members for fwd in m.streams.values())
+        due = next_due(fwd for m in self.members for fwd in (*m.streams.values(), *m.lines.values()))
         ready = mpc.wait(list(table), None if due is None else max(0.0, due - time.monotonic()))
         # Output first: a rank writes its output before its reply, so the cell gets every line
         # before the round ends.
@@ -752,22 +860,57 @@ class World:
         try:
             message = serialize.loads(member.reply_r.recv_bytes())
         except (EOFError, OSError):
-            member.reply_r.close()
+            if member.node is None:
+                member.reply_r.close()
+            else:
+                member.eof = True
+            return
+        if isinstance(message, Lines):  # a node's ranks' output, before its reply
+            member.lines[message.stream].feed(message.data)
+            return
+        if isinstance(message, NodeLost):  # the node's part of the world closed itself
+            self._on_node_lost(member, message.text)
             return
         with self._members_lock:
             kind = member.expect.popleft() if member.expect else "stray"
         _debug("world: reply from rank", member.rank, kind, type(message).__name__)
+        if kind == "close" and member.node is not None:  # its ranks left ctx and exited
+            member.exited = True
+            self._notify_round(member)
+            return
         rnd = self._round
         if kind != "round" or rnd is None or member.rank not in rnd.members:
             if isinstance(message, Failed):
                 _debug("world: rank", member.rank, kind, "failed:", message.text)
             return
+        if member.node is not None and isinstance(message, Failed):
+            # Another machine's clock: dated at its arrival, backdated as a death is, unless it
+            # answers the stop's own Interrupt (as a launch dates a node's failure).
+            now = time.monotonic()
+            ours = rnd.stop_reason is not None and message.type_name == "builtins.KeyboardInterrupt"
+            message.when = now if ours else now - DEATH_SLACK
         with rnd.cond:
             rnd.replies[member.rank] = message
             rnd.waiting.discard(member.rank)
             rnd.cond.notify_all()
         if isinstance(message, Failed) and rnd.guard is not None:  # a rebuild reads its replies itself
-            self._record(rnd, Failure(member.rank, message.when, message.rebuild()))
+            error = message.rebuild()
+            if member.node is not None:
+                add_note(error, f"mpify: on node {member.node}")
+            self._record(rnd, Failure(message.rank, message.when, error))
+
+    def _on_node_lost(self, member: _Member, text: str) -> None:
+        """A node's ranks are gone (one died, or they stayed stuck): the world cannot go on."""
+        member.exited = True
+        if self.closed:
+            self._notify_round(member)
+            return
+        self.lost_reason = WorldClosedError(f"the ranks of {text}")
+        if self._round is None:
+            _CurrentStream("stderr").write(f"mpify: {self.lost_reason}; the world is closed (ranks' namespaces "
+                                           "lost); start a new one\n")
+        threading.Thread(target=self._lose_all, name="mpify-world-closer", daemon=True).start()
+        self._notify_round(member)
 
     def _on_exit(self, member: _Member) -> None:
         member.proc.join(1.0)  # only this thread reads exit codes (see teardown.rank_alive)
@@ -777,8 +920,12 @@ class World:
         if self.closed:
             self._notify_round(member)
             return
-        ours = code < 0 and -code in self._signals_sent.get(member.proc.pid, ())
+        ours = code < 0 and -code in self._signals_sent.get(member.proc.pid, ()) or member.stopped
         death = RankDiedError(member.rank, code)
+        if member.node is not None:
+            said = member.agent.said()
+            add_note(death, f"mpify: node {member.node}'s process (ranks {member.rank}-"
+                            f"{member.rank + self.topo.nprocs - 1}) ended" + (f"; its last words:\n{said}" if said else ""))
         rnd = self._round
         if not ours:
             self.lost_reason = death
@@ -801,7 +948,11 @@ class World:
         """A rank died: stop every other rank (the world cannot go on without it). The store
         goes first: a caller blocked in init_process_group on the dead rank fails at once."""
         self.meeting.close()
-        pids = [m.proc.pid for m in self.members if not m.exited]
+        pids = [m.proc.pid for m in self.members if not m.exited and m.node is None]
+        for m in self.members:
+            if m.node is not None and not m.exited:  # busy, or blocked on the dead rank: ended
+                m.stopped = True
+                m.agent.stop()
         teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
         self.closed = True
         rnd = self._round
@@ -826,20 +977,36 @@ class World:
         except Exception as exc:  # a group already broken: nothing else to do with it
             _debug("world: leaving rank 0's ctx:", exc)
         deadline = time.monotonic() + EXIT_GRACE
-        while time.monotonic() < deadline and any(not m.exited and teardown.rank_alive(m.proc.pid)
+        while time.monotonic() < deadline and any(not m.exited and (m.node is not None or
+                                                                    teardown.rank_alive(m.proc.pid))
                                                   for m in self.members):
             time.sleep(0.01)
-        pids = [m.proc.pid for m in self.members if m.proc.pid is not None]
+        nodes = [m for m in self.members if m.node is not None]
+        for m in nodes:
+            if not m.exited:  # did not say its ranks are gone: its process is ended, not kept
+                m.stopped = True
+                m.agent.stop()
+        pids = [m.proc.pid for m in self.members if m.proc.pid is not None and m.node is None]
         teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
         teardown.sweep_groups(pids)
         for m in self.members:
-            m.alive_w.close()
-            m.cmd_w.close()
-            m.break_w.close()
+            if m.node is None:  # a node's channel is its resident process's
+                m.alive_w.close()
+                m.cmd_w.close()
+                m.break_w.close()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             os.write(self._control_w, b"q")
             self._supervisor.join(EXIT_GRACE)
+        for m in nodes:
+            for fwd in m.lines.values():
+                fwd.close()
+        if nodes:
+            from mpify.engine import slurm
+
+            slurm.give_back([m.agent for m in nodes])
         for m in self.members:
+            if m.node is not None:
+                continue
             for conn, fwd in list(m.streams.items()):
                 fwd.close()
                 conn.close()
