@@ -59,6 +59,17 @@ except WorldClosedError as e:
 # a fresh world after it, on the same nodes
 with World(2, launcher="slurm") as w2:
     print("AGAIN", repr(w2.run(lambda: int(os.environ["RANK"]), gather=True)), flush=True)
+# rank 1 gives up while the others wait in an all_reduce across the nodes: the error, and the
+# stuck ranks freed (rank 0 too, whose peers are on the other node); the world is closed
+w3 = World(2, launcher="slurm", ddp=True)
+t0 = time.monotonic()
+try:
+    w3.exec("import os, torch, torch.distributed as dist\n"
+            "if os.environ['RANK'] == '1':\n    raise ValueError('rank 1 gave up')\n"
+            "t = torch.ones(1)\ndist.all_reduce(t)")
+except ValueError as e:
+    print("STUCK", repr((e.mpify_rank, round(time.monotonic() - t0, 1), w3.closed)), flush=True)
+w3.close()
 print("DONE", flush=True)
 '''
 
@@ -101,6 +112,8 @@ def test_a_world_across_two_nodes_keeps_state_between_cells(cluster, tmp_path):
     assert dead_rank == 3 and "on node 1" in notes and seconds < 5, said["DIED"]
     assert "closed" in said["REFUSED"]
     assert said["AGAIN"] == [0, 1, 2, 3]
+    rank, seconds, closed = said["STUCK"]
+    assert rank == 1 and seconds < 15 and closed, said["STUCK"]
     time.sleep(1)  # the job's last step ends with it
     left = job_processes(cluster)
     assert not left, [(p.pid, p.name()) for p in left]

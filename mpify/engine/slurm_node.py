@@ -188,6 +188,7 @@ class Node:
             holder["world"] = World(args["nprocs"], ctx=ctx, nnodes=args["nnodes"], node_rank=args["node_rank"],
                                     master_addr=args["master_addr"], master_port=args["master_port"],
                                     caller_rank=None)
+            holder["world"].remote_hosts = args.get("hosts") or []
 
         if not self.answer(self.outcome(first, start)) or "world" not in holder:
             return

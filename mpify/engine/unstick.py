@@ -9,8 +9,10 @@ this world's processes, less those of the rendezvous store (its port is the worl
 MASTER_PORT), which init_process_group will need again when the group is rebuilt. Sockets to
 anything else (a Jupyter kernel's own connections, a user's) are never touched.
 
-The group is unusable afterwards; the world rebuilds it (see world.py). Connections to ranks on
-other machines are not seen here: a multi-node world is freed only through its local peers.
+The group is unusable afterwards; the world rebuilds it (see world.py). Ranks on other machines
+are not processes seen here: in a Slurm world (slurm.py), connections to the other nodes'
+addresses count as the world's too, less the store's and the channels that carry the world's
+own commands (`keep`); a multi-node world started by hand is freed only through its local peers.
 """
 from __future__ import annotations
 
@@ -37,17 +39,23 @@ def _endpoints(pids: Iterable[int]) -> set[tuple]:
     return found
 
 
-def break_pairs(world_pids: Iterable[int], store_port: int) -> int:
-    """Shut down this process's TCP connections to the other world processes (but the store's);
-    returns how many. Safe to call from any thread."""
+def break_pairs(world_pids: Iterable[int], store_port: int, hosts: Iterable[str] = (),
+                keep: Iterable[tuple] = ()) -> int:
+    """Shut down this process's TCP connections to the other world processes (but the store's),
+    and to the other nodes' addresses `hosts` (but the connections in `keep`, as (local, remote)
+    address pairs); returns how many. Safe to call from any thread."""
     import psutil
 
     me = os.getpid()
     peers = _endpoints(pid for pid in world_pids if pid != me)
+    hosts, keep = set(hosts), set(keep)
     count = 0
     for conn in psutil.Process(me).net_connections(kind="tcp"):
-        if (conn.status != psutil.CONN_ESTABLISHED or not conn.raddr or tuple(conn.raddr) not in peers
-                or store_port in (conn.laddr.port, conn.raddr.port)):
+        if conn.status != psutil.CONN_ESTABLISHED or not conn.raddr or store_port in (conn.laddr.port,
+                                                                                     conn.raddr.port):
+            continue
+        remote = conn.raddr.ip in hosts and (tuple(conn.laddr), tuple(conn.raddr)) not in keep
+        if tuple(conn.raddr) not in peers and not remote:
             continue
         try:
             # shutdown acts on the socket itself, whichever descriptor names it: gloo's own fd

@@ -34,6 +34,7 @@ import atexit
 import itertools
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -199,6 +200,13 @@ class World:
             raise ValueError("backend= goes with ddp=True")
         self.topo = Topology(nprocs, nnodes, node_rank)
         self.caller = caller_rank is not None
+        # A Slurm world's other nodes' addresses: a stuck rank's connections to them are the
+        # world's too (unstick.py). Another node's part of the world is told them (remote_hosts).
+        self.remote_hosts: list[str] = []
+        if self.nodes is not None:
+            from mpify.engine import slurm
+
+            self.remote_hosts = [slurm.node_address(n) for n in others]
         self.ctx = ctx
         self.members: list[_Member] = []
         self.closed = False
@@ -304,7 +312,8 @@ class World:
         # Pickled without shared memory, which does not cross machines.
         ctx_blob = serialize.dumps((None, (), {}, {"ctx": self.ctx}))
         args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
-                "master_port": self.meeting.port, "modules": slurm.shipped(), "heavy": starter.heavy_imported()}
+                "master_port": self.meeting.port, "modules": slurm.shipped(), "heavy": starter.heavy_imported(),
+                "hosts": [self.meeting.addr, *self.remote_hosts]}
         for node, agent in enumerate(slurm.lease(names), start=1):
             first = node * self.topo.nprocs
             member = _Member(first, 0, agent.step, agent.conn, agent.conn, slurm.placeholder(), slurm.placeholder(),
@@ -611,7 +620,7 @@ class World:
         with rnd.cond:
             stuck_children = [rnd.members[r] for r in rnd.waiting]
             caller_stuck = rnd.caller_busy
-        request = serialize.dumps((self._pids(), self.meeting.port))
+        request = serialize.dumps((self._pids(), self.meeting.port, self.remote_hosts))
         for m in stuck_children:
             try:
                 m.break_w.send_bytes(request)
@@ -638,11 +647,25 @@ class World:
     def _free_rank0(self) -> bool:
         """Shut down the caller's connections to the other ranks (see unstick.py)."""
         try:
-            break_pairs(self._pids(), self.meeting.port)
+            break_pairs(self._pids(), self.meeting.port, self.remote_hosts, self._channels())
             return True
         except Exception as exc:  # psutil cannot see them: the ladder goes on to its next step
             _debug("world: freeing rank 0:", exc)
             return False
+
+    def _channels(self) -> list[tuple]:
+        """The other nodes' channels (slurm.py), as (local, remote) address pairs: never shut down
+        to free a rank, they carry the world's own commands."""
+        pairs = []
+        for m in self.members:
+            if m.node is not None:
+                try:
+                    sock = socket.socket(fileno=os.dup(m.agent.conn.fileno()))
+                    with sock:
+                        pairs.append((sock.getsockname()[:2], sock.getpeername()[:2]))
+                except OSError:  # gone
+                    pass
+        return pairs
 
     def _pids(self) -> list[int]:
         """This machine's processes of the world (another node's are freed by that node)."""

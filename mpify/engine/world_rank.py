@@ -183,11 +183,11 @@ def _breaker(break_r) -> None:
     connections to the other ranks to be shut down (see unstick.py)."""
     while True:
         try:
-            pids, store_port = serialize.loads(break_r.recv_bytes())
+            pids, store_port, hosts = serialize.loads(break_r.recv_bytes())
         except (EOFError, OSError):
             return
         try:
-            break_pairs(pids, store_port)
+            break_pairs(pids, store_port, hosts)
         except Exception as exc:  # nothing to free, or psutil cannot see: the caller escalates
             print(f"mpify: could not free this rank: {exc!r}", file=sys.stderr)
 
