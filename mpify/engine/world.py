@@ -687,7 +687,8 @@ class World:
         if closed:
             why = (f"rank(s) {', '.join(map(str, rnd.killed))} stayed stuck and were killed" if rnd.killed
                    else str(self.lost_reason))
-            lost = ", ".join(str(m.rank) for m in self.members)
+            lost = ", ".join(str(r) for m in self.members
+                             for r in (range(m.rank, m.rank + self.topo.nprocs) if m.node is not None else [m.rank]))
             self.close()
             notes.append(f"mpify: {why}; the world is closed: the namespaces of ranks {lost} are lost, rank 0's "
                          "(this process's) is untouched; start a new world")
