@@ -121,6 +121,20 @@ NOTEBOOK_CELLS = ["import torch\nimport torch.distributed as dist",
                   "def reduce():\n    t = torch.ones(1)\n    dist.all_reduce(t)\n    return t.item()"]
 
 
+def _job_rows(cluster, tmp: Path, name: str, text: str, args: str) -> dict:
+    """Run `text` as a 2-node batch job (`sbatch --wait`) with `args`; the table it printed."""
+    (tmp / f"{name}.py").write_text(text)
+    (tmp / f"{name}.sh").write_text(f"#!/bin/sh\n{sys.executable} -u {tmp / name}.py {args}\n")
+    out = tmp / f"{name}.out"
+    cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp), str(tmp / f"{name}.sh")],
+                timeout=1200, check=False)
+    log = out.read_text() if out.exists() else ""
+    line = next((ln for ln in log.splitlines() if ln.startswith("ROWS ")), None)
+    if line is None:
+        sys.exit(f"the {name} job printed no table:\n{log}")
+    return ast.literal_eval(line[5:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -140,28 +154,8 @@ def main() -> None:
         mpify = os.path.join(os.path.dirname(sys.executable), "mpify")
         subprocess.run([mpify, "export", str(tmp / "nb.ipynb"), "--fn", "reduce", "--ddp", "-o",
                         str(tmp / "reduce.py")], check=True, capture_output=True)
-        (tmp / "bench.py").write_text(JOB)
-        (tmp / "job.sh").write_text(f"#!/bin/sh\n{sys.executable} -u {tmp / 'bench.py'} {opts.runs} "
-                                    f"{tmp / 'reduce.py'}\n")
-        out = tmp / "job.out"
-        cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(out), "-D", str(tmp), str(tmp / "job.sh")],
-                    timeout=1200, check=False)
-        log = out.read_text() if out.exists() else ""
-        line = next((ln for ln in log.splitlines() if ln.startswith("ROWS ")), None)
-        if line is None:
-            sys.exit(f"the job printed no table:\n{log}")
-        rows = ast.literal_eval(line[5:])
-        (tmp / "kernel_bench.py").write_text(KERNEL_JOB)
-        (tmp / "kjob.sh").write_text(f"#!/bin/sh\n{sys.executable} -u {tmp / 'kernel_bench.py'} {opts.cells} "
-                                     f"{ROOT / 'benchmarks'}\n")
-        kout = tmp / "kjob.out"
-        cluster.run(["sbatch", "--wait", "-N", "2", "-o", str(kout), "-D", str(tmp), str(tmp / "kjob.sh")],
-                    timeout=1200, check=False)
-        klog = kout.read_text() if kout.exists() else ""
-        kline = next((ln for ln in klog.splitlines() if ln.startswith("ROWS ")), None)
-        if kline is None:
-            sys.exit(f"the kernel job printed no table:\n{klog}")
-        krows = ast.literal_eval(kline[5:])
+        rows = _job_rows(cluster, tmp, "launches", JOB, f"{opts.runs} {tmp / 'reduce.py'}")
+        krows = _job_rows(cluster, tmp, "kernel", KERNEL_JOB, f"{opts.cells} {ROOT / 'benchmarks'}")
     print(f"median of {opts.runs} warm launches, inside one batch job on the first node "
           f"({'own network namespaces' if cluster.netns else 'loopback'})")
     width = max(map(len, rows))

@@ -150,10 +150,7 @@ class Launch:
             child.lines = {"stdout": LineForwarder(first, stdout, True, "stdout", prefix=""),
                            "stderr": LineForwarder(first, stderr, True, "stderr", prefix="")}
             self.children.append(child)
-            try:
-                agent.send(NodeLaunch(dict(launch_args, node_rank=node), payload))
-            except (OSError, ValueError):  # its process died: its step's exit reports it
-                pass
+            agent.post(NodeLaunch(dict(launch_args, node_rank=node), payload))
             _debug("node", node, agent.name, "step", agent.step.pid)
 
     # ---- the supervisor thread -------------------------------------------------------------

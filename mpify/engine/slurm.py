@@ -189,11 +189,16 @@ class Agent:
     def read(self) -> Any:
         return serialize.loads(self.conn.recv_bytes())
 
-    def interrupt(self) -> None:
+    def post(self, message: Any) -> None:
+        """Send, where a process that died meanwhile is not an error here: its step's exit (the
+        sentinel a launch or a world watches) reports it."""
         try:
-            self.send(Interrupt())
-        except (OSError, ValueError):  # gone: its step's exit says so
+            self.send(message)
+        except (OSError, ValueError):
             pass
+
+    def interrupt(self) -> None:
+        self.post(Interrupt())
 
     def said(self) -> str:
         return "\n".join(self.tail)

@@ -322,10 +322,7 @@ class World:
                             for name in ("stdout", "stderr")}
             member.expect.append("round")  # its start
             self.members.append(member)
-            try:
-                agent.send(NodeWorld(dict(args, node_rank=node), ctx_blob))
-            except (OSError, ValueError):  # its process died: its step's exit reports it
-                pass
+            agent.post(NodeWorld(dict(args, node_rank=node), ctx_blob))
             _debug("world: node", node, agent.name, "step", agent.step.pid)
 
     def _node_blob(self, fn: Any, args: tuple, kwargs: dict, extra: dict) -> bytes:
