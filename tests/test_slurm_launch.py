@@ -126,7 +126,17 @@ def sleepy():
     print("SLEEPING", os.getpid(), flush=True)
     time.sleep(120)
 
-threading.Timer(8.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+def kill_me_once_every_rank_slept():
+    # the job's output file (beside this script): killed once all 4 ranks said they sleep, or
+    # after 60 s (a loaded machine may take a while to start the other node's process)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "killed.out")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and open(out).read().count("SLEEPING") < 4:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=kill_me_once_every_rank_slept, daemon=True).start()
 ranch(2, sleepy, launcher="slurm")
 '''
 

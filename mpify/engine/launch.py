@@ -222,6 +222,11 @@ class Launch:
                 child.outcome = message
         except (EOFError, OSError):
             child.result_r.close()
+            if child.agent is not None and child.outcome is None and not child.exited:
+                # Another node's process ended without an answer: its death, now, rather than at
+                # its step's end, which waits for every process of the step (its forkserver may
+                # be preloading torch for seconds).
+                self._on_exit(child)
             return
         _debug("message from rank", child.rank, type(child.outcome).__name__)
         if child.outcome is None:  # nothing sent (a grandchild may still hold the pipe open)
@@ -245,7 +250,9 @@ class Launch:
         self._check_done()
 
     def _on_exit(self, child: Child) -> None:
-        child.proc.join(1.0)  # only this thread reads exit codes (see teardown.rank_alive)
+        # Only this thread reads exit codes (see teardown.rank_alive). Another node's process is
+        # not waited for: its channel's end may come before its step's.
+        child.proc.join(0.0 if child.agent is not None else 1.0)
         _debug("rank", child.rank, "exited with", child.proc.exitcode)
         with self._exits:
             child.exited = True
@@ -254,6 +261,11 @@ class Launch:
             self._read_result(child, block=False)
         if child.outcome is None:
             code = child.proc.exitcode if child.proc.exitcode is not None else -signal.SIGKILL
+            if child.agent is not None and child.proc.exitcode is None:
+                # Its channel ended first: srun's words on its task ("task 0: Killed") come
+                # within a moment, and say how; its step's own exit code comes later.
+                time.sleep(0.3)
+                code = -signal.SIGKILL if "Killed" in child.agent.said() else 1
             now = time.monotonic()
             # A death by a signal that the stop sent is our doing (dated now, after the stop:
             # not a cause); any other death is backdated (see DEATH_SLACK). rank_main sends its

@@ -203,18 +203,20 @@ class Agent:
     def said(self) -> str:
         return "\n".join(self.tail)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
         """End the channel (the node process stops its work and exits), then the step. The
         channel is shut down, not closed, and the step's sentinel stays open: a launch's or a
         world's supervisor may be waiting on both right now, and sees the end as it would a
-        death; `forget` closes them once nobody waits."""
+        death; `forget` closes them once nobody waits. `grace`: how long it may take to exit by
+        itself (at shutdown; a process stopped because it died or hangs gets none)."""
         self.ended = True
         try:
             with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:  # closed already
             pass
-        self.step.join(STOP_GRACE)
+        if grace:
+            self.step.join(grace)
         stop_step(self.step, close=False)
 
     def forget(self) -> None:
@@ -281,7 +283,7 @@ def shutdown() -> None:
         agent.ended = True
         agent.conn.close()  # all at once: each exits on its channel's end
     for agent in agents:
-        agent.stop()
+        agent.stop(STOP_GRACE)
         agent.forget()
 
 

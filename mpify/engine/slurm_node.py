@@ -146,13 +146,21 @@ class Node:
 
     # ---- the jobs --------------------------------------------------------------------------
     def serve(self) -> None:
-        from mpify.engine.messages import NodeLaunch, NodeWorld
+        from mpify.engine.errors import MpifyError
+        from mpify.engine.messages import Failed, NodeLaunch, NodeWorld
 
         self.paths: dict[str, str] = {}
         while not _ending.is_set():
             message = self.inbox.get()
             if message is None:
                 return
+            if not isinstance(message, (NodeLaunch, NodeWorld)):
+                # A world's command sent as its part here closed itself (the caller had not yet
+                # heard): answered, so that nothing waits on it; the caller ends this process
+                # rather than lend it again with the answer unread.
+                self.answer(Failed.of(0, MpifyError(f"node {self.name}'s part of the world is closed"),
+                                      time.monotonic()))
+                continue
             self._place_modules(message.args.get("modules") or {})
             for name in message.args.get("heavy") or ():
                 # As the caller has them: the forkserver of this node then preloads them too
@@ -271,6 +279,15 @@ def _first(args: dict) -> int:
     return args["node_rank"] * args["nprocs"]
 
 
+def _blind(fd: int) -> None:
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
+
+
 def main() -> int:
     from multiprocess.connection import Client
 
@@ -284,6 +301,12 @@ def main() -> int:
     name = os.environ.get("SLURMD_NODENAME", "")
     conn = Client((host, int(port)), authkey=secret)
     conn.send_bytes(name.encode())
+    # A process forked from this one (a zygote, the ranks) must not hold the channel: the caller
+    # sees this process's death as the channel's end, which a forked copy would put off until it
+    # exits. The copy's descriptor is pointed at /dev/null (not closed: its Connection object
+    # closes that number again when it is collected).
+    channel = conn.fileno()
+    os.register_at_fork(after_in_child=lambda: _blind(channel))
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGTERM, _on_sigterm)
     node = Node(conn, name)

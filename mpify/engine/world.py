@@ -128,6 +128,7 @@ class _Member:
     lines: dict = field(default_factory=dict)  # that node's output: stream name -> LineForwarder
     stopped: bool = False  # its process was ended by the world (not a death to report)
     eof: bool = False  # its channel ended: its process is gone or going (its sentinel reports it)
+    closed_ok: bool = False  # it answered Close: its ranks are gone, its process may be lent again
 
     def holds(self, rank: int, nprocs: int) -> bool:
         return rank == self.rank or (self.node is not None and self.rank <= rank < self.rank + nprocs)
@@ -896,7 +897,7 @@ class World:
             kind = member.expect.popleft() if member.expect else "stray"
         _debug("world: reply from rank", member.rank, kind, type(message).__name__)
         if kind == "close" and member.node is not None:  # its ranks left ctx and exited
-            member.exited = True
+            member.exited = member.closed_ok = True
             self._notify_round(member)
             return
         rnd = self._round
@@ -1004,8 +1005,8 @@ class World:
             time.sleep(0.01)
         nodes = [m for m in self.members if m.node is not None]
         for m in nodes:
-            if not m.exited:  # did not say its ranks are gone: its process is ended, not kept
-                m.stopped = True
+            if not m.closed_ok:  # did not answer Close (its part closed itself, or it hangs):
+                m.stopped = True  # its process is ended, not lent again with a reply unread
                 m.agent.stop()
         pids = [m.proc.pid for m in self.members if m.proc.pid is not None and m.node is None]
         teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
