@@ -56,6 +56,15 @@ try:
     w.run(lambda: 1)
 except WorldClosedError as e:
     print("REFUSED", repr(str(e)), flush=True)
+# a remote rank SIGKILLed between cells (this machine's test cluster shares one pid space, so
+# the caller can kill it by pid): the world says so at once and closes
+w4 = World(2, launcher="slurm")
+os.kill(w4.status()[3]["pid"], signal.SIGKILL)
+t0 = time.monotonic()
+while not w4.closed and time.monotonic() - t0 < 10:
+    time.sleep(0.05)
+print("BETWEEN", repr((w4.closed, round(time.monotonic() - t0, 1), str(w4.lost_reason))), flush=True)
+w4.close()
 # a fresh world after it, on the same nodes
 with World(2, launcher="slurm") as w2:
     print("AGAIN", repr(w2.run(lambda: int(os.environ["RANK"]), gather=True)), flush=True)
@@ -111,6 +120,9 @@ def test_a_world_across_two_nodes_keeps_state_between_cells(cluster, tmp_path):
     dead_rank, notes, seconds = said["DIED"]
     assert dead_rank == 3 and "on node 1" in notes and seconds < 5, said["DIED"]
     assert "closed" in said["REFUSED"]
+    closed, seconds, why = said["BETWEEN"]
+    assert closed and seconds < 3 and "rank 3" in why and "node 1" in why, said["BETWEEN"]
+    assert "rank 3 died" in log.split("BETWEEN", 1)[0].rsplit("REFUSED", 1)[-1], log  # said on stderr
     assert said["AGAIN"] == [0, 1, 2, 3]
     rank, seconds, closed = said["STUCK"]
     assert rank == 1 and seconds < 15 and closed, said["STUCK"]

@@ -203,7 +203,13 @@ class Node:
         world = holder["world"]
         try:
             while True:
-                command = self.inbox.get()
+                try:
+                    command = self.inbox.get(timeout=0.5)
+                except queue.Empty:
+                    if world.closed:  # a rank died between cells: said now, not at the next cell
+                        self.answer(NodeLost(f"node {args['node_rank']} ({self.name}): {world.lost_reason}"))
+                        return
+                    continue
                 if command is None or isinstance(command, Close):
                     world.close()
                     if command is not None:
