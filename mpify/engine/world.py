@@ -584,19 +584,22 @@ class World:
             self._begin_stop(rnd, "failure")
 
     def _begin_stop(self, rnd: _Round, reason: str) -> None:
+        # The caller's rank is aborted unless this is an interrupt (its SIGINT handler raises
+        # KeyboardInterrupt already) or the caller's own rank failed and called us (it is
+        # unwinding already).
+        abort = reason != "interrupt" and threading.get_ident() != rnd.guard.thread_id
         with rnd.cond:
             if rnd.stop_reason is not None or rnd.settled():
                 return
             rnd.stop_reason = reason
             rnd.stop_time = time.monotonic()
-        _debug("world: stopping the round:", reason)
-        # The caller's rank is aborted unless this is an interrupt (its SIGINT handler raises
-        # KeyboardInterrupt already) or the caller's own rank failed and called us (it is
-        # unwinding already).
-        abort = reason != "interrupt" and threading.get_ident() != rnd.guard.thread_id
-        rnd.stopper = threading.Thread(target=self._stop, args=(rnd, reason, abort), name="mpify-world-stopper",
+            # Started before it is seen: the round's waiter joins it once the round settles, which
+            # a reply arriving meanwhile may make happen at once (the ladder waits on this lock).
+            stopper = threading.Thread(target=self._stop, args=(rnd, reason, abort), name="mpify-world-stopper",
                                        daemon=True)
-        rnd.stopper.start()
+            stopper.start()
+            rnd.stopper = stopper
+        _debug("world: stopping the round:", reason)
 
     def _stop(self, rnd: _Round, reason: str, abort: bool) -> None:
         """The ladder: ask, break, kill (see the module's docstring)."""
