@@ -56,10 +56,12 @@ try:
     w.run(lambda: 1)
 except WorldClosedError as e:
     print("REFUSED", repr(str(e)), flush=True)
-# a remote rank SIGKILLed between cells (this machine's test cluster shares one pid space, so
-# the caller can kill it by pid): the world says so at once and closes
+# a remote rank SIGKILLed between cells (it kills itself half a second after its cell ended):
+# the world says so at once and closes
 w4 = World(2, launcher="slurm")
-os.kill(w4.status()[3]["pid"], signal.SIGKILL)
+w4.exec("import os, signal, threading\nif os.environ['RANK'] == '3':\n"
+        "    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()")
+time.sleep(0.5)
 t0 = time.monotonic()
 while not w4.closed and time.monotonic() - t0 < 10:
     time.sleep(0.05)
