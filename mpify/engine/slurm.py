@@ -4,16 +4,17 @@ allocation the caller runs in, the caller (the kernel) staying rank 0 on node 0.
 Why Slurm and not anything of our own: the users who outgrow one box sit on a Slurm cluster,
 often in a notebook inside an allocation (`salloc -N 2`, Open OnDemand). Slurm places, starts,
 signals and cleans up the processes; torch.distributed does the collectives; mpify stays what it
-is on one machine. For each other node of the launch, one step (`srun --overlap -N1 -w NODE`)
-runs a node process (slurm_node.py), which launches that node's ranks with the engine's own
-multi-node `ranch` (node_rank, master_addr, master_port) and answers with their outcome. To the
-caller's Launch a node is one more child (`Child.node`): its step is the process the supervisor
-watches (its exit is the node's death, a stop signals its process group: srun forwards SIGTERM to
-the step), its authenticated connection carries the one outcome, and the step's stdout and
-stderr are the node's ranks' lines, already `[rank N]`-prefixed, shown live in the cell.
+is on one machine. For each other node, one step (`srun --overlap -N1 -w NODE`) runs a resident
+node process (slurm_node.py, an `Agent` here), started by the first launch or world that needs
+the node and lent to one at a time: it runs that node's ranks with the engine's own multi-node
+`ranch` or `World` (node_rank, master_addr, master_port) and answers with their outcome. To the
+caller's Launch a node is one more child (`Child.node`), to a World one more member: its step
+is the process the supervisor watches (its exit, or its channel's end, is the node's death), and
+its authenticated connection carries the node's ranks' lines, already `[rank N]`-prefixed,
+then the outcome.
 
-The channel is a network socket, so it is authenticated: a secret made per launch reaches the
-node processes through srun's environment (never a command line), and multiprocess's
+The channel is a network socket, so it is authenticated: a secret made per start of node processes
+reaches them through srun's environment (never a command line), and multiprocess's
 `Listener(authkey=...)` runs its HMAC challenge, both ways, before anything is read; a connection
 without the secret is refused and nothing of it is unpickled. It listens on the address of the
 caller's node that Slurm's node name resolves to, not on every interface. Nothing assumes a
