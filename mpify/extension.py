@@ -63,7 +63,7 @@ class WorldMagics(Magics):
     @line_magic
     def mpify(self, line: str) -> Any:
         """%mpify start N [--ddp] [--backend gloo|nccl] [--slurm [--nnodes K]] | stop | status | auto on|off"""
-        words = shlex.split(line)
+        words = shlex.split(line, comments=True)  # `%mpify start 4  # why`: the comment is not an argument
         if not words:
             raise UsageError("usage: %mpify start N [--ddp] [--backend gloo|nccl] [--slurm [--nnodes K]] | stop | status | auto on|off")
         command, rest = words[0], words[1:]
@@ -136,7 +136,7 @@ class WorldMagics(Magics):
     def ranch(self, line: str, cell: str) -> Any:
         """Run the cell on every rank of the world (or those of --ranks 1,2)."""
         __tracebackhide__ = True  # noqa: F841 (IPython leaves this frame out of tracebacks)
-        words = shlex.split(line)
+        words = shlex.split(line, comments=True)
         ranks = None
         if words:
             if words[0] in ("--ranks", "-r") and len(words) >= 2:
