@@ -38,7 +38,7 @@ _WHERE = {
     "World": "mpify.engine.world", "WorldClosedError": "mpify.engine.world",
     "ExportError": "mpify.export", "run_notebook": "mpify.export",
     "import_star": "mpify.imports",
-    "TorchDDPCtx": "mpify.torch_ddp", "in_torchddp": "mpify.torch_ddp", "torchddp_launch": "mpify.torch_ddp",
+    "TorchDDPCtx": "mpify.torchddp.ctx", "in_torchddp": "mpify.torchddp.ctx", "torchddp_launch": "mpify.torchddp.ctx",
 }
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
 
 # Imported with the public names for what they register with the engine; neither imports torch
 # until used.
-_REGISTRARS = ("mpify.torch_codec", "mpify.torch_store")
+_REGISTRARS = ("mpify.torchddp.codec", "mpify.torchddp.store")
 
 
 def load_ipython_extension(ipython) -> None:

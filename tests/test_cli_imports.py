@@ -24,7 +24,7 @@ except SystemExit as e:
 print(json.dumps([code, sorted(sys.modules)]), file=sys.stderr)
 """
 
-HEAVY = ("mpify.engine", "mpify.torch_ddp", "torch", "multiprocess", "dill", "pydantic")
+HEAVY = ("mpify.engine", "mpify.torchddp.ctx", "torch", "multiprocess", "dill", "pydantic")
 
 
 def _notebook(tmp_path):
@@ -54,7 +54,7 @@ def test_deps_export_and_help_import_nothing_of_the_engine(tmp_path, args):
 def test_the_public_names_still_load_with_their_registrations():
     code = ("import sys, mpify\nassert 'mpify.engine' not in sys.modules\n"
             "from mpify import ranch, TorchDDPCtx\nimport mpify.engine.launch as l\n"
-            "assert ranch is l.ranch and 'mpify.torch_ddp' in sys.modules\n"
+            "assert ranch is l.ranch and 'mpify.torchddp.ctx' in sys.modules\n"
             "assert sorted(n for n in mpify.__all__ if not hasattr(mpify, n)) == []\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

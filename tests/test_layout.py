@@ -1,8 +1,8 @@
 """Who may import whom among the torch modules and the engine, read from the source (ast).
 
-torch_store.py (the hosted TCPStore) and torch_codec.py (tensors through shared memory and CUDA
+torchddp/store.py (the hosted TCPStore) and torchddp/codec.py (tensors through shared memory and CUDA
 IPC) serve a launch and a long-lived world alike: they must not pull in the user API
-(torch_ddp.py) or the launcher, nor torch before it is used. The engine never imports any of the
+(torchddp/ctx.py) or the launcher, nor torch before it is used. The engine never imports any of the
 three: they register themselves with it."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 MPIFY = Path(__file__).resolve().parent.parent / "mpify"
-TORCH_MODULES = {"mpify.torch_ddp", "mpify.torch_codec", "mpify.torch_store"}
+TORCH_MODULES = {"mpify.torchddp.ctx", "mpify.torchddp.codec", "mpify.torchddp.store"}
 
 
 def imported(tree: ast.AST) -> set[str]:
@@ -38,13 +38,13 @@ def module_level(path: Path) -> ast.Module:
 
 
 def test_store_and_codec_import_neither_the_api_nor_the_launcher_nor_torch():
-    for name in ("torch_store", "torch_codec"):
-        names = imported(module_level(MPIFY / f"{name}.py"))
-        bad = {n for n in names if n in ("mpify.torch_ddp", "mpify.engine.launch") or n.split(".")[0] == "torch"}
-        assert not bad, f"mpify/{name}.py imports {sorted(bad)} at module level"
+    for name in ("store", "codec"):
+        names = imported(module_level(MPIFY / "torchddp" / f"{name}.py"))
+        bad = {n for n in names if n in ("mpify.torchddp.ctx", "mpify.engine.launch") or n.split(".")[0] == "torch"}
+        assert not bad, f"mpify/torchddp/{name}.py imports {sorted(bad)} at module level"
         # anywhere at all (a function included), neither the user API nor the launcher
-        anywhere = imported(ast.parse((MPIFY / f"{name}.py").read_text()))
-        assert not anywhere & {"mpify.torch_ddp", "mpify.engine.launch"}, name
+        anywhere = imported(ast.parse((MPIFY / "torchddp" / f"{name}.py").read_text()))
+        assert not anywhere & {"mpify.torchddp.ctx", "mpify.engine.launch"}, name
 
 
 def test_engine_never_imports_the_torch_modules():
@@ -55,7 +55,32 @@ def test_engine_never_imports_the_torch_modules():
 
 def test_the_checker_sees_imports():
     # the walk above would pass vacuously on a parse that found nothing
-    assert "mpify.torch_store.DEFAULT_TIMEOUT" in imported(ast.parse((MPIFY / "torch_ddp.py").read_text()))
-    assert "mpify.engine.shm" in imported(module_level(MPIFY / "torch_codec.py"))
-    assert "torch" in imported(ast.parse((MPIFY / "torch_codec.py").read_text()))
-    assert "torch" not in imported(module_level(MPIFY / "torch_codec.py"))
+    assert "mpify.torchddp.store.DEFAULT_TIMEOUT" in imported(ast.parse((MPIFY / "torchddp" / "ctx.py").read_text()))
+    assert "mpify.engine.shm" in imported(module_level(MPIFY / "torchddp" / "codec.py"))
+    assert "torch" in imported(ast.parse((MPIFY / "torchddp" / "codec.py").read_text()))
+    assert "torch" not in imported(module_level(MPIFY / "torchddp" / "codec.py"))
+
+
+def test_analysis_modules_are_small_and_import_only_the_analysis():
+    # Issue 27: no analysis module over 500 lines, and the analysis is pure: it reads text and
+    # imports none of the engine, the export room, the CLI, the extension or the `mpify` package
+    # init (`import mpify`, `from mpify import x`, a relative import out of the package).
+    paths = sorted((MPIFY / "analysis").rglob("*.py"))
+    assert MPIFY / "analysis" / "slicer.py" in paths and MPIFY / "analysis" / "visitor.py" in paths
+    long = {str(p.relative_to(MPIFY)): n for p in paths if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"analysis modules over 500 lines: {long}"
+    seen = set()
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        names = imported(tree)
+        package = ["mpify"] + list(path.relative_to(MPIFY).parent.parts)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package[:len(package) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+                names |= {base} | {f"{base}.{a.name}" for a in node.names}
+        bad = {n for n in names if n.split(".")[0] == "mpify" and n.split(".")[:2] != ["mpify", "analysis"]}
+        assert not bad, f"{path.relative_to(MPIFY)} imports {sorted(bad)}: the analysis imports only itself"
+        seen |= names
+    # the walk would pass vacuously on a parse that found nothing
+    assert {"mpify.analysis.visitor", "mpify.analysis.model", "ast"} <= seen

@@ -5,7 +5,7 @@ client (TORCHELASTIC_USE_AGENT_STORE=True). That is what lets the caller learn o
 within seconds: when the caller is rank 0 and blocked inside `init_process_group` waiting for a
 rank that will never arrive, the supervisor closes the store and the blocked call fails at once
 (a signal cannot interrupt that wait: it is a C++ polling loop). Hosting needs torch, so the engine
-only calls a host registered by mpify.torch_store, and only when torch is already imported by the
+only calls a host registered by mpify.torchddp.store, and only when torch is already imported by the
 caller (or the launch asks for it); otherwise rank 0 hosts the store itself, as torch does by
 default, and a free port is chosen here.
 """
@@ -30,7 +30,7 @@ class PortInUseError(MpifyError, OSError):
     """The master port asked for is taken on this machine."""
 
 
-# Registered by mpify.torch_store, so that this module never imports torch itself:
+# Registered by mpify.torchddp.store, so that this module never imports torch itself:
 # host(addr, port, world_size) -> (store, actual_port), and a context manager factory wrapped
 # around the caller's rank that destroys a default process group fn left initialised there.
 _store_host: Optional[Callable[[str, int, int], tuple[Any, int]]] = None

@@ -13,7 +13,7 @@ shared that way (not Linux, or a caller that is not dumpable, so /proc/<pid>/fd 
 ranks), the file goes to /dev/shm instead, removed when the launch ends; files left by a caller
 that was killed are removed by the next launch (their names carry the dead caller's pid).
 
-numpy is handled here; torch tensors by kinds that mpify.torch_codec registers, so that the
+numpy is handled here; torch tensors by kinds that mpify.torchddp.codec registers, so that the
 engine never imports torch itself.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ last_launch = {"shared": 0, "copied": 0}  # bytes, for benchmarks/ and tests
 
 def _key(name: str, load: Callable) -> str:
     # The kind travels as "module:name", the module being the one that registered it: a rank
-    # that has not imported it yet (the engine never imports torch_codec, and `import mpify`
+    # that has not imported it yet (the engine never imports torchddp/codec.py, and `import mpify`
     # loads its rooms lazily) imports it before loading the buffer (see _provided).
     return f"{load.__module__}:{name}"
 

@@ -66,7 +66,7 @@ BREAK_GRACE = 5.0  # seconds for stuck ranks to come back once their peers destr
 EXIT_GRACE = 5.0  # seconds for ranks to leave ctx and exit at close, before they are stopped
 START_TIMEOUT = 600.0  # seconds for every rank to start and enter ctx (torch's own init timeout is longer)
 
-# Set by mpify.torch_ddp: (user ctx or None, backend or None) -> the ctx that `ddp=True` means.
+# Set by mpify.torchddp.ctx: (user ctx or None, backend or None) -> the ctx that `ddp=True` means.
 _ddp_ctx_factory: Callable[[Any, str | None], Any] | None = None
 
 
@@ -195,7 +195,7 @@ class World:
             _check_int("master_port", master_port, 1, 65535)
         if ddp:
             if _ddp_ctx_factory is None:
-                raise MpifyError("ddp=True needs mpify.torch_ddp (import mpify)")
+                raise MpifyError("ddp=True needs mpify.torchddp.ctx (import mpify)")
             ctx = _ddp_ctx_factory(ctx, backend)
         elif backend is not None:
             raise ValueError("backend= goes with ddp=True")

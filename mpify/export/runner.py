@@ -99,7 +99,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
                  **ranch_options: Any) -> Any:
     """Run a Prepared target on `nprocs` ranks with ranch; rank 0's value (or every local rank's
     with gather=True)."""
-    import mpify.torch_store  # noqa: F401 (node 0 of a multi-node launch hosts torch's store: it registers the host)
+    import mpify.torchddp.store  # noqa: F401 (node 0 of a multi-node launch hosts torch's store: it registers the host)
     from mpify.engine import slurm
     from mpify.engine.launch import ranch
 
@@ -113,7 +113,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
                               f"{type(target).__name__}, not a function: nothing to run")
         ctx = ranch_options.pop("ctx", None)
         if prep.ddp:
-            from mpify.torch_ddp import TorchDDPCtx, _ddp_ctx
+            from mpify.torchddp.ctx import TorchDDPCtx, _ddp_ctx
 
             ctx = _ddp_ctx(ctx, TorchDDPCtx(backend=prep.backend))
         if prep.call is not None:  # the script's own function that makes the --call

@@ -1,8 +1,8 @@
 """PyTorch DDP in every rank: TorchDDPCtx, torchddp_launch, in_torchddp (the user API).
 
 torch is imported only when used, so `import mpify` stays light. The TCPStore a launch hosts
-for its ranks lives in torch_store.py, and the tensor codec for shared memory and CUDA IPC in
-torch_codec.py: the engine (a launch, a world) needs those but not this API.
+for its ranks lives in store.py, and the tensor codec for shared memory and CUDA IPC in
+codec.py: the engine (a launch, a world) needs those but not this API.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mpify.engine import frameworks, rendezvous
 from mpify.engine.child import enter_ctx
 from mpify.engine import world
 from mpify.engine.launch import ranch
-from mpify.torch_store import DEFAULT_TIMEOUT
+from mpify.torchddp.store import DEFAULT_TIMEOUT
 
 
 def pick_backend(use_gpu: bool = True) -> str:

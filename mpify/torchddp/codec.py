@@ -4,7 +4,7 @@ A large dense CPU tensor travels as its bytes in a shared-memory file, not N pic
 tensor as a CUDA IPC handle to its memory, as torch.multiprocessing sends it. engine/shm never
 imports torch itself, so this module registers both kinds with it on import; torch is imported
 only inside the functions (or looked up in sys.modules: a tensor exists only once the caller
-imported torch). It needs neither the user API (torch_ddp.py) nor the launcher.
+imported torch). It needs neither the user API (ctx.py) nor the launcher.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ client: that is how a caller blocked as rank 0 in `init_process_group` learns of
 once (see engine/rendezvous.py). Hosting needs torch, and the engine never imports torch itself,
 so this module registers the host and the guard with engine/rendezvous on import; torch is
 imported only inside them. A launch and a long-lived world both use it; it needs neither the
-user API (torch_ddp.py) nor the launcher.
+user API (ctx.py) nor the launcher.
 """
 from __future__ import annotations
 
