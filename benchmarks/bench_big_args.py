@@ -144,7 +144,7 @@ def main():
     import torch
 
     from mpify import ranch
-    from mpify.engine import shm
+    from mpify.engine.args import shm
     from _machine import machine
 
     ten = torch.arange(count, dtype=torch.float32)

@@ -11,7 +11,7 @@ never start a process, yet importing the engine (multiprocess, dill, the launch 
 them 0.1 s of a 0.3 s `mpify --help`. The first public name asked for loads them all at once, as
 the eager import did, with the modules that register torch's parts with the engine (the store
 host and the shared-memory tensor codec, `_REGISTRARS`), whichever name a user imports first. A
-rank that meets a tensor kind it has not registered imports its module itself (engine/shm.py).
+rank that meets a tensor kind it has not registered imports its module itself (engine/args/shm.py).
 
 In an interactive session (a Jupyter kernel, IPython, `python -i`) importing mpify also starts the
 forkservers the first launch will fork its ranks from, in a thread, so that a notebook's first

@@ -19,7 +19,7 @@ def pytest_unconfigure(config):
 from helpers import strays  # noqa: E402
 
 # A function launched from this process lives in a test module, which each rank imports by name
-# at every launch (engine/serialize.py): with it pytest (0.35 s), psutil (helpers.py), and, for
+# at every launch (engine/args/serialize.py): with it pytest (0.35 s), psutil (helpers.py), and, for
 # its `from mpify import ranch`, every module of mpify's public surface, the analyzer and the
 # exporter included (mpify/__init__.py: 0.4 s, 1.2 s where no bytecode is cached). A user's
 # notebook function travels by value and pays none of it. A forkserver preloads what every rank

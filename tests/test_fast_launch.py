@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mpify import ranch
-from mpify.engine import shm
+from mpify.engine.args import shm
 
 np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")

@@ -54,7 +54,7 @@ BIG_CELLS = [
     "def peek(x, y):\n    return float(x[-1]), int(y[123456])",
     "first = ranch(3, peek, data, labels, gather=True)",
     "data[-1] = -1.0\nlabels[123456] = 7\nsecond = ranch(3, peek, data, labels, gather=True)",
-    "from mpify.engine.writewatch import WriteWatch  # where the kernel cannot watch, all is copied\n"
+    "from mpify.engine.args.writewatch import WriteWatch  # where the kernel cannot watch, all is copied\n"
     "print(first, second, WriteWatch.open() is None or shm.last_launch['copied'] < (1 << 20))",
 ]
 

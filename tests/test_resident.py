@@ -13,9 +13,10 @@ import pytest
 
 from helpers import python_script
 from mpify import ranch, shutdown
-from mpify.engine import shm, starter
-from mpify.engine.resident import resident
-from mpify.engine.writewatch import PAGE, WriteWatch
+from mpify.engine import starter
+from mpify.engine.args import shm
+from mpify.engine.args.resident import resident
+from mpify.engine.args.writewatch import PAGE, WriteWatch
 
 np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
@@ -232,7 +233,8 @@ print("OK")
 FULL_DEV_SHM = """
 import glob, numpy as np
 from mpify import ranch, ShipError
-from mpify.engine import shm, starter
+from mpify.engine import starter
+from mpify.engine.args import shm
 shm._memfd_ok = False  # as off Linux: the arguments must go through files in /dev/shm
 arr = np.arange(64 << 20, dtype=np.float32)  # 256 MB
 try:
@@ -305,8 +307,9 @@ NO_USERFAULTFD = """
 import ctypes, os, struct
 import numpy as np
 from mpify import ranch
-from mpify.engine import shm, starter
-from mpify.engine.writewatch import WriteWatch
+from mpify.engine import starter
+from mpify.engine.args import shm
+from mpify.engine.args.writewatch import WriteWatch
 
 # A seccomp filter that refuses userfaultfd with EPERM, as Docker's default profile does.
 ops = [(0x20, 0, 0, 0),                 # load the syscall number

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, serialize, shm, starter, teardown
+from mpify.engine import rendezvous, starter, teardown
+from mpify.engine.args import serialize, shm
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.debug import debug as _debug
 from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure

@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 
-from mpify.engine import serialize
+from mpify.engine.args import serialize
 from mpify.engine.errors import RankRaisedError, RemoteTraceback
 
 

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from mpify.engine import serialize
+from mpify.engine.args import serialize
 from mpify.engine.errors import MpifyError
 from mpify.engine.messages import Interrupt
 

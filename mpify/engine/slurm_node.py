@@ -78,7 +78,7 @@ class Node:
 
     # ---- the channel -----------------------------------------------------------------------
     def send(self, message: Any) -> None:
-        from mpify.engine import serialize
+        from mpify.engine.args import serialize
 
         blob = serialize.dumps(message)
         with self._send_lock:
@@ -86,7 +86,7 @@ class Node:
 
     def read_channel(self) -> None:
         """The reader thread: commands to the main thread's inbox, an Interrupt as SIGINT."""
-        from mpify.engine import serialize
+        from mpify.engine.args import serialize
         from mpify.engine.messages import Interrupt
 
         try:
@@ -120,7 +120,7 @@ class Node:
     def outcome(self, first: int, run) -> Any:
         """Run a job; `Done` with its value (pickled), or `Failed` with the failed rank's own
         traceback, its shipped files named as the caller knows them."""
-        from mpify.engine import serialize
+        from mpify.engine.args import serialize
         from mpify.engine.errors import RemoteTraceback
         from mpify.engine.messages import Done, Failed
 
@@ -246,7 +246,7 @@ class Node:
 
     # ---- what the caller ships -------------------------------------------------------------
     def _loads(self, blob: bytes, args: dict) -> Any:
-        from mpify.engine import serialize
+        from mpify.engine.args import serialize
 
         try:
             return serialize.loads(blob)

@@ -28,7 +28,8 @@ import types
 from contextlib import ExitStack
 from typing import Any
 
-from mpify.engine import displays, groups, serialize
+from mpify.engine import displays, groups
+from mpify.engine.args import serialize
 from mpify.engine.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
 from mpify.engine.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, MeetAt, Pull, Push, Rebuild, Status

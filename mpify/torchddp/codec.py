@@ -1,7 +1,7 @@
-"""Torch tensors through shared memory and CUDA IPC handles (the codec engine/shm uses).
+"""Torch tensors through shared memory and CUDA IPC handles (the codec engine/args/shm.py uses).
 
 A large dense CPU tensor travels as its bytes in a shared-memory file, not N pickles; a CUDA
-tensor as a CUDA IPC handle to its memory, as torch.multiprocessing sends it. engine/shm never
+tensor as a CUDA IPC handle to its memory, as torch.multiprocessing sends it. engine/args/shm.py never
 imports torch itself, so this module registers both kinds with it on import; torch is imported
 only inside the functions (or looked up in sys.modules: a tensor exists only once the caller
 imported torch). It needs neither the user API (ctx.py) nor the launcher.
@@ -12,7 +12,7 @@ import ctypes
 import sys
 from typing import Any
 
-from mpify.engine import shm
+from mpify.engine.args import shm
 
 
 def _is_pinned(t: Any) -> bool:
@@ -37,7 +37,7 @@ def _dump_tensor(t):
     data = t.detach().resolve_conj().resolve_neg().contiguous()
     meta = (t.dtype, tuple(t.shape), t.requires_grad, type(t) is torch.nn.Parameter, _is_pinned(t))
     # No copy was needed: the buffer is t's own memory, owned by its storage (kept between
-    # launches as a snapshot, see engine/resident.py).
+    # launches as a snapshot, see engine/args/resident.py).
     alias = (t.untyped_storage(), t.data_ptr()) if data.data_ptr() == t.data_ptr() and t.numel() else None
     # The bytes by address, not through data.numpy(): a numpy view marks the storage
     # non-resizable for good, and the caller's `t.resize_()` would fail after the launch.

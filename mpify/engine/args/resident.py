@@ -30,8 +30,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpify.engine import writewatch
-from mpify.engine.writewatch import NotWatched, page_range
+from mpify.engine.args import writewatch
+from mpify.engine.args.writewatch import NotWatched, page_range
 
 
 def limit() -> int:

@@ -29,7 +29,7 @@ import tempfile
 import threading
 from typing import Any, Callable
 
-from mpify.engine.resident import copy_pages, resident
+from mpify.engine.args.resident import copy_pages, resident
 
 THRESHOLD = 1 << 20  # bytes; smaller buffers are cheaper to pickle than to map
 PREFIX = "mpify-shm-"

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import dill
 
-from mpify.engine import shm
+from mpify.engine.args import shm
 from mpify.engine.errors import ResultError, ShipError
 
 # recurse=True: capture only the globals a function really uses, by value, so a notebook's
