@@ -59,3 +59,28 @@ def test_the_checker_sees_imports():
     assert "mpify.engine.args.shm" in imported(module_level(MPIFY / "torchddp" / "codec.py"))
     assert "torch" in imported(ast.parse((MPIFY / "torchddp" / "codec.py").read_text()))
     assert "torch" not in imported(module_level(MPIFY / "torchddp" / "codec.py"))
+
+
+def test_analysis_modules_are_small_and_import_only_the_analysis():
+    # Issue 27: no analysis module over 500 lines, and the analysis is pure: it reads text and
+    # imports none of the engine, the export room, the CLI, the extension or the `mpify` package
+    # init (`import mpify`, `from mpify import x`, a relative import out of the package).
+    paths = sorted((MPIFY / "analysis").rglob("*.py"))
+    assert MPIFY / "analysis" / "slicer.py" in paths and MPIFY / "analysis" / "visitor.py" in paths
+    long = {str(p.relative_to(MPIFY)): n for p in paths if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"analysis modules over 500 lines: {long}"
+    seen = set()
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        names = imported(tree)
+        package = ["mpify"] + list(path.relative_to(MPIFY).parent.parts)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package[:len(package) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+                names |= {base} | {f"{base}.{a.name}" for a in node.names}
+        bad = {n for n in names if n.split(".")[0] == "mpify" and n.split(".")[:2] != ["mpify", "analysis"]}
+        assert not bad, f"{path.relative_to(MPIFY)} imports {sorted(bad)}: the analysis imports only itself"
+        seen |= names
+    # the walk would pass vacuously on a parse that found nothing
+    assert {"mpify.analysis.visitor", "mpify.analysis.model", "ast"} <= seen

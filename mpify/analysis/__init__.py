@@ -16,17 +16,22 @@ Public API (used by the export room and the CLI; keep these names and fields sta
 The modules, one idea each: notebook (reading files), magics (IPython syntax -> Python, line for
 line), effects (which calls change what: the tables), stars (what a star import supplies, read from
 its module's source), diskcache (what was read from a file, kept between runs by its size and
-mtime), scopes (the scope stack's entries, Python's binding rules), visitor (scope-stack facts of
-one statement), aliases (through which names a change reaches an object), summaries (what a call
-of a notebook function changes, followed through the functions it calls), model (statements of a
-notebook, cross-statement call effects), runpoint (where the notebook ran the target: the slice's
-default point), slicer (the backward closure and the report), calls (how the notebook calls or
-launches a target, for `--call`).
+mtime), scopes (the scope stack's entries, Python's binding rules), facts (what the visitor returns
+for one statement), visitor (scope-stack facts of one statement: the scope stack and names), with
+its parts visit_statements (statements), visit_scopes (def, lambda, class, comprehensions) and
+visit_calls (what a call changes), aliases (through which names a change reaches an object),
+summaries (what a call of a notebook function changes, followed through the functions it calls),
+model (statements of a notebook, cross-statement call effects), runpoint (where the notebook ran
+the target: the slice's default point), slicer (the backward closure), with its parts unresolved
+(names no statement defines: builtins, star imports, opaque statements) and caveats (the
+warnings), result (the `Slice` it returns, and its text), calls (how the notebook calls or launches
+a target, for `--call`).
 """
 from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
                                    UnknownTargetError, UnresolvedNameError)
 from mpify.analysis.notebook import Cell, Notebook, load_notebook
-from mpify.analysis.slicer import Slice, SliceItem, render_source, slice_notebook
+from mpify.analysis.result import Slice, SliceItem, render_source
+from mpify.analysis.slicer import slice_notebook
 
 __all__ = ["load_notebook", "slice_notebook", "render_source", "Notebook", "Cell", "Slice",
            "SliceItem", "AnalysisError", "NotebookError", "UnknownTargetError",

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from mpify.analysis.magics import translate_cell
 from mpify.analysis.notebook import Notebook
 from mpify.analysis.aliases import propagate
-from mpify.analysis.effects import changes_first_arg
+from mpify.analysis.effects import MUTATION_RANK, changes_first_arg
+from mpify.analysis.facts import StatementFacts
 from mpify.analysis.stars import resolve_star
 from mpify.analysis.summaries import effects_of, params_for
-from mpify.analysis.visitor import MUTATION_RANK, StatementFacts, analyse_statement
+from mpify.analysis.visitor import analyse_statement
 
 __all__ = ["Statement", "BrokenCell", "Model", "build_model"]
 

@@ -28,113 +28,32 @@ statements before it (kept, with a warning); otherwise it is an `UnresolvedNameE
 
 `from __future__` imports before the export point are always kept (they change how the slice
 compiles); `render_source` puts them first.
+
+The slicer is one class, `_Slicer`, in three parts: this module is the closure (the work list, how a
+name read at a point resolves to the statements that make it, why each statement is kept, the
+statements that run the target and are never kept) and its driver; unresolved.py what is done with
+a name no statement defines (builtins, star imports, opaque statements, else the error);
+caveats.py the warnings about what the slice cannot vouch for. The result it returns, `Slice`, is
+result.py's.
 """
 from __future__ import annotations
 
 import ast
-import builtins
 import difflib
 import gc
-import re
 from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass, field
 
+from mpify.analysis.caveats import _Caveats
 from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTargetError,
                                    UnresolvedNameError)
 from mpify.analysis.model import Model, Statement, build_model
 from mpify.analysis.notebook import Notebook, load_notebook
-from mpify.analysis.effects import BARE_STATE_CALLS
+from mpify.analysis.result import Slice, SliceItem, _q
 from mpify.analysis.runpoint import last_run
+from mpify.analysis.unresolved import _UnresolvedNames
 
-__all__ = ["Slice", "SliceItem", "slice_notebook", "render_source"]
-
-# Module attributes that exist in any module (and so in the exported script).
-_MODULE_DUNDERS = frozenset({"__name__", "__doc__", "__builtins__", "__spec__", "__loader__",
-                             "__package__", "__annotations__"})
-# IPython's output/input history: they do not exist in a script (case 9).
-_IPY_HISTORY = re.compile(r"^(_+|_\d+|_i+\d*|_[oid]h|In|Out)$")
-# Names IPython injects that a plain script lacks; a warning, not an error.
-_IPY_INJECTED = frozenset({"display", "get_ipython"})
-
-
-@dataclass
-class SliceItem:
-    """One included top-level statement.
-
-    cell: 1-based cell index; lineno/end_lineno: 1-based lines of the statement within the cell's
-    original source (decorators included). source: the text to emit (the statement's original lines
-    with the comment lines right above it, magics removed or translated); it starts at cell line
-    `source_lineno` and keeps the cell's line structure, so line N of `source` is cell line
-    `source_lineno + N - 1`. reasons: why it is in the slice. kind: 'function', 'class', 'lambda',
-    'import', 'assignment', 'expression', 'statement' or 'writefile'. defines: names it binds.
-    """
-
-    cell: int
-    lineno: int
-    end_lineno: int
-    source_lineno: int
-    source: str
-    reasons: list = field(default_factory=list)
-    kind: str = "statement"
-    defines: list = field(default_factory=list)
-    index: int = 0
-
-    def to_dict(self) -> dict:
-        return {"cell": self.cell, "lineno": self.lineno, "end_lineno": self.end_lineno,
-                "source_lineno": self.source_lineno, "kind": self.kind, "defines": self.defines,
-                "reasons": self.reasons, "source": self.source}
-
-
-@dataclass
-class Slice:
-    """What `target` needs as of the end of the notebook (or of cell `upto_cell`).
-
-    items: included statements in notebook order. star_imports: modules of the star imports kept.
-    unresolved: names nothing defines that a star import may supply. warnings: one string each,
-    naming cell and line. cells_used: sorted cell indices of the items. target_kind: 'function',
-    'class', 'lambda', 'variable' or 'import'. run_at: (cell, line, source) of the notebook's run
-    of the target the slice is taken before (runpoint.py), or None.
-    """
-
-    notebook: Notebook
-    target: str
-    target_kind: str
-    upto_cell: int | None
-    items: list
-    star_imports: list
-    unresolved: list
-    warnings: list
-    cells_used: list
-    run_at: tuple | None = None
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (what `mpify deps --json` prints)."""
-        run_at = None if self.run_at is None else dict(zip(("cell", "lineno", "source"), self.run_at))
-        return {"notebook": self.notebook.path, "target": self.target,
-                "target_kind": self.target_kind, "upto_cell": self.upto_cell, "run_at": run_at,
-                "cells_used": self.cells_used, "items": [i.to_dict() for i in self.items],
-                "star_imports": self.star_imports, "unresolved": self.unresolved,
-                "warnings": self.warnings}
-
-
-def render_source(sl: Slice) -> str:
-    """The items' sources joined in order, a `# cell K` comment over each cell's block.
-
-    `from __future__` imports go first (Python requires it)."""
-    future = [i for i in sl.items if i.kind == "import" and i.source.lstrip().startswith("from __future__")
-              or "\nfrom __future__" in i.source]
-    rest = [i for i in sl.items if i not in future]
-    out = [i.source.rstrip("\n") for i in future]
-    prev = None
-    for it in rest:
-        if it.cell != prev:
-            if out:
-                out.append("")
-            out.append(f"# cell {it.cell}")
-            prev = it.cell
-        out.append(it.source.rstrip("\n"))
-    return "\n".join(out) + "\n"
+__all__ = ["slice_notebook"]
 
 
 def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots=(),
@@ -196,10 +115,6 @@ def _slice(nb, target, upto_cell, extra_roots, faithful, at_run) -> Slice:
     return sl
 
 
-def _q(name: str) -> str:
-    return f"`{name}`"
-
-
 def _import_by_name(s: Statement, needed: set) -> tuple[str, list]:
     """The source of import statement `s` keeping only the names in `needed` (issue 11: a whole
     `import pickle, gzip, torch, matplotlib as mpl` kept for `torch` failed with
@@ -227,7 +142,7 @@ def _bound(node, alias) -> str:
     return alias.name.split(".")[0] if isinstance(node, ast.Import) else alias.name
 
 
-class _Slicer:
+class _Slicer(_UnresolvedNames, _Caveats):
     def __init__(self, model: Model, target: str, point: int, upto_cell):
         self.m = model
         self.st: list[Statement] = model.statements
@@ -439,149 +354,6 @@ class _Slicer:
             # Mutations or a possible `del` alone do not define a name.
             self.unresolved_pending.append((name, p, why, soft, where, p_late))
 
-    def _settle_unresolved(self) -> bool:
-        """Builtins, star imports, opaque statements; else an error. True if work was added."""
-        pending, self.unresolved_pending = self.unresolved_pending, []
-        added = False
-        for name, p, why, soft, where, p_late in pending:
-            if soft or name.startswith("<"):
-                continue
-            if hasattr(builtins, name) or name in _MODULE_DUNDERS:
-                continue
-            loc = f"cell {where[0]}, line {where[1]}" if where else "the target"
-            if name in _IPY_INJECTED:
-                w = f"{loc}: uses IPython's {_q(name)}, which a plain Python script does not define"
-                if w not in self.warnings:
-                    self.warnings.append(w)
-                continue
-            if _IPY_HISTORY.match(name):
-                raise UnresolvedNameError(
-                    name, f"{_q(name)} ({loc}) is IPython's input/output history, which does not "
-                          "exist outside the notebook; assign the value to a named variable instead",
-                    *(where or (None, None)))
-            stars = self._suppliers(name, p)
-            if stars:
-                self.star_names.add(name)
-                for s in stars:
-                    n0 = len(self.reasons)
-                    self.star_supply.setdefault(s.index, {}).setdefault(name, why)
-                    self._include(s.index, None, p)
-                    added |= len(self.reasons) != n0
-                    if s.facts.star_import not in self.star_mods:
-                        self.star_mods.append(s.facts.star_import)
-                continue
-            opaque = [s for s in self.st[:p] if s.facts.opaque and s.index not in self.excluded]
-            if opaque:
-                for s in opaque:
-                    n0 = len(self.reasons)
-                    self._include(s.index, f"opaque ({s.facts.opaque}): may define {_q(name)}, "
-                                           f"needed by {why}", p)
-                    added |= len(self.reasons) != n0
-                continue
-            later = [s for s in self.st[p:] if name in s.facts.defs]
-            hint = f"; it is only defined later, {later[0].where()}" if later else ""
-            dropped = [s for s in self.st[:p] if name in s.facts.defs and s.index in self.excluded]
-            if dropped:
-                # Defined only by statements left out because they run the target (or read what
-                # such a statement made): say that, not "nothing defines it".
-                d = dropped[-1]
-                how = (f"reads `{self.downstream[d.index][0]}`, which "
-                       f"{self.st[self.downstream[d.index][1]].where()} makes by running "
-                       f"{_q(self.target)}" if d.index in self.downstream
-                       else f"runs {_q(self.target)}")
-                raise UnresolvedNameError(
-                    name, f"{_q(name)} is used by {why} ({loc}) but only {d.where()} defines it, and "
-                          f"that statement {how}: the slice leaves it out; define {_q(name)} "
-                          "without the target's result", *(where or (None, None)))
-            raise UnresolvedNameError(
-                name, f"{_q(name)} is used by {why} ({loc}) but nothing defines it before that{hint}",
-                *(where or (None, None)))
-        return added
-
-    def _suppliers(self, name, p) -> list:
-        """The star imports before p that supply `name`: the last one whose module's source
-        lists it (and any later one whose source is unknown or incomplete: it may override),
-        else every one that may supply it. Never an empty list while a star import is there:
-        a source read statically can miss a name (set through `sys.modules`, say), and keeping
-        a star import is cheaper than a false error."""
-        stars = [self.st[j] for j in self.star_indices[:bisect_left(self.star_indices, p)]]
-        exp = self.m.stars
-        known = [s for s in stars if s.index in exp and name in exp[s.index].names]
-        if known:
-            last = known[-1]
-            return [last] + [s for s in stars if s.index > last.index
-                             and not (s.index in exp and exp[s.index].found and exp[s.index].complete)]
-        maybe = [s for s in stars if not (s.index in exp and exp[s.index].found and exp[s.index].complete)]
-        return maybe or stars
-
-    def _star_reasons(self) -> None:
-        """One reason per kept star import, listing the names it supplies once."""
-        for j, names in self.star_supply.items():
-            exp = self.m.stars.get(j)
-            whys = []
-            for w in names.values():
-                w = w or _q(self.target)
-                if w not in whys:
-                    whys.append(w)
-            listed = ", ".join(_q(n) for n in sorted(names))
-            verb = "supplies" if exp is not None and all(n in exp.names for n in names) else "may supply"
-            more = f" and {len(whys) - 3} more" if len(whys) > 3 else ""
-            self.reasons[j].insert(0, f"star import {verb} {listed}, needed by {', '.join(whys[:3])}{more}")
-            if exp is None or not exp.found:
-                s = self.st[j]
-                where = "in faithful mode, star imports are not read" if self.m.faithful else (
-                    f"no Python source for `{s.facts.star_import}` found here")
-                self.warnings.append(
-                    f"{s.where()}: `from {s.facts.star_import} import *`: {where}; the names it may "
-                    "supply are read conservatively (a call on one may change it)")
-
-    def _star_state_calls(self) -> bool:
-        """`manual_seed(0)` after `from torch import *`: when the slice keeps a star import, it
-        also keeps the later bare calls of seed/config functions that nothing in the notebook
-        defines, as the star import may supply them and they change its module's state (the
-        `torch.manual_seed(0)` rule, for names without their module). The same for such functions
-        imported by name (`from transformers import set_seed`). True if work was added."""
-        stars = sorted(j for j in self.reasons if self.st[j].facts.star_import is not None)
-        imports = any(self.st[j].kind == "import" for j in self.reasons)
-        if not stars and not imports:
-            return False
-        added = False
-        for s in self.st[(stars[0] + 1 if stars else 0):self.point]:
-            if s.index in self.excluded or s.index in self.reasons:
-                continue
-            for callee, _pos, _kws, _line in s.facts.calls:
-                if callee not in BARE_STATE_CALLS:
-                    continue
-                binders = [i for i in self.m.events.get(callee, ()) if i < s.index
-                           and callee in self.st[i].facts.defs]
-                if binders:
-                    # `from transformers import set_seed` then `set_seed(42)`: an imported seed or
-                    # configuration function changes global state (the generators, the process
-                    # environment with `load_dotenv()`), so it is kept whenever the slice uses a
-                    # library at all. A notebook's own `seed` is its own function: not this rule.
-                    b = self.st[binders[-1]]
-                    if b.kind != "import" or not imports:
-                        continue
-                    self._include(s.index, f"calls {_q(callee)}, imported at {b.where()}: a seed or "
-                                           "configuration call changes global state", self.point)
-                    added = True
-                    break
-                if not stars:
-                    continue
-                before = [j for j in stars if j < s.index]
-                known = [j for j in before if j in self.m.stars and callee in self.m.stars[j].names]
-                if known:
-                    mods, verb = _q(self.st[known[-1]].facts.star_import), "supplies"
-                elif all(j in self.m.stars and self.m.stars[j].complete for j in before):
-                    continue  # every star import is known, and none supplies it
-                else:
-                    mods, verb = ", ".join(_q(self.st[j].facts.star_import) for j in before), "may supply"
-                self._include(s.index, f"calls {_q(callee)}, which star import {mods} {verb}: it changes "
-                                       "that module's state", self.point)
-                added = True
-                break
-        return added
-
     # ---- driver -----------------------------------------------------------------------------
     def _check_target(self):
         t = self.target
@@ -645,76 +417,3 @@ class _Slicer:
                 return {"function": "function", "class": "class", "lambda": "lambda",
                         "import": "import"}.get(s.kind, "variable")
         return "variable"
-
-    def _warn(self, items):
-        w = self.warnings
-        nb = self.m.notebook
-        used = {i.index for i in items}
-        for it in items:
-            s = self.st[it.index]
-            w.extend(n for n in s.notes if n not in w)
-            f = s.facts
-            if f.opaque:
-                w.append(f"{s.where()}: opaque statement ({f.opaque}); names it defines or changes "
-                         "are invisible to the analyzer")
-            if f.opaque_later:
-                w.append(f"{s.where()}: the body of {self._desc(it.index)} {f.opaque_later}; names it "
-                         "reads dynamically are not in the slice")
-            if f.name_main:
-                w.append(f"{s.where()}: `if __name__ == \"__main__\":` is true in a notebook but false "
-                         "when the slice is imported as a module")
-            if f.has_await:
-                w.append(f"{s.where()}: top-level `await` works in IPython only; wrap it in an async "
-                         "function for a script")
-        for b in self.m.broken:
-            if b.position <= self.point:
-                w.append(f"cell {b.cell}, line {b.lineno}: syntax error ({b.message}); cell left out")
-        cells_used = sorted({i.cell for i in items})
-        for c in cells_used:
-            if nb.cells[c - 1].raised:
-                w.append(f"cell {c}: raised an error when it last ran; the slice assumes it runs "
-                         "to completion")
-        # Files written by statements left out and named by statements kept (no name links them).
-        writers = [s for s in self.st if s.facts.writes_files and s.index not in used]
-        for it in items:
-            lits = self.st[it.index].facts.string_literals
-            if not lits or not writers:
-                continue
-            for s in writers:
-                if s.index >= it.index:
-                    break
-                for path in sorted(s.facts.writes_files & lits):
-                    msg = (f"{s.where()} writes {path!r}, which {it.cell and f'cell {it.cell}'} "
-                           f"uses; that statement is not in the slice (files are not tracked)")
-                    if msg not in w:
-                        w.append(msg)
-        self._warn_order()
-
-    def _warn_order(self):
-        nb = self.m.notebook
-        last = self.upto or len(nb.cells)
-        code = [c for c in nb.cells[:last] if c.kind == "code" and c.source.strip()]
-        counted = [c for c in code if c.execution_count is not None]
-        if not counted:
-            return
-        for a, b in zip(counted, counted[1:]):
-            if b.execution_count < a.execution_count:
-                self.warnings.append(
-                    f"cell {b.cell if hasattr(b, 'cell') else b.index}: execution count "
-                    f"{b.execution_count} is lower than cell {a.index}'s ({a.execution_count}): the "
-                    "notebook was run out of order; the slice follows notebook order")
-                break
-        else:
-            if len(counted) == len(code):
-                for a, b in zip(counted, counted[1:]):
-                    if b.execution_count != a.execution_count + 1:
-                        self.warnings.append(
-                            f"cell {b.index}: execution count jumps from {a.execution_count} (cell "
-                            f"{a.index}) to {b.execution_count}: cells were re-run or deleted; the "
-                            "slice runs each cell once, in notebook order")
-                        break
-        never = [c.index for c in code if c.execution_count is None]
-        if never and counted:
-            self.warnings.append(f"cells {', '.join(map(str, never))} were never run in the saved "
-                                 "notebook" if len(never) > 1 else
-                                 f"cell {never[0]} was never run in the saved notebook")

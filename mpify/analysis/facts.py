@@ -1,0 +1,73 @@
+"""What the visitor reads and what it returns: the vocabulary of a notebook's global names, and
+the facts of one top-level statement.
+
+Why a module of its own: the facts are the interface between the visitor, whose parts (visitor.py,
+visit_statements.py, visit_scopes.py, visit_calls.py) each fill some of them in, and the model,
+which builds `StatementFacts` itself for a `%%writefile` cell (the visitor never sees one) and
+resolves the `BareCall`s across statements (model._resolve_calls). What a global name is comes
+from the `kinds` map the model builds: 'module', 'object' or 'notebook' (visitor.py's docstring).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+__all__ = ["StatementFacts", "BareCall"]
+
+# Kinds of global names that are not values a binding may share (an imported object may be one).
+_EXTERNAL = frozenset({"module", "notebook"})
+
+
+class BareCall(NamedTuple):
+    """A call of a bare global name made when a statement runs (`f(x, k=y)`), resolved later
+    against the latest definition of `f` (model._resolve_calls)."""
+
+    callee: str
+    pos: list  # root name of each positional argument (None for a literal or a call result)
+    kws: dict  # keyword -> root name of its argument
+    line: int
+
+
+@dataclass
+class StatementFacts:
+    """Facts about one top-level statement; line numbers are cell lines.
+
+    defs: name -> True for an unconditional binding (it hides earlier ones), False for a conditional one.
+    dels: name -> True for an unconditional `del name`, False for a conditional one (or `except as`).
+    uses_now / uses_later / soft_uses: name -> first line where it is read (soft: annotations that are
+    not evaluated, resolved if possible but never an error).
+    mutates: name -> 'direct' | 'call-arg' | 'called' | 'state' | 'seed' | 'draw' | 'grad' |
+    'alias' (how it may change the object; a seed redefines a generator's state, a draw only
+    moves it; 'grad' and 'alias' are added by aliases.propagate, with `via`: the name the change
+    was made through). deep: names changed through an element or attribute (`b[0].append(1)`).
+    bindings: ([names], Sources) for each top-level binding (aliases.py reads what it may share).
+    grad_writes: names a backward runs through; grad_names: names whose gradients are used.
+    calls: `BareCall`s, the calls of bare global names made now.
+    launches: names passed to a launcher call (`ranch(4, train)`).
+    """
+
+    defs: dict = field(default_factory=dict)
+    dels: dict = field(default_factory=dict)
+    uses_now: dict = field(default_factory=dict)
+    uses_later: dict = field(default_factory=dict)
+    soft_uses: dict = field(default_factory=dict)
+    mutates: dict = field(default_factory=dict)
+    via: dict = field(default_factory=dict)
+    deep: set = field(default_factory=set)
+    own: set = field(default_factory=set)
+    bindings: list = field(default_factory=list)
+    grad_writes: set = field(default_factory=set)
+    grad_names: set = field(default_factory=set)
+    calls: list = field(default_factory=list)
+    called_now: set = field(default_factory=set)
+    launches: set = field(default_factory=set)
+    summaries: dict = field(default_factory=dict)
+    opaque: str | None = None
+    opaque_later: str | None = None
+    star_import: str | None = None
+    future_annotations: bool = False
+    imports: set = field(default_factory=set)
+    has_await: bool = False
+    name_main: bool = False
+    writes_files: set = field(default_factory=set)
+    string_literals: set = field(default_factory=set)

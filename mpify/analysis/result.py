@@ -1,0 +1,96 @@
+"""The slice as its callers get it: `Slice`, its `SliceItem`s, and `render_source`, its text.
+
+Why a module of its own: this is the analysis package's answer, what the export room and the CLI
+read (the package docstring lists the fields they rely on), kept apart from how the slicer finds
+it. `_q` is how every reason and message names a name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpify.analysis.notebook import Notebook
+
+__all__ = ["Slice", "SliceItem", "render_source"]
+
+
+@dataclass
+class SliceItem:
+    """One included top-level statement.
+
+    cell: 1-based cell index; lineno/end_lineno: 1-based lines of the statement within the cell's
+    original source (decorators included). source: the text to emit (the statement's original lines
+    with the comment lines right above it, magics removed or translated); it starts at cell line
+    `source_lineno` and keeps the cell's line structure, so line N of `source` is cell line
+    `source_lineno + N - 1`. reasons: why it is in the slice. kind: 'function', 'class', 'lambda',
+    'import', 'assignment', 'expression', 'statement' or 'writefile'. defines: names it binds.
+    """
+
+    cell: int
+    lineno: int
+    end_lineno: int
+    source_lineno: int
+    source: str
+    reasons: list = field(default_factory=list)
+    kind: str = "statement"
+    defines: list = field(default_factory=list)
+    index: int = 0
+
+    def to_dict(self) -> dict:
+        return {"cell": self.cell, "lineno": self.lineno, "end_lineno": self.end_lineno,
+                "source_lineno": self.source_lineno, "kind": self.kind, "defines": self.defines,
+                "reasons": self.reasons, "source": self.source}
+
+
+@dataclass
+class Slice:
+    """What `target` needs as of the end of the notebook (or of cell `upto_cell`).
+
+    items: included statements in notebook order. star_imports: modules of the star imports kept.
+    unresolved: names nothing defines that a star import may supply. warnings: one string each,
+    naming cell and line. cells_used: sorted cell indices of the items. target_kind: 'function',
+    'class', 'lambda', 'variable' or 'import'. run_at: (cell, line, source) of the notebook's run
+    of the target the slice is taken before (runpoint.py), or None.
+    """
+
+    notebook: Notebook
+    target: str
+    target_kind: str
+    upto_cell: int | None
+    items: list
+    star_imports: list
+    unresolved: list
+    warnings: list
+    cells_used: list
+    run_at: tuple | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (what `mpify deps --json` prints)."""
+        run_at = None if self.run_at is None else dict(zip(("cell", "lineno", "source"), self.run_at))
+        return {"notebook": self.notebook.path, "target": self.target,
+                "target_kind": self.target_kind, "upto_cell": self.upto_cell, "run_at": run_at,
+                "cells_used": self.cells_used, "items": [i.to_dict() for i in self.items],
+                "star_imports": self.star_imports, "unresolved": self.unresolved,
+                "warnings": self.warnings}
+
+
+def render_source(sl: Slice) -> str:
+    """The items' sources joined in order, a `# cell K` comment over each cell's block.
+
+    `from __future__` imports go first (Python requires it)."""
+    future = [i for i in sl.items if i.kind == "import" and i.source.lstrip().startswith("from __future__")
+              or "\nfrom __future__" in i.source]
+    rest = [i for i in sl.items if i not in future]
+    out = [i.source.rstrip("\n") for i in future]
+    prev = None
+    for it in rest:
+        if it.cell != prev:
+            if out:
+                out.append("")
+            out.append(f"# cell {it.cell}")
+            prev = it.cell
+        out.append(it.source.rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
+def _q(name: str) -> str:
+    return f"`{name}`"
