@@ -49,7 +49,7 @@ def test_notebook_cells_run_on_three_ranks(shared_kernel, kernel_name, tmp_path)
 
 
 BIG_CELLS = [
-    "import os, numpy as np, torch\nfrom mpify import ranch\nfrom mpify.engine import shm",
+    "import os, numpy as np, torch\nfrom mpify import ranch\nfrom mpify.engine.args import shm",
     "data = torch.arange(8 << 20, dtype=torch.float32)  # 32 MB\nlabels = np.zeros(8 << 20, dtype=np.int64)  # 64 MB",
     "def peek(x, y):\n    return float(x[-1]), int(y[123456])",
     "first = ranch(3, peek, data, labels, gather=True)",
