@@ -4,7 +4,7 @@ launched again and again from one process or one notebook kernel.
 
 What a user would see go wrong, and what these tests hold:
 - the kernel freezing for good when fn returns (DDP's reducer destroying the last reference to
-  its gloo group with the GIL held; engine/groups.py): 100 launches in a row finish;
+  its gloo group with the GIL held; engine/rank/groups.py): 100 launches in a row finish;
 - gloo's and the store's threads staying in the caller after the launch, so that a later
   `os.fork()` (DataLoader workers, fork-based launchers) copies a process with live gloo threads;
 - the store or gloo listening on every interface during a one-machine launch;
@@ -175,7 +175,7 @@ def test_a_hundred_torchrun_style_launches_finish(shared_run, caller_rank, no_st
 
 def test_a_function_that_imports_torch_itself(tmp_path, no_strays):
     """The caller never imported torch: fn does (its groups are then caught by an import watcher,
-    engine/groups.py). Twenty launches, then no gloo or store thread in the caller."""
+    engine/rank/groups.py). Twenty launches, then no gloo or store thread in the caller."""
     path = tmp_path / "script.py"
     path.write_text(THREADS + textwrap.dedent('''
         import sys

@@ -147,7 +147,7 @@ def test_script_main_avoids_the_notebooks_names(tmp_path):
 
 
 def test_rewrite_traceback_maps_payload_frames_and_drops_mpify_frames():
-    import mpify.engine.child as child
+    import mpify.engine.rank.child as child
     text = ('Traceback (most recent call last):\n'
             f'  File "{child.__file__}", line 70, in run_rank\n    return fn(*args, **kwargs)\n'
             '           ^^^^^^^^^^^^^^^^^^^\n'

@@ -1,6 +1,6 @@
 """The training frameworks users bring, run from a real Jupyter kernel as a user runs them: each in
 `ranch` three launches in a row (the kernel is rank 0 of every launch, so what a framework keeps
-process-wide must not break the next one: engine/frameworks.py), and in a live world (a model
+process-wide must not break the next one: engine/rank/frameworks.py), and in a live world (a model
 cell, then two training cells on the same model).
 
 One kernel runs one notebook of every framework (its imports are paid once, its forkserver is

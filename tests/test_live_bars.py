@@ -174,7 +174,7 @@ def run_recorded(kernel_name, cells: list[str], cwd) -> tuple:
 
 def test_a_fresh_kernels_first_launch_shows_every_rank_bar_from_ranks_without_a_shell(kernel_name, tmp_path):
     """The first launch, in the same cell as `from mpify import ranch`, is served by the kernel
-    forked (no forkserver is ready yet): its ranks are plain processes all the same (engine/plain.py),
+    forked (no forkserver is ready yet): its ranks are plain processes all the same (engine/rank/plain.py),
     so tqdm.auto is a text bar there, shown live in the cell."""
     nb, seen = run_recorded(kernel_name, [FIRST_LAUNCH], tmp_path)
     msgs = seen[0]

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 
-from mpify.engine.child import _in_fn
+from mpify.engine.rank.child import _in_fn
 
 
 class RankAborted(BaseException):

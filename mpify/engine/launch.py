@@ -30,7 +30,7 @@ from mpify.engine import rendezvous, starter, teardown
 from mpify.engine.args import serialize, shm
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.debug import debug as _debug
-from mpify.engine.child import RankSpec, rank_main, run_rank, stamp_failure
+from mpify.engine.rank.child import RankSpec, rank_main, run_rank, stamp_failure
 from mpify.engine.env import Topology, caller_threads, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable, Iterable, TextIO
 
-from mpify.engine import displays
+from mpify.engine.rank import displays
 from mpify.engine.bars import INTERVAL, TerminalBars, choose
 from mpify.engine.debug import debug as _debug
 

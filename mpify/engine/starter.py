@@ -65,16 +65,16 @@ import multiprocess as mp
 
 from mpify.engine.debug import debug
 from mpify.engine.env import held
-from mpify.engine.groups import IMPORT_EARLY
+from mpify.engine.rank.groups import IMPORT_EARLY
 from mpify.engine.rendezvous import AGENT_ENV_NAMES
 
 # Modules worth importing once in the forkserver when the caller uses them: importing them in
 # each rank is what makes spawn slow. Order matters: numpy before torch, as torch imports it.
 HEAVY_MODULES = ("numpy", "torch")
 # Always preloaded: what every rank runs before the user's function.
-BASE_MODULES = ("dill", "mpify.engine.child")
+BASE_MODULES = ("dill", "mpify.engine.rank.child")
 # When the caller has torch: what DDP's first construction imports, and the module whose import
-# during a launch would pin its process group (engine/groups.py). Checked like any extra.
+# during a launch would pin its process group (engine/rank/groups.py). Checked like any extra.
 TORCH_EXTRAS = ("torch._dynamo", "torch.nn.parallel.distributed") + IMPORT_EARLY
 # Packages a notebook kernel or a test runner imports for itself, never for the ranks: preloading
 # them is pure cost, and some start threads (zmq, tornado, debugpy). Among them what those import

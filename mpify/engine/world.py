@@ -46,9 +46,10 @@ from typing import Any, Callable, Iterable
 
 import multiprocess.connection as mpc
 
-from mpify.engine import groups, rendezvous, starter, teardown
+from mpify.engine import rendezvous, starter, teardown
+from mpify.engine.rank import groups
 from mpify.engine.args import serialize, shm
-from mpify.engine.child import RankSpec, _in_fn, call_fn, rank_scope, stamp_failure
+from mpify.engine.rank.child import RankSpec, _in_fn, call_fn, rank_scope, stamp_failure
 from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, THREADS_VAR, Topology, caller_threads, held, rank_env
 from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_note

@@ -28,9 +28,9 @@ import types
 from contextlib import ExitStack
 from typing import Any
 
-from mpify.engine import displays, groups
+from mpify.engine.rank import displays, groups
 from mpify.engine.args import serialize
-from mpify.engine.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
+from mpify.engine.rank.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
 from mpify.engine.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, MeetAt, Pull, Push, Rebuild, Status
 
@@ -79,7 +79,7 @@ def memory_status() -> dict:
     return info
 
 
-_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
+_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # mpify/engine/, its rooms included
 
 
 def _from_user_code(exc: BaseException) -> BaseException:
@@ -87,7 +87,7 @@ def _from_user_code(exc: BaseException) -> BaseException:
     cell's lines, as the notebook shows rank 0's."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None and \
-            os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _ENGINE_DIR:
+            os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_ENGINE_DIR):
         tb = tb.tb_next
     return exc.with_traceback(tb)
 

@@ -11,8 +11,9 @@ from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Callable
 
-from mpify.engine import frameworks, rendezvous
-from mpify.engine.child import enter_ctx
+from mpify.engine import rendezvous
+from mpify.engine.rank import frameworks
+from mpify.engine.rank.child import enter_ctx
 from mpify.engine import world
 from mpify.engine.launch import ranch
 from mpify.torchddp.store import DEFAULT_TIMEOUT

@@ -63,7 +63,7 @@ class _Pickler(dill.Pickler):
         # A cell's function that names `get_ipython` (in a kernel, the shell's bound method in the
         # user's namespace) or holds the shell would carry the kernel's shell along, which cannot
         # be pickled (its history's sqlite connection). A rank has no shell, as a process torchrun
-        # starts (engine/plain.py): it gets IPython's own `get_ipython`, which returns None there,
+        # starts (engine/rank/plain.py): it gets IPython's own `get_ipython`, which returns None there,
         # and None for the shell itself.
         shell = self._shell
         if shell is None:

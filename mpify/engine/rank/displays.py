@@ -8,7 +8,7 @@ per-rank losses or data shards would rather look. So in a child rank:
   bare `display`, which dill ships as that same function, a `DisplayHandle`) is replaced by
   `display` below, which computes the object's rich representation with IPython's own
   formatters (no shell needed) and hands it to the caller;
-- matplotlib's backend is mpify.engine.mplbackend, whose `show()` hands each open figure over as
+- matplotlib's backend is mpify.engine.rank.mplbackend, whose `show()` hands each open figure over as
   a PNG (`plt.show()`, and `display(fig)`);
 - `tqdm.notebook` (a widget no kernel would ever receive in a child) is tqdm's text bar, which
   the caller already shows live (bars.py).
@@ -34,7 +34,7 @@ from typing import Any
 MARK = "\x1b]mpify-display;"  # an OSC-like opening no program prints by chance
 END = "\x07"
 FIGURES_VAR = "MPIFY_FIGURES"
-_BACKEND = "module://mpify.engine.mplbackend"
+_BACKEND = "module://mpify.engine.rank.mplbackend"
 # MPLBACKEND values that mean "the notebook's inline plots" (ipykernel sets the first), which a
 # child cannot show; any other backend the user chose is left alone.
 _NOTEBOOK_BACKENDS = ("module://matplotlib_inline.backend_inline", "inline", "nbagg", "widget", "ipympl")
@@ -45,7 +45,7 @@ _figures = 0
 
 def install(mode: str) -> None:
     """Make this child rank's displays and figures go to the caller (see the docstring)."""
-    from mpify.engine import fixups
+    from mpify.engine.rank import fixups
 
     global _mode
     _mode = mode

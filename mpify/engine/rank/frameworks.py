@@ -112,7 +112,7 @@ def _not_interactive(module) -> None:
 @contextmanager
 def _lightning_not_interactive() -> Iterator[None]:
     """Lightning's interactive flag False for the block (see the module's docstring)."""
-    from mpify.engine import fixups
+    from mpify.engine.rank import fixups
 
     _set_lightning_interactive(False)
     for home in _LIGHTNING_FLAG_HOMES:

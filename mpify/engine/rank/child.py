@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from mpify.engine import displays, frameworks, groups, plain
+from mpify.engine.rank import displays, frameworks, groups, plain
 from mpify.engine.args import serialize
 from mpify.engine.env import follow_threads
 from mpify.engine.messages import Done, Failed
