@@ -332,8 +332,8 @@ def test_terminal_rank_lines_and_bars_go_above_the_callers_open_line():
     """The gate on a real terminal device: a rank's line arriving while the caller's own line is
     open goes above it at once; a bar sits between the finished lines and the open one; a line the
     caller ends goes above the bar; a bar whose line ends stays as an ordinary line."""
-    from mpify.engine.bars import TerminalBars
-    from mpify.engine.output import LineGate
+    from mpify.engine.output.bars import TerminalBars
+    from mpify.engine.output.lines import LineGate
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))

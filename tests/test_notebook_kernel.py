@@ -101,8 +101,8 @@ ranch(2, flood)"""
 
 def test_a_rank_displaying_in_a_tight_loop_cannot_flood_the_cell(shared_kernel, kernel_name, tmp_path):
     """300 displays from rank 1 in well under a second: a burst reaches the cell, the rest are
-    counted in one line of rank 1's (engine/output.py's RICH_* limits)."""
-    from mpify.engine.output import RICH_BURST, RICH_PER_SECOND
+    counted in one line of rank 1's (engine/output/lines.py's RICH_* limits)."""
+    from mpify.engine.output.lines import RICH_BURST, RICH_PER_SECOND
 
     nb = new_notebook(cells=[new_code_cell(FLOOD)])
     nb.metadata["kernelspec"] = {"name": kernel_name, "display_name": "mpify test", "language": "python"}

@@ -35,8 +35,8 @@ from mpify.engine.env import Topology, caller_threads, patched_environ, rank_env
 from mpify.engine.errors import LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError, add_note
 from mpify.engine.interrupts import InterruptGuard, RankAborted
 from mpify.engine.messages import Done, Failed, Lines
-from mpify.engine.bars import display_mode
-from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump, rank_filter
+from mpify.engine.output.bars import display_mode
+from mpify.engine.output.lines import LineForwarder, LineGate, close_gates, gates, next_due, pump, rank_filter
 
 # A death is only seen after it happened, while a rank blocked on the dead one may raise
 # (e.g. gloo's "Connection closed by peer") a moment before the supervisor notices. Deaths are
@@ -188,7 +188,7 @@ class Launch:
                 wait_for = max(0.0, self.deadline - time.monotonic())
             else:
                 wait_for = None
-            # A bar frame held back by the throttle (output.py) is shown when it is due.
+            # A bar frame held back by the throttle (output/lines.py) is shown when it is due.
             due = next_due(fwd for c in self.children for fwd in (*c.streams.values(), *c.lines.values()))
             if due is not None:
                 wait_for = max(0.0, due - time.monotonic()) if wait_for is None else \

@@ -58,8 +58,8 @@ from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.launch import DEATH_SLACK, _annotate, _check_int, _gated
 from mpify.engine.messages import (Call, Close, Done, Exec, Failed, Lines, MeetAt, NodeLost, Pull, Push, Rebuild,
                                   Status)
-from mpify.engine.bars import display_mode
-from mpify.engine.output import LineForwarder, LineGate, close_gates, gates, next_due, pump
+from mpify.engine.output.bars import display_mode
+from mpify.engine.output.lines import LineForwarder, LineGate, close_gates, gates, next_due, pump
 from mpify.engine.unstick import break_pairs
 from mpify.engine.world_rank import destroy_groups, memory_status, run_source, world_main
 
@@ -830,7 +830,7 @@ class World:
                 table[m.reply_r] = lambda m=m: self._on_reply(m)
             if not m.exited:
                 table[m.proc.sentinel] = lambda m=m: self._on_exit(m)
-        # A bar frame held back by the throttle (output.py) is shown when it is due.
+        # A bar frame held back by the throttle (output/lines.py) is shown when it is due.
         due = next_due(fwd for m in self.members for fwd in (*m.streams.values(), *m.lines.values()))
         ready = mpc.wait(list(table), None if due is None else max(0.0, due - time.monotonic()))
         # Output first: a rank writes its output before its reply, so the cell gets every line

@@ -8,15 +8,15 @@ per-rank losses or data shards would rather look. So in a child rank:
   bare `display`, which dill ships as that same function, a `DisplayHandle`) is replaced by
   `display` below, which computes the object's rich representation with IPython's own
   formatters (no shell needed) and hands it to the caller;
-- matplotlib's backend is mpify.engine.rank.mplbackend, whose `show()` hands each open figure over as
-  a PNG (`plt.show()`, and `display(fig)`);
+- matplotlib's backend is mpify.engine.rank.mplbackend, whose `show()` hands each open figure
+  over as a PNG (`plt.show()`, and `display(fig)`);
 - `tqdm.notebook` (a widget no kernel would ever receive in a child) is tqdm's text bar, which
-  the caller already shows live (bars.py).
+  the caller already shows live (output/bars.py).
 
 Where it goes depends on the caller, decided once per launch or world (`mode`):
 - "cell": the caller is a Jupyter kernel. The bundle travels as one line on the rank's stdout
-  pipe, `MARK` + JSON + `END`, and the caller's forwarder (output.py) shows it in the cell as a
-  display output labelled with the rank. In-band, so that it keeps its place among the rank's
+  pipe, `MARK` + JSON + `END`, and the caller's forwarder (output/lines.py) shows it in the cell
+  as a display output labelled with the rank. In-band, so that it keeps its place among the rank's
   printed lines, and needs no pipe of its own.
 - "files": a terminal or a pipe (`mpify run`, a script). A figure is written as a PNG under
   `./mpify_figures/` (MPIFY_FIGURES sets another folder) and its path printed (`figure: ...`);

@@ -24,7 +24,7 @@ import time
 from typing import Callable, Iterable, TextIO
 
 from mpify.engine.rank import displays
-from mpify.engine.bars import INTERVAL, TerminalBars, choose
+from mpify.engine.output.bars import INTERVAL, TerminalBars, choose
 from mpify.engine.debug import debug as _debug
 
 # A child rank's displays: how many a second reach the cell, how many at once, how large each.

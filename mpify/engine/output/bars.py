@@ -1,6 +1,6 @@
 """Live lines: a child rank's line redrawn with '\\r' (a tqdm bar) shown while it is redrawn.
 
-A rank's output is forwarded as whole lines (output.py), which is all a pipe or a file should get.
+A rank's output is forwarded as whole lines (lines.py), which is all a pipe or a file should get.
 But a progress bar never ends its line until its loop is over, so whole lines alone show ranks
 1..N-1 as silent while they train and then one final `100%` frame. Where the caller's stream can
 show a line that changes, the forwarder hands each bar's latest frame (a few a second, see
