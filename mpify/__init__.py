@@ -15,7 +15,7 @@ rank that meets a tensor kind it has not registered imports its module itself (e
 
 In an interactive session (a Jupyter kernel, IPython, `python -i`) importing mpify also starts the
 forkservers the first launch will fork its ranks from, in a thread, so that a notebook's first
-launch finds them ready (engine/starter.py's `prewarm`). MPIFY_PREWARM=0 turns that off,
+launch finds them ready (engine/start/pool.py's `prewarm`). MPIFY_PREWARM=0 turns that off,
 MPIFY_PREWARM=1 turns it on in any process.
 """
 from __future__ import annotations
@@ -91,9 +91,9 @@ def _interactive() -> bool:
 
 
 def _prewarm() -> None:
-    from mpify.engine import starter
+    from mpify.engine.start import pool
 
-    starter.prewarm()
+    pool.prewarm()
 
 
 def _maybe_prewarm() -> None:

@@ -23,13 +23,13 @@ from helpers import strays  # noqa: E402
 # its `from mpify import ranch`, every module of mpify's public surface, the analyzer and the
 # exporter included (mpify/__init__.py: 0.4 s, 1.2 s where no bytecode is cached). A user's
 # notebook function travels by value and pays none of it. A forkserver preloads what every rank
-# runs and the packages its caller imported, never a test runner's (engine/starter.py): this
+# runs and the packages its caller imported, never a test runner's (engine/start/): this
 # session's forkservers preload these too, so that a launch from a test costs what a user's does.
 import mpify  # noqa: E402
-from mpify.engine import starter  # noqa: E402
+from mpify.engine.start import forkserver  # noqa: E402
 
-starter.BASE_MODULES = (*starter.BASE_MODULES, "pytest", "psutil", *mpify._REGISTRARS,
-                        *dict.fromkeys(mpify._WHERE.values()))
+forkserver.BASE_MODULES = (*forkserver.BASE_MODULES, "pytest", "psutil", *mpify._REGISTRARS,
+                           *dict.fromkeys(mpify._WHERE.values()))
 
 
 def pytest_xdist_auto_num_workers(config):

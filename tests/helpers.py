@@ -32,8 +32,8 @@ def keepers() -> set[int]:
     try:
         from multiprocess import resource_tracker
 
-        from mpify.engine import starter
-        pids |= starter.server_pids()
+        from mpify.engine.start import pool
+        pids |= pool.server_pids()
         if resource_tracker._resource_tracker._pid:
             pids.add(resource_tracker._resource_tracker._pid)
     except Exception:

@@ -277,7 +277,7 @@ def test_a_failing_call_names_the_call_and_the_notebook_cell(tmp_path, tmpdir_):
     assert r.returncode == 1
     frames = [ln for ln in r.stderr.splitlines() if ln.startswith(("  File", "Traceback", "TypeError", "mpify:"))]
     # Both ranks raise the same error; the report is the first one's, whichever rank that was (rank
-    # 1 starts as soon as rank 0 when the caller is forked for it: engine/starter.py's zygote).
+    # 1 starts as soon as rank 0 when the caller is forked for it: engine/start/zygote.py).
     assert frames[:4] == ["Traceback (most recent call last):",
                           '  File "--call", line 1, in call_count_words',
                           f'  File "{nb}", cell 10, line 4, in count_words',

@@ -314,13 +314,13 @@ def test_a_launch_from_a_second_thread_is_refused_and_nested_launches_work(no_st
 DEEP_TMPDIR_SCRIPT = """
 import os
 from mpify import ranch
-from mpify.engine import starter
+from mpify.engine.start import forkserver
 
 def where():
     return os.environ["RANK"]
 
 print("RESULTS", ranch(3, where, gather=True), ranch(2, where, gather=True), flush=True)
-print("OUTSIDE", [owned[-1] for owned in starter._outside], flush=True)
+print("OUTSIDE", [owned[-1] for owned in forkserver._outside], flush=True)
 """
 
 

@@ -39,16 +39,16 @@ def snapshot():
 
 
 def test_fifty_launches_leave_nothing_behind():
-    from mpify.engine import starter
+    from mpify.engine.start import forkserver, pool
 
     assert ranch(3, allreduce) == 6.0  # warm up: forkserver, resource tracker
     # The complete forkserver (started after the warm-up when a quick one served it, or when an
     # earlier test's imports changed the package set) takes over before the counting starts: its
     # pipes are not the launches'. What it replaced retires once the next launch is served, and
     # is reaped by a thread that ends when it exits: waited for, not counted.
-    starter.wait_complete()
+    pool.wait_complete()
     assert ranch(3, allreduce) == 6.0
-    for reaper in list(starter._reapers):
+    for reaper in list(forkserver._reapers):
         reaper.join(10)
     # The warm-up's joined threads may still be leaving /proc: counted once they have.
     settled, deadline = psutil.Process().num_threads(), time.monotonic() + 1.0

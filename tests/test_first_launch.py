@@ -1,5 +1,5 @@
 """The first launch of a session, and the launches after the caller imported something new
-(engine/starter.py): forkservers started ahead of need in an interactive session, a first launch
+(engine/start/pool.py): forkservers started ahead of need in an interactive session, a first launch
 that does not wait for preloads it does not use, and a new forkserver that never blocks a launch."""
 from __future__ import annotations
 
@@ -123,14 +123,14 @@ def test_a_kernels_first_launch_right_after_import_forks_the_kernel(kernel_name,
         assert execute(kc, "print('still here')") == "still here\n"
 
         # Once a forkserver is ready (a launch right now would fork the kernel again, as a script's does)
-        out = execute(kc, "from mpify.engine import starter\nstarter.wait_complete()\n"
+        out = execute(kc, "from mpify.engine.start import pool\npool.wait_complete()\n"
                           "print('NEXT', mpify.ranch(2, allreduce, gather=True)[1][2])")
         assert "multiprocess.forkserver" in out.split("NEXT", 1)[1], out
 
         # No forkserver ready and a thread of the user's alive: the kernel is not forked.
         out = execute(kc, textwrap.dedent("""
             import threading
-            starter.shutdown()
+            pool.shutdown()
             stop = threading.Event()
             waiter = threading.Thread(target=stop.wait)
             waiter.start()
@@ -173,7 +173,7 @@ def test_a_launch_never_waits_for_a_new_forkserver(tmp_path, no_strays):
     preloads the package in the background; the launch after that finds it there."""
     site = tmp_path / "site-packages"
     (site / "slowpkg").mkdir(parents=True)
-    for i in range(10):  # big enough to be worth preloading (starter._WORTH_PRELOADING)
+    for i in range(10):  # big enough to be worth preloading (pool._WORTH_PRELOADING)
         (site / "slowpkg" / f"part{i}.py").write_text(f"N = {i}\n")
     (site / "slowpkg" / "__init__.py").write_text(
         "import os, time\n" + "".join(f"from . import part{i}\n" for i in range(10))
@@ -185,19 +185,19 @@ def test_a_launch_never_waits_for_a_new_forkserver(tmp_path, no_strays):
         sys.path.insert(0, {str(site)!r})
         import torch
         from mpify import ranch
-        from mpify.engine import starter
+        from mpify.engine.start import pool
 
         def where():
             slow = sys.modules.get("slowpkg")
             return os.getppid(), slow is not None and slow.IMPORTED_BY != os.getpid()
 
         ranch(2, where)
-        before = starter.wait_complete()
+        before = pool.wait_complete()
         import slowpkg
         t = time.perf_counter()
         got = ranch(2, where, caller_rank=None, gather=True)
         print("after import", round(time.perf_counter() - t, 2), got, before)
-        after = starter.wait_complete()
+        after = pool.wait_complete()
         print("new", ranch(2, where, caller_rank=None, gather=True), after)
     '''))
     proc = subprocess.run([sys.executable, "-u", str(script)], capture_output=True, text=True, timeout=240,
@@ -244,7 +244,7 @@ import atexit, json, os, subprocess, sys, threading, time
 import psutil
 import torch
 from mpify import ranch
-from mpify.engine import starter
+from mpify.engine.start import pool
 
 atexit.register(lambda: print("BYE", os.getpid(), flush=True))
 cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -272,7 +272,7 @@ if os.environ.get("MPIFY_ZYGOTE") != "0":
     print("ZYGOTE GONE", flush=True)
     again = ranch(2, where, gather=True)[1]  # a launch right after: forked again, not waiting
     print("AGAIN", again[1] not in parents and again[2] == got[1][2], flush=True)
-starter.shutdown()
+pool.shutdown()
 stop = threading.Event()
 waiter = threading.Thread(target=stop.wait)
 waiter.start()
@@ -285,7 +285,7 @@ waiter.join()
 
 def test_a_scripts_first_launch_forks_the_script_itself(tmp_path, no_strays):
     """A script has one Python thread and no CUDA at its first launch: it is forked to serve that
-    launch at once (the zygote, engine/starter.py) instead of waiting for a new forkserver's torch
+    launch at once (the zygote, engine/start/zygote.py) instead of waiting for a new forkserver's torch
     import. The zygote holds none of the script's pipes, prints none of its unflushed output and
     runs none of its atexit handlers; it is gone with the script. A caller with a Python thread of
     its own is never forked, and MPIFY_ZYGOTE=0 turns it off. The zygote lives no longer than its

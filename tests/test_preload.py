@@ -1,4 +1,4 @@
-"""What the forkserver holds before a rank starts (engine/starter.py, engine/warm.py): what DDP's
+"""What the forkserver holds before a rank starts (engine/start/pool.py, engine/start/warm.py): what DDP's
 first construction imports when the caller has torch, the caller's installed packages, and never
 a package that started a thread at import (a forked rank would inherit that thread's locks)."""
 from __future__ import annotations
@@ -34,10 +34,10 @@ TORCH_CALLER = '''
         return sorted(m for m in ("torch._dynamo", "torch.nn.parallel.distributed",
                                   "torch.distributed.nn.functional", "sympy") if m in sys.modules)
 
-    from mpify.engine import starter
+    from mpify.engine.start import pool
 
     print("first", ranch(2, held, caller_rank=None, gather=True))  # served by a quick forkserver
-    pid = starter.wait_complete()  # the one started in the background after the first launch
+    pid = pool.wait_complete()  # the one started in the background after the first launch
     print("held", ranch(2, held, caller_rank=None, gather=True))
     assert set(ranch(2, os.getppid, caller_rank=None, gather=True)) == {pid}
     print("threads", baseline, len(os.listdir(f"/proc/{pid}/task")))
@@ -65,7 +65,7 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
     site.mkdir()
 
     def package(name: str, body: str) -> None:
-        # Ten submodules: big enough to be worth preloading (starter._WORTH_PRELOADING).
+        # Ten submodules: big enough to be worth preloading (pool._WORTH_PRELOADING).
         (site / name).mkdir()
         for i in range(10):
             (site / name / f"part{i}.py").write_text(f"N = {i}\n")
@@ -87,7 +87,7 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
         sys.path.insert(0, {str(site)!r})
         import plainpkg, chattypkg
         from mpify import ranch
-        from mpify.engine import starter
+        from mpify.engine.start import pool
 
         def held():
             import os
@@ -95,11 +95,11 @@ def test_a_package_that_starts_a_thread_is_left_out(tmp_path, no_strays):
             return plainpkg.IMPORTED_BY != mine, chattypkg.IMPORTED_BY != mine, plainpkg.VALUE + chattypkg.VALUE
 
         print("quick", ranch(2, held, caller_rank=None, gather=True))
-        print("forkserver", starter.wait_complete())
+        print("forkserver", pool.wait_complete())
         print("held", ranch(2, held, caller_rank=None, gather=True))
-        print("again", ranch(2, held, caller_rank=None, gather=True), starter.wait_complete())
+        print("again", ranch(2, held, caller_rank=None, gather=True), pool.wait_complete())
         import tinypkg  # one module, as a kernel imports lazily: not worth a new forkserver
-        print("small", ranch(2, tinypkg.value, caller_rank=None, gather=True), starter.wait_complete())
+        print("small", ranch(2, tinypkg.value, caller_rank=None, gather=True), pool.wait_complete())
     ''', {"MPIFY_DEBUG": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "quick [(False, False, 42), (False, False, 42)]" in proc.stdout  # the ranks imported both

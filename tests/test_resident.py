@@ -13,7 +13,7 @@ import pytest
 
 from helpers import python_script
 from mpify import ranch, shutdown
-from mpify.engine import starter
+from mpify.engine.start import pool
 from mpify.engine.args import shm
 from mpify.engine.args.resident import resident
 from mpify.engine.args.writewatch import PAGE, WriteWatch
@@ -233,7 +233,7 @@ print("OK")
 FULL_DEV_SHM = """
 import glob, numpy as np
 from mpify import ranch, ShipError
-from mpify.engine import starter
+from mpify.engine.start import pool
 from mpify.engine.args import shm
 shm._memfd_ok = False  # as off Linux: the arguments must go through files in /dev/shm
 arr = np.arange(64 << 20, dtype=np.float32)  # 256 MB
@@ -307,7 +307,7 @@ NO_USERFAULTFD = """
 import ctypes, os, struct
 import numpy as np
 from mpify import ranch
-from mpify.engine import starter
+from mpify.engine.start import pool
 from mpify.engine.args import shm
 from mpify.engine.args.writewatch import WriteWatch
 
@@ -346,7 +346,7 @@ def test_many_launches_with_fresh_arguments_leave_no_fd_or_snapshot_behind():
     launch(dataset, np.ones(MB, dtype=np.float32))  # warm up: forkserver, write watch
     # The complete forkserver started after the first launch takes over (the quick one retires
     # and its alive pipe closes): fds of forkservers coming and going are not a launch's leak.
-    starter.wait_complete()
+    pool.wait_complete()
     launch(dataset, np.ones(MB, dtype=np.float32))
     gc.collect()
     fds = sorted(os.listdir("/proc/self/fd"))

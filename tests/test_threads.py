@@ -9,7 +9,7 @@ import pytest
 
 from helpers import die_with_parent
 from mpify import World, ranch
-from mpify.engine import starter
+from mpify.engine.start import pool
 
 torch = pytest.importorskip("torch")
 
@@ -35,7 +35,7 @@ def test_each_rank_gets_one_thread_and_the_caller_gets_its_own_back(three_thread
     assert ranch(2, seen, gather=True) == [("1", 1), ("1", 1)]
     assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == 3
     # a live world: rank 0 holds one thread for the world's life
-    server = starter.wait_complete()
+    server = pool.wait_complete()
     with World(2) as world:
         assert world.run(seen, gather=True) == [("1", 1), ("1", 1)]
         assert seen() == ("1", 1)

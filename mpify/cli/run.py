@@ -151,9 +151,9 @@ def run(
         if slurm_arg:
             fail("--slurm-arg goes with --slurm outside an allocation (inside one, Slurm's options are the "
                  "allocation's)")
-        from mpify.engine import starter
+        from mpify.engine.start import pool
 
-        starter.single_launch()  # no forkserver for launches to come: this command makes one
+        pool.single_launch()  # no forkserver for launches to come: this command makes one
         try:
             value = run_prepared(prep, nprocs, kwargs=kwargs, timeout=timeout, show_ranks=show,
                                  nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,

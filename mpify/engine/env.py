@@ -24,7 +24,7 @@ from typing import Iterator, Mapping
 LAUNCH_PORT_VAR = "MPIFY_LAUNCH_PORT"
 THREADS_VAR = "OMP_NUM_THREADS"
 # What a live world holds in the caller's os.environ for its life, beyond the rendezvous
-# variables ({name: value}): the forkserver's signature (starter.py) must not take mpify's own
+# variables ({name: value}): the forkserver's signature (start/pool.py) must not take mpify's own
 # OMP_NUM_THREADS=1 for the user's change, or a launch beside the world, and the one after it
 # closes, would each restart the forkserver.
 held: dict[str, str] = {}

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, starter, teardown
+from mpify.engine import rendezvous, teardown
+from mpify.engine.start import pool
 from mpify.engine.args import serialize, shm
 from mpify.engine.blame import Failure, causes as blame_causes
 from mpify.engine.debug import debug as _debug
@@ -101,8 +102,8 @@ class Launch:
     def start(self, launch: bytes | None, stdout, stderr) -> None:
         local_ranks = [r for r in range(self.topo.nprocs) if r != self.caller_rank]
         if local_ranks:
-            mpctx = starter.context()
-            Process = starter.process_class()
+            mpctx = pool.context()
+            Process = pool.process_class()
             base_env = dict(os.environ)
             cwd, sys_path = os.getcwd(), list(sys.path)
             for local in local_ranks:
@@ -144,7 +145,7 @@ class Launch:
         payload = serialize.dumps((fn, args, kwargs, {"ctx": ctx, "imports": imports}))
         launch_args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
                        "master_port": self.meeting.port, "timeout": self.timeout, "modules": slurm.shipped(),
-                       "heavy": starter.heavy_imported()}
+                       "heavy": pool.heavy_imported()}
         for node, agent in enumerate(slurm.lease(names), start=1):
             first = node * self.topo.nprocs
             child = Child(first, 0, agent.step, agent.conn, slurm.placeholder(), node=node, agent=agent)
@@ -535,7 +536,7 @@ def _only_this_thread() -> Iterator[None]:
 def shutdown() -> None:
     """Stop the warm forkservers and free the argument snapshots kept between launches; the
     next launch starts afresh."""
-    starter.shutdown()
+    pool.shutdown()
     shm.release()
     slurm = sys.modules.get("mpify.engine.slurm")
     if slurm is not None:  # another node's resident processes, if a Slurm launch started any
@@ -617,5 +618,5 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
         finally:
             launch.teardown()
     if has_children:
-        starter.catch_up()
+        pool.catch_up()
     return launch.outcome()

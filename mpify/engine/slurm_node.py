@@ -164,7 +164,7 @@ class Node:
             self._place_modules(message.args.get("modules") or {})
             for name in message.args.get("heavy") or ():
                 # As the caller has them: the forkserver of this node then preloads them too
-                # (starter.py), and the ranks of the launches to come do not import them each.
+                # (start/pool.py), and the ranks of the launches to come do not import them each.
                 importlib.import_module(name)
             if isinstance(message, NodeLaunch):
                 self.answer(self.outcome(_first(message.args), lambda: self.launch(message)))

@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, starter, teardown
+from mpify.engine import rendezvous, teardown
+from mpify.engine.start import pool
 from mpify.engine.rank import groups
 from mpify.engine.args import serialize, shm
 from mpify.engine.rank.child import RankSpec, _in_fn, call_fn, rank_scope, stamp_failure
@@ -252,8 +253,8 @@ class World:
         first_child = 1 if self.caller else 0
         if self.topo.nprocs > first_child:
             # Before the rank environment is set here: the forkserver is the one a launch uses.
-            mpctx = starter.context()
-            Process = starter.process_class()
+            mpctx = pool.context()
+            Process = pool.process_class()
         self._env_before = dict(os.environ)
         if self.caller:
             self._env_set = env0
@@ -303,7 +304,7 @@ class World:
             raise
         _debug(f"world ready in {time.monotonic() - t0:.3f} s")
         if self.members:
-            starter.catch_up()  # for the launches and worlds to come, in the background
+            pool.catch_up()  # for the launches and worlds to come, in the background
 
     def _add_nodes(self, names: list[str]) -> None:
         """The other nodes of a Slurm world: each node's resident process starts that node's ranks
@@ -315,7 +316,7 @@ class World:
         # Pickled without shared memory, which does not cross machines.
         ctx_blob = serialize.dumps((None, (), {}, {"ctx": self.ctx}))
         args = {"nprocs": self.topo.nprocs, "nnodes": self.topo.nnodes, "master_addr": self.meeting.addr,
-                "master_port": self.meeting.port, "modules": slurm.shipped(), "heavy": starter.heavy_imported(),
+                "master_port": self.meeting.port, "modules": slurm.shipped(), "heavy": pool.heavy_imported(),
                 "hosts": [self.meeting.addr, *self.remote_hosts]}
         for node, agent in enumerate(slurm.lease(names), start=1):
             first = node * self.topo.nprocs

@@ -1,6 +1,6 @@
 """A child rank is a plain process, as torchrun would have started it, however it was started.
 
-Why this exists: a rank forked from the caller (the zygote, starter.py) or from a forkserver the
+Why this exists: a rank forked from the caller (the zygote, start/zygote.py) or from a forkserver the
 caller's kernel started is a copy of a Jupyter kernel in part: `sys.ps1` exists, IPython's
 `InteractiveShell` singleton is the kernel's `ZMQInteractiveShell`, `get_ipython` sits in the
 builtins (IPython puts it there while a cell runs), and libraries imported in the kernel made

@@ -9,14 +9,14 @@ A module is only safe to hold in a process that forks if it started no thread (a
 gets a copy of every lock that thread held, held forever) and did not initialise CUDA (a forked
 child cannot use it). After each import both are checked; the first module that breaks either
 rule stops the preloading, and the verdict written to MPIFY_PRELOAD_REPORT tells the caller to
-start the forkserver again without it (starter.py).
+start the forkserver again without it (pool.py).
 
 Run in the forkserver only; importing it elsewhere does nothing.
 
 remove_leftovers runs at a forkserver's exit (a zygote's too): a caller that was killed (SIGKILL,
 the OOM killer) ran no exit handler, so the files its exit would have removed (multiprocess's
 `pymp-*` folder with the forkservers' sockets, a verdict it never read) are removed by the
-forkservers that outlive it, each told at its start which are the caller's (starter.py).
+forkservers that outlive it, each told at its start which are the caller's (forkserver.py).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def remove_leftovers(caller: int, paths: list[str]) -> None:
     caller is gone (_caller_gone). Never raises: the forkserver is exiting anyway.
 
     A caller that lives (it retired this forkserver, which exits once its ranks have) removes
-    these files itself (starter's reapers, multiprocess's exit handler): then nothing is touched
+    these files itself (forkserver.py's reapers, multiprocess's exit handler): then nothing is touched
     here, so no file of a live process is removed. A caller that exited normally removed them
     already: then nothing is left to remove."""
     if not _caller_gone(caller):
@@ -135,5 +135,5 @@ def _main() -> None:
         os.replace(part, report)  # whole or absent: the caller never reads half a verdict
 
 
-if LIST_ENV in os.environ:  # set only for the forkserver that starter.py starts
+if LIST_ENV in os.environ:  # set only for the forkserver that forkserver.py starts
     _main()
