@@ -33,7 +33,7 @@ _WHERE = {
     "MpifyError": "mpify.engine.errors", "RankDiedError": "mpify.engine.errors",
     "RankRaisedError": "mpify.engine.errors", "RemoteTraceback": "mpify.engine.errors",
     "ResultError": "mpify.engine.errors", "ShipError": "mpify.engine.errors",
-    "ranch": "mpify.engine.launch", "shutdown": "mpify.engine.launch",
+    "ranch": "mpify.engine.launch.ranch", "shutdown": "mpify.engine.launch.ranch",
     "PortInUseError": "mpify.engine.rendezvous",
     "World": "mpify.engine.world", "WorldClosedError": "mpify.engine.world",
     "ExportError": "mpify.export", "run_notebook": "mpify.export",

@@ -53,7 +53,7 @@ def test_deps_export_and_help_import_nothing_of_the_engine(tmp_path, args):
 
 def test_the_public_names_still_load_with_their_registrations():
     code = ("import sys, mpify\nassert 'mpify.engine' not in sys.modules\n"
-            "from mpify import ranch, TorchDDPCtx\nimport mpify.engine.launch as l\n"
+            "from mpify import ranch, TorchDDPCtx\nimport mpify.engine.launch.ranch as l\n"
             "assert ranch is l.ranch and 'mpify.torchddp.ctx' in sys.modules\n"
             "assert sorted(n for n in mpify.__all__ if not hasattr(mpify, n)) == []\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

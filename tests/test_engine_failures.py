@@ -162,7 +162,7 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
     # When the second came after the first's KeyboardInterrupt had begun the rank's report, it
     # broke off the send; the rank exited with code 0 and no message, and a timed-out launch
     # (ranks asleep, a loaded machine) reported "rank N died ...: exit code 0".
-    from mpify.engine import teardown
+    from mpify.engine.launch import teardown
     leader = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a rank after setpgid
     loner = subprocess.Popen(["sleep", "30"])  # a rank before setpgid: no group of its own yet
     sent = []

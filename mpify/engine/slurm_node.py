@@ -172,7 +172,7 @@ class Node:
                 self.world(message)
 
     def launch(self, message) -> dict[int, Any]:
-        from mpify.engine.launch import ranch
+        from mpify.engine.launch.ranch import ranch
 
         args = message.args
         fn, fn_args, kwargs, extra = self._loads(message.payload, args)

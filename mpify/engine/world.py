@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable
 
 import multiprocess.connection as mpc
 
-from mpify.engine import rendezvous, teardown
+from mpify.engine import rendezvous
+from mpify.engine.launch import teardown
 from mpify.engine.start import pool
 from mpify.engine.rank import groups
 from mpify.engine.args import serialize, shm
@@ -54,9 +55,10 @@ from mpify.engine.rank.child import RankSpec, _in_fn, call_fn, rank_scope, stamp
 from mpify.engine.debug import debug as _debug
 from mpify.engine.env import LAUNCH_PORT_VAR, THREADS_VAR, Topology, caller_threads, held, rank_env
 from mpify.engine.errors import LaunchBusyError, MpifyError, RankDiedError, add_note
-from mpify.engine.interrupts import InterruptGuard, RankAborted, WakeupRelay
-from mpify.engine.blame import Failure, causes as blame_causes
-from mpify.engine.launch import DEATH_SLACK, _annotate, _check_int, _gated
+from mpify.engine.launch.interrupts import InterruptGuard, RankAborted, WakeupRelay
+from mpify.engine.launch.blame import Failure, causes as blame_causes
+from mpify.engine.launch.ranch import _check_int, _gated
+from mpify.engine.launch.supervisor import DEATH_SLACK, _annotate
 from mpify.engine.messages import (Call, Close, Done, Exec, Failed, Lines, MeetAt, NodeLost, Pull, Push, Rebuild,
                                   Status)
 from mpify.engine.output.bars import display_mode

@@ -101,7 +101,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
     with gather=True)."""
     import mpify.torchddp.store  # noqa: F401 (node 0 of a multi-node launch hosts torch's store: it registers the host)
     from mpify.engine import slurm
-    from mpify.engine.launch import ranch
+    from mpify.engine.launch.ranch import ranch
 
     if prep.call is not None and (args or kwargs):
         raise ExportError(f"the call {prep.call.source!r} gives the arguments; no others can be added "

@@ -15,7 +15,7 @@ from mpify.engine import rendezvous
 from mpify.engine.rank import frameworks
 from mpify.engine.rank.child import enter_ctx
 from mpify.engine import world
-from mpify.engine.launch import ranch
+from mpify.engine.launch.ranch import ranch
 from mpify.torchddp.store import DEFAULT_TIMEOUT
 
 
