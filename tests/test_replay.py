@@ -109,10 +109,16 @@ def test_the_suggested_replay_carries_the_cell_of_the_call_and_runs_as_the_noteb
     assert ok.returncode == 0, ok.stderr
     assert float(ok.stdout.strip().splitlines()[-1]) == _notebook_value()
 
-    # What the replay without its --cell slices: the notebook as of its end, TensorBoard section
-    # included (the later `model` and `optimizer`, the logger's training, and its import, which
-    # fails where tensorboard is not installed, as here).
-    late = mpify("deps", nb, "--call", REPLAY, tmpdir=tmpdir_)
+    # Without its --cell the replay is the same: the call is the notebook's own (cell 9), so the
+    # slice is taken there, not at the end (issue 25), and leaves out the TensorBoard section (the
+    # later `model` and `optimizer`, the logger's training, and its import, which fails where
+    # tensorboard is not installed, as here).
+    bare = mpify("deps", nb, "--call", REPLAY, tmpdir=tmpdir_)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.splitlines()[0].endswith(f"as of cell {CALL_CELL}, line 1, where the notebook runs it: {REPLAY}")
+    assert "tensorboard" not in bare.stdout and "cell 13" not in bare.stdout
+    # As of the notebook's end, asked for with --cell: the TensorBoard section is in.
+    late = mpify("deps", nb, "--call", REPLAY, "--cell", str(len(INTRO)), tmpdir=tmpdir_)
     assert late.returncode == 0, late.stderr
     assert "cell 11, line 1: from torch.utils.tensorboard import SummaryWriter" in late.stdout
     assert "cell 13, line 1: model = SimpleClassifier(num_inputs=2, num_hidden=4, num_outputs=1)" in late.stdout

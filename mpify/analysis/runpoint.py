@@ -13,7 +13,9 @@ means the notebook never ran the final version: no point, the slice is as of the
 """
 from __future__ import annotations
 
-__all__ = ["last_run"]
+__all__ = ["last_run", "replayed_run"]
+
+import ast
 
 # Statements whose calls run later, when what they define is called.
 _DEFERRED = frozenset({"function", "class", "lambda"})
@@ -29,3 +31,19 @@ def last_run(statements: list, target: str, point: int):
         if s.kind not in _DEFERRED and (target in f.called_now or target in f.launches):
             return s
     return None
+
+
+def replayed_run(statements: list, target: str, point: int, call: str):
+    """The last top-level statement before `point`, after the target's last definition, whose
+    code makes the call `call` (the `--call` text, compared as syntax: `train(model, 2)` matches
+    `losses = train(model,2)`), else the notebook's last run of the target (`last_run`): a `--call`
+    replays that run, in the state the notebook had there. None when there is no run."""
+    wanted = ast.dump(ast.parse(call, mode="eval").body)
+    for s in reversed(statements[:point]):
+        f = s.facts
+        if target in f.defs:
+            break
+        if s.kind not in _DEFERRED and target in f.called_now and any(
+                isinstance(n, ast.Call) and ast.dump(n) == wanted for n in ast.walk(s.node)):
+            return s
+    return last_run(statements, target, point)

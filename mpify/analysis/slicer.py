@@ -50,21 +50,23 @@ from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTarg
 from mpify.analysis.model import Model, Statement, build_model
 from mpify.analysis.notebook import Notebook, load_notebook
 from mpify.analysis.result import Slice, SliceItem, _q
-from mpify.analysis.runpoint import last_run
+from mpify.analysis.runpoint import last_run, replayed_run
 from mpify.analysis.unresolved import _UnresolvedNames
 
 __all__ = ["slice_notebook"]
 
 
 def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots=(),
-                   faithful: bool = False, at_run: bool = True) -> Slice:
+                   faithful: bool = False, at_run: bool = True, replay: str | None = None) -> Slice:
     """Slice what `target` needs out of `nb` (a path or a `Notebook`), as of the end of cell
     `upto_cell` (1-based, all cells counted) or of the notebook. `extra_roots`: names read at that
     point besides the target (the arguments of a `--call`), sliced in as the target's own are.
 
     at_run: without `upto_cell`, take the slice just before the notebook's last run of the target
-    (a call or a launch after its last definition, runpoint.py), the state it ran in; False: as of
-    the end of the notebook (a `--call` of the user's may use what later cells make).
+    (a call or a launch after its last definition, runpoint.py), the state it ran in, unless an
+    `extra_roots` name is only bound after that run (a `--call` of what later cells make: as of the
+    end of the notebook); False: as of the end of the notebook. `replay`: the `--call` text; the
+    notebook's last run that makes that very call is the point, else its last run of the target.
 
     faithful: the conservative reading, for bit-exact reproduction: star imports are not resolved
     (a call on a name one may supply may change it) and every random draw after the last seed is
@@ -80,13 +82,13 @@ def slice_notebook(nb, target: str, upto_cell: int | None = None, *, extra_roots
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _slice(nb, target, upto_cell, extra_roots, faithful, at_run)
+        return _slice(nb, target, upto_cell, extra_roots, faithful, at_run, replay)
     finally:
         if enabled:
             gc.enable()
 
 
-def _slice(nb, target, upto_cell, extra_roots, faithful, at_run) -> Slice:
+def _slice(nb, target, upto_cell, extra_roots, faithful, at_run, replay=None) -> Slice:
     model = build_model(nb, faithful=faithful)
     run = None
     if upto_cell is not None:
@@ -96,7 +98,14 @@ def _slice(nb, target, upto_cell, extra_roots, faithful, at_run) -> Slice:
         point = model.cell_end[upto_cell]
     else:
         point = len(model.statements)
-        run = last_run(model.statements, target, point) if at_run else None
+        if not at_run:
+            run = None
+        elif replay is not None:
+            run = replayed_run(model.statements, target, point, replay)
+        else:
+            run = last_run(model.statements, target, point)
+        if run is not None and not _bound_before(model.statements, extra_roots, run.index):
+            run = None  # a --call of what later cells make (a new model): as of the end
         if run is not None:
             point = run.index
     slicer = _Slicer(model, target, point, upto_cell)
@@ -113,6 +122,19 @@ def _slice(nb, target, upto_cell, extra_roots, faithful, at_run) -> Slice:
     if run is not None:
         sl.run_at = (run.cell, run.lineno, run.source.splitlines()[run.lineno - run.source_lineno].strip())
     return sl
+
+
+def _bound_before(statements: list, names, index: int) -> bool:
+    """Whether a statement before position `index` binds each of `names`. A `--call` replays the
+    notebook's own run of the target when the names it passes already exist there (issue 25:
+    sliced as of the end, a replay kept the experiments and the inference of the cells after the
+    call); a name only later cells bind means the user calls it with what they made."""
+    missing = set(names)
+    for s in statements[:index]:
+        missing -= s.facts.defs.keys()
+        if not missing:
+            return True
+    return not missing
 
 
 def _import_by_name(s: Statement, needed: set) -> tuple[str, list]:

@@ -50,7 +50,7 @@ def slice_target(path, fn: str | None, *, cell: int | None = None, call: str | N
         raise ExportError("say which function: --fn NAME, or --call 'NAME(args...)'")
     try:
         sl = slice_notebook(os.fspath(path), fn, upto_cell=cell, extra_roots=spec.names if spec else (),
-                            faithful=faithful, at_run=spec is None)
+                            faithful=faithful, replay=spec.source if spec else None)
     except UnresolvedNameError as e:
         if spec is None or e.name not in spec.names or e.cell is not None:
             raise
