@@ -35,7 +35,7 @@ _WHERE = {
     "ResultError": "mpify.engine.errors", "ShipError": "mpify.engine.errors",
     "ranch": "mpify.engine.launch.ranch", "shutdown": "mpify.engine.launch.ranch",
     "PortInUseError": "mpify.engine.rendezvous",
-    "World": "mpify.engine.world", "WorldClosedError": "mpify.engine.world",
+    "World": "mpify.engine.world.world", "WorldClosedError": "mpify.engine.errors",
     "ExportError": "mpify.export", "run_notebook": "mpify.export",
     "import_star": "mpify.imports",
     "TorchDDPCtx": "mpify.torchddp.ctx", "in_torchddp": "mpify.torchddp.ctx", "torchddp_launch": "mpify.torchddp.ctx",

@@ -23,7 +23,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 # Through the public surface: it loads every room with its registrations, torch_ddp's `ddp=True`
 # included (`import mpify` alone loads names lazily).
 from mpify import World
-from mpify.engine.world_rank import run_source
+from mpify.engine.world.rank import run_source
 
 
 class _Parser(argparse.ArgumentParser):

@@ -79,7 +79,7 @@ def test_a_rank_that_raises_leaves_the_world_usable(world):
         world.exec("import os\nif os.environ['RANK'] == '1':\n    1 / 0")
     assert info.value.mpify_rank == 1
     remote = str(info.value.__cause__)  # the rank's own traceback, from the cell on
-    assert "<ranch cell" in remote and "1 / 0" in remote and "world_rank.py" not in remote
+    assert "<ranch cell" in remote and "1 / 0" in remote and "world/rank.py" not in remote
     assert world.run(lambda: int(os.environ["RANK"]), gather=True) == [0, 1, 2]
 
 

@@ -2,7 +2,8 @@
 
 A rank's own exception is re-raised in the caller with its original type whenever it can be
 rebuilt; these types cover what has no original type: a rank that died without raising, a rank
-whose exception could not be rebuilt, a timeout, and arguments that cannot travel to a rank.
+whose exception could not be rebuilt, a timeout, arguments that cannot travel to a rank, and a
+live world that was closed.
 """
 from __future__ import annotations
 
@@ -99,6 +100,10 @@ class ShipError(MpifyError, TypeError):
 
 class ResultError(MpifyError, TypeError):
     """A rank's return value could not be pickled back to the caller."""
+
+
+class WorldClosedError(MpifyError, RuntimeError):
+    """The world was closed (by `close()`, or after a rank died); start a new one."""
 
 
 class LaunchBusyError(MpifyError, RuntimeError):

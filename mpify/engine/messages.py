@@ -1,7 +1,7 @@
 """What travels between the caller and its ranks: one small named type per message.
 
 A launch's rank sends one outcome (`Done` or `Failed`) and exits. A live world's rank (see
-world.py) stays and answers commands, one reply per command, until `Close`. Every message is
+world/rank.py) stays and answers commands, one reply per command, until `Close`. Every message is
 pickled with the engine's serializer (dill) over a pipe that only the caller and that rank hold,
 or, to another node's resident process (slurm.py), over a socket that passed the HMAC challenge
 of the launch's secret before anything on it is unpickled.

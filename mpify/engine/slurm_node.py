@@ -185,7 +185,7 @@ class Node:
     def world(self, message) -> None:
         """This node's ranks of a live world, and the world's commands until Close."""
         from mpify.engine.messages import Call, Close, Done, Exec, NodeLost, Pull, Push, Status
-        from mpify.engine.world import World
+        from mpify.engine.world.world import World
 
         args = message.args
         first = _first(args)

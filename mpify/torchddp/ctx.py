@@ -14,7 +14,7 @@ from typing import Any, Callable
 from mpify.engine import rendezvous
 from mpify.engine.rank import frameworks
 from mpify.engine.rank.child import enter_ctx
-from mpify.engine import world
+from mpify.engine.world import world
 from mpify.engine.launch.ranch import ranch
 from mpify.torchddp.store import DEFAULT_TIMEOUT
 

@@ -9,7 +9,7 @@ this world's processes, less those of the rendezvous store (its port is the worl
 MASTER_PORT), which init_process_group will need again when the group is rebuilt. Sockets to
 anything else (a Jupyter kernel's own connections, a user's) are never touched.
 
-The group is unusable afterwards; the world rebuilds it (see world.py). Ranks on other machines
+The group is unusable afterwards; the world rebuilds it (see stop.py). Ranks on other machines
 are not processes seen here: in a Slurm world (slurm.py), connections to the other nodes'
 addresses count as the world's too, less the store's and the channels that carry the world's
 own commands (`keep`); a multi-node world started by hand is freed only through its local peers.

@@ -31,7 +31,7 @@ from typing import Any
 from mpify.engine.rank import displays, groups
 from mpify.engine.args import serialize
 from mpify.engine.rank.child import RankSpec, become_rank, call_fn, rank_scope, stamp_failure
-from mpify.engine.unstick import break_pairs
+from mpify.engine.world.unstick import break_pairs
 from mpify.engine.messages import Call, Close, Done, Exec, Failed, MeetAt, Pull, Push, Rebuild, Status
 
 # Set while user code runs in this rank: only then does SIGINT raise KeyboardInterrupt.
@@ -79,7 +79,7 @@ def memory_status() -> dict:
     return info
 
 
-_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # mpify/engine/, its rooms included
+_ENGINE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # mpify/engine/, its rooms included
 
 
 def _from_user_code(exc: BaseException) -> BaseException:
