@@ -1,4 +1,4 @@
-"""The channel of a Slurm launch (engine/slurm.py) is a network socket, so it is authenticated: a
+"""The channel of a Slurm launch (engine/slurm/agents.py) is a network socket, so it is authenticated: a
 connection without the launch's secret is refused before any byte of it is unpickled, and the node
 process that holds the secret is accepted. Real sockets and a real node-side client; no Slurm."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 
-from mpify.engine import slurm
+from mpify.engine.slurm import agents as slurm
 
 
 class Bomb:

@@ -99,7 +99,7 @@ def die():
 
 def kill_node():
     if os.environ["RANK"] == "2":
-        node = next(p for p in psutil.Process().parents() if "mpify.engine.slurm_node" in " ".join(p.cmdline()))
+        node = next(p for p in psutil.Process().parents() if "mpify.engine.slurm.node" in " ".join(p.cmdline()))
         time.sleep(2)
         # the time of the kill, said half a second ahead: the node process forwards this line,
         # and a kill right after the print lost it once

@@ -106,7 +106,7 @@ def run(
     """Run FN from NOTEBOOK on N ranks and print rank 0's value. Target options go after `--`
     (`-- --lr 0.1`; `-- --help` lists them), or the whole call with --call "train(model, 3)"."""
     from mpify.engine.rendezvous import PortInUseError
-    from mpify.engine.slurm import SlurmLaunchError
+    from mpify.engine.slurm.agents import SlurmLaunchError
     from mpify.export.replay import check_required, given_options
     from mpify.export.runner import prepare, run_prepared
     from mpify.export.signature import parse_target_args, target_description, target_params

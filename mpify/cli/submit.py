@@ -5,7 +5,7 @@ Why salloc + srun rather than sbatch: `salloc -N K srun -N1 -n1 mpify run ... --
 allocation, runs the caller as a step on its first node (node 0, rank 0 there) and carries that
 step's stdout and stderr back here live, through srun's own I/O forwarding: no output file on a
 shared filesystem to tail. Inside, the command finds SLURM_JOB_ID set and starts the other nodes'
-steps itself (engine/slurm.py). Its exit code is this command's.
+steps itself (engine/slurm/agents.py). Its exit code is this command's.
 
 Ctrl-C here: salloc runs in a process group of its own (a terminal's Ctrl-C reaches this process
 alone), and the job, found by its unique name, is cancelled with scancel; Slurm then ends every

@@ -3,7 +3,7 @@
 A launch's rank sends one outcome (`Done` or `Failed`) and exits. A live world's rank (see
 world/rank.py) stays and answers commands, one reply per command, until `Close`. Every message is
 pickled with the engine's serializer (dill) over a pipe that only the caller and that rank hold,
-or, to another node's resident process (slurm.py), over a socket that passed the HMAC challenge
+or, to another node's resident process (slurm/agents.py), over a socket that passed the HMAC challenge
 of the launch's secret before anything on it is unpickled.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Close:
     """Leave the world's ctx and exit."""
 
 
-# ---- another node's resident process (slurm_node.py): what the caller asks it -----------------
+# ---- another node's resident process (slurm/node.py): what the caller asks it -----------------
 @dataclass
 class NodeLaunch:
     """Run one launch's ranks of this node (`args`: nprocs, nnodes, node_rank, master address

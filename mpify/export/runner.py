@@ -100,7 +100,7 @@ def run_prepared(prep: Prepared, nprocs: int = 1, args: tuple = (), kwargs: dict
     """Run a Prepared target on `nprocs` ranks with ranch; rank 0's value (or every local rank's
     with gather=True)."""
     import mpify.torchddp.store  # noqa: F401 (node 0 of a multi-node launch hosts torch's store: it registers the host)
-    from mpify.engine import slurm
+    from mpify.engine.slurm import agents as slurm
     from mpify.engine.launch.ranch import ranch
 
     if prep.call is not None and (args or kwargs):

@@ -112,7 +112,7 @@ def shutdown() -> None:
     next launch starts afresh."""
     pool.shutdown()
     shm.release()
-    slurm = sys.modules.get("mpify.engine.slurm")
+    slurm = sys.modules.get("mpify.engine.slurm.agents")
     if slurm is not None:  # another node's resident processes, if a Slurm launch started any
         slurm.shutdown()
 
@@ -133,7 +133,7 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
     ``nnodes``/``node_rank``/``master_addr``/``master_port``: multi-node; RANK is
     node_rank * nprocs + local_rank, and node 0's launcher hosts the rendezvous store.
     ``launcher="slurm"``: inside a Slurm allocation, the other nodes' ranks start as srun steps
-    (slurm.py); this process is node 0 (``nnodes``: the allocation's node count by default), and
+    (slurm/agents.py); this process is node 0 (``nnodes``: the allocation's node count by default), and
     the result (or ``gather``'s list) covers every node's ranks.
     ``need``/``imports``: the original mpify's names of caller globals to ship, and import lines
     run in every rank. Every other keyword argument goes to fn.
@@ -145,7 +145,7 @@ def ranch(nprocs: int, fn: Callable, *args: Any, ctx: Any = None, caller_rank: i
         raise ValueError(f"launcher must be None or 'slurm', got {launcher!r}")
     nodes = None
     if launcher == "slurm":
-        from mpify.engine import slurm  # only a Slurm launch needs it (srun, the channel)
+        from mpify.engine.slurm import agents as slurm  # only a Slurm launch needs it (srun, the channel)
 
         if node_rank != 0:
             raise ValueError("with launcher='slurm' this process is node 0; node_rank is not given")

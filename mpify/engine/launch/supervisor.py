@@ -62,7 +62,7 @@ class Child:
     streams: dict = field(default_factory=dict)  # output pipe (Connection) -> LineForwarder
     outcome: Done | Failed | None = None  # the message it sent
     exited: bool = False
-    node: int | None = None  # another node of a Slurm launch (slurm.py): its step, not a rank
+    node: int | None = None  # another node of a Slurm launch (slurm/agents.py): its step, not a rank
     agent: Any = None  # that node's resident process (slurm.Agent): its channel is result_r
     lines: dict = field(default_factory=dict)  # that node's output: stream name -> LineForwarder
 
@@ -135,10 +135,10 @@ class Launch:
             self._done.set()
 
     def add_nodes(self, names: list[str], fn, args, kwargs, ctx, imports, stdout, stderr) -> None:
-        """Start the other nodes of a Slurm launch (slurm.py): one child per node, its resident
+        """Start the other nodes of a Slurm launch (slurm/agents.py): one child per node, its resident
         process's step the process, its channel the result pipe, which also brings its ranks'
         lines (already prefixed) before its outcome."""
-        from mpify.engine import slurm
+        from mpify.engine.slurm import agents as slurm
         from mpify.engine.messages import NodeLaunch
 
         # Pickled without shared memory, which does not cross machines.
@@ -397,7 +397,7 @@ class Launch:
             if c.proc.pid is not None and c.proc.exitcode is not None:
                 c.proc.close()
         if nodes:
-            from mpify.engine import slurm
+            from mpify.engine.slurm import agents as slurm
 
             slurm.give_back([c.agent for c in nodes])
         os.close(self._control_r)

@@ -9,7 +9,7 @@ A line still being redrawn with '\r' (a progress bar) is handed, a few frames a 
 live renderer of the caller's stream where it has one (a notebook cell, a terminal: bars.py); a
 pipe or a file gets the whole line once it ends, as the final frame only.
 
-A line that carries a child rank's display (displays.py: `plt.show()`, `display(df)`) is shown as
+A line that carries a child rank's display (rank/displays.py: `plt.show()`, `display(df)`) is shown as
 a display output of the cell, labelled with the rank (bars.JupyterBars.rich), at most
 RICH_PER_SECOND a second from one rank (a burst of RICH_BURST), each at most RICH_MAX_BYTES:
 a rank that displays in a tight loop cannot flood the kernel; what is left out is counted in a
@@ -138,7 +138,7 @@ class LineForwarder:
     here, and the supervisor calls `tick` when it is due (see `next_due`)."""
 
     def __init__(self, rank: int, sink: TextIO, shown: bool, name: str = "", prefix: str | None = None):
-        # `prefix`: given for a node's lines (slurm.py), which its own forwarders prefixed already
+        # `prefix`: given for a node's lines (slurm/agents.py), which its own forwarders prefixed already
         self.prefix = f"[rank {rank}] " if prefix is None else prefix
         self.key = (rank, name)
         self.sink = sink

@@ -107,7 +107,7 @@ def _installed_packages() -> tuple:
 
 def heavy_imported() -> list[str]:
     """The heavy modules this process has imported: another node's process imports them too
-    (slurm_node.py), so that its forkserver preloads them as this one's does."""
+    (slurm/node.py), so that its forkserver preloads them as this one's does."""
     return [m for m in HEAVY_MODULES if m in sys.modules]
 
 

@@ -53,7 +53,7 @@ class _Member:
     streams: dict = field(default_factory=dict)  # output pipe -> LineForwarder
     expect: deque = field(default_factory=deque)  # "round" or "reset", one per reply still owed
     exited: bool = False
-    # Another node of a Slurm world (slurm.py): one member for that node's ranks (rank is its
+    # Another node of a Slurm world (slurm/agents.py): one member for that node's ranks (rank is its
     # first), its resident process's step the process, its channel both cmd_w and reply_r.
     node: int | None = None
     agent: Any = None

@@ -113,7 +113,7 @@ class Stopping:
             return False
 
     def _channels(self) -> list[tuple]:
-        """The other nodes' channels (slurm.py), as (local, remote) address pairs: never shut down
+        """The other nodes' channels (slurm/agents.py), as (local, remote) address pairs: never shut down
         to free a rank, they carry the world's own commands."""
         pairs = []
         for m in self.members:

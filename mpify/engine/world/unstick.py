@@ -10,7 +10,7 @@ MASTER_PORT), which init_process_group will need again when the group is rebuilt
 anything else (a Jupyter kernel's own connections, a user's) are never touched.
 
 The group is unusable afterwards; the world rebuilds it (see stop.py). Ranks on other machines
-are not processes seen here: in a Slurm world (slurm.py), connections to the other nodes'
+are not processes seen here: in a Slurm world (slurm/agents.py), connections to the other nodes'
 addresses count as the world's too, less the store's and the channels that carry the world's
 own commands (`keep`); a multi-node world started by hand is freed only through its local peers.
 """

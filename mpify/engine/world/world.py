@@ -65,7 +65,7 @@ class World(Rounds, Stopping, Supervisor):
     at close; ``ddp=True`` means ``ctx=TorchDDPCtx(backend=backend)`` (with ``ctx`` inside it).
     ``nnodes``/``node_rank``/``master_addr``/``master_port``: as for ``ranch``.
     ``launcher="slurm"``: inside a Slurm allocation, the other nodes' ranks live in their nodes'
-    resident processes (slurm.py), started through srun; this process is node 0 and rank 0
+    resident processes (slurm/agents.py), started through srun; this process is node 0 and rank 0
     (``nnodes``: the allocation's node count by default).
     ``caller_rank=None``: every rank is a child (another node's part of a Slurm world).
     The rank environment (RANK, WORLD_SIZE, MASTER_ADDR...) holds in the caller for the world's
@@ -82,7 +82,7 @@ class World(Rounds, Stopping, Supervisor):
             raise ValueError("a world's caller is its rank 0 (caller_rank=0), or no rank (None)")
         self.nodes = None
         if launcher == "slurm":
-            from mpify.engine import slurm  # only a Slurm world needs it (srun, the channel)
+            from mpify.engine.slurm import agents as slurm  # only a Slurm world needs it (srun, the channel)
 
             if node_rank != 0:
                 raise ValueError("with launcher='slurm' this process is node 0; node_rank is not given")
@@ -107,7 +107,7 @@ class World(Rounds, Stopping, Supervisor):
         # world's too (unstick.py). Another node's part of the world is told them (remote_hosts).
         self.remote_hosts: list[str] = []
         if self.nodes is not None:
-            from mpify.engine import slurm
+            from mpify.engine.slurm import agents as slurm
 
             self.remote_hosts = [slurm.node_address(n) for n in others]
         self.ctx = ctx
@@ -209,7 +209,7 @@ class World(Rounds, Stopping, Supervisor):
         """The other nodes of a Slurm world: each node's resident process starts that node's ranks
         (a World of its own, with no caller rank) and answers for them; to this world a node is
         one member whose replies cover its ranks."""
-        from mpify.engine import slurm
+        from mpify.engine.slurm import agents as slurm
         from mpify.engine.messages import NodeWorld
 
         # Pickled without shared memory, which does not cross machines.
@@ -264,7 +264,7 @@ class World(Rounds, Stopping, Supervisor):
         return values.get(self.topo.global_rank(0))
 
     def relay(self, message: Call | Push) -> dict[int, Any]:
-        """Another node's part of a Slurm world (slurm_node.py): a command as the caller pickled
+        """Another node's part of a Slurm world (slurm/node.py): a command as the caller pickled
         it, to every rank here, unpickled only in the ranks (as the caller's own ranks do: a
         function of the caller's `__main__` finds each rank's namespace); each rank's value."""
         self._check_open()
@@ -392,7 +392,7 @@ class World(Rounds, Stopping, Supervisor):
             for fwd in m.lines.values():
                 fwd.close()
         if nodes:
-            from mpify.engine import slurm
+            from mpify.engine.slurm import agents as slurm
 
             slurm.give_back([m.agent for m in nodes])
         for m in self.members:

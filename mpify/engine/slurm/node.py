@@ -1,4 +1,4 @@
-"""A node's resident process for Slurm launches and worlds (slurm.py): one per other node,
+"""A node's resident process for Slurm launches and worlds (agents.py): one per other node,
 started by `srun` there, kept between launches as a warm forkserver is.
 
 It calls the caller back over the authenticated channel (the secret and address come in its
@@ -256,7 +256,7 @@ class Node:
             raise
 
     def _place_modules(self, modules: dict[str, tuple[str, str]]) -> None:
-        """Write the modules the caller shipped as text (`mpify run`'s payload: slurm.ship_modules)
+        """Write the modules the caller shipped as text (`mpify run`'s payload: agents.ship_modules)
         into a private folder first on sys.path, as the caller imported them, replacing what an
         earlier job shipped; each file's path here -> its path in the caller."""
         for folder in self.shipped:
@@ -297,7 +297,7 @@ def _blind(fd: int) -> None:
 def main() -> int:
     from multiprocess.connection import Client
 
-    from mpify.engine.slurm import ADDRESS_VAR, SECRET_VAR
+    from mpify.engine.slurm.agents import ADDRESS_VAR, SECRET_VAR
 
     # Anything written to fd 1 outside the ranks' forwarding (a C library's warning) joins the
     # step's stderr, whose tail the caller keeps for the error that names this node.

@@ -5,7 +5,7 @@ Why Slurm and not anything of our own: the users who outgrow one box sit on a Sl
 often in a notebook inside an allocation (`salloc -N 2`, Open OnDemand). Slurm places, starts,
 signals and cleans up the processes; torch.distributed does the collectives; mpify stays what it
 is on one machine. For each other node, one step (`srun --overlap -N1 -w NODE`) runs a resident
-node process (slurm_node.py, an `Agent` here), started by the first launch or world that needs
+node process (node.py, an `Agent` here), started by the first launch or world that needs
 the node and lent to one at a time: it runs that node's ranks with the engine's own multi-node
 `ranch` or `World` (node_rank, master_addr, master_port) and answers with their outcome. To the
 caller's Launch a node is one more child (`Child.node`), to a World one more member: its step
@@ -159,7 +159,7 @@ class _Placeholder:
 
 
 class Agent:
-    """One node's resident process (slurm_node.py) as the caller holds it: its srun step, its
+    """One node's resident process (node.py) as the caller holds it: its srun step, its
     authenticated channel, and the tail of its step's own stderr (anything its ranks did not
     write: an import error, a crash), kept for the error that names the node.
 
@@ -292,7 +292,7 @@ atexit.register(shutdown)
 
 
 def _start_agents(names: list[str]) -> list[Agent]:
-    """One step per node of `names`, each running slurm_node.py, each calling back."""
+    """One step per node of `names`, each running node.py, each calling back."""
     addr = node_address(Nodes.of_allocation().here)
     listener, secret = open_channel(addr)
     steps: list[tuple[str, int, Step]] = []
@@ -301,7 +301,7 @@ def _start_agents(names: list[str]) -> list[Agent]:
         srun = shutil.which("srun") or "srun"
         for i, name in enumerate(names):
             cmd = [srun, "--overlap", "-N1", "-n1", "-w", name, "--job-name", f"mpify-node-{name}",
-                   sys.executable, "-u", "-m", "mpify.engine.slurm_node"]
+                   sys.executable, "-u", "-m", "mpify.engine.slurm.node"]
             popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, process_group=0)
             steps.append((name, i, Step(popen)))
