@@ -24,6 +24,7 @@ import importlib
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 __version__ = "0.3.0"
 
@@ -47,6 +48,22 @@ __all__ = [
     "ResultError", "RemoteTraceback", "PortInUseError", "run_notebook", "ExportError", "World",
     "WorldClosedError", "load_ipython_extension",
 ]
+
+
+# The same names for readers of the source rather than of the running module: type checkers, and
+# the docs' API reference (mkdocstrings reads this file without importing it). Never executed;
+# tests/test_layout.py checks that it names exactly what `_WHERE` does.
+if TYPE_CHECKING:
+    from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError,
+                                     RankRaisedError, RemoteTraceback, ResultError, ShipError,
+                                     WorldClosedError)
+    from mpify.engine.launch.ranch import ranch, shutdown
+    from mpify.engine.rendezvous import PortInUseError
+    from mpify.engine.world.world import World
+    from mpify.export.errors import ExportError
+    from mpify.export.runner import run_notebook
+    from mpify.imports import import_star
+    from mpify.torchddp.ctx import TorchDDPCtx, in_torchddp, torchddp_launch
 
 
 # Imported with the public names for what they register with the engine; neither imports torch

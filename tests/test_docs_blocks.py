@@ -60,3 +60,19 @@ def test_the_front_page_stays_short_and_every_page_is_in_the_site():
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs").glob("*.md"):
         assert f": {page.name}" in nav, f"docs/{page.name} is not in mkdocs.yml's nav"
+
+
+def test_the_api_reference_names_every_public_name():
+    """mkdocstrings reads mpify/__init__.py without running it: its `if TYPE_CHECKING:` imports
+    must name exactly what `_WHERE` loads at run time, and docs/api.md every public name."""
+    import ast
+
+    tree = ast.parse((ROOT / "mpify" / "__init__.py").read_text())
+    where = next(ast.literal_eval(n.value) for n in tree.body
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_WHERE")
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    imported = {a.asname or a.name for n in guarded.body for a in n.names}
+    assert imported == set(where), set(where) ^ imported
+    api = (ROOT / "docs" / "api.md").read_text()
+    missing = [name for name in where if f"::: mpify.{name}\n" not in api]
+    assert not missing, f"docs/api.md does not show {missing}"
