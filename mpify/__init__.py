@@ -52,7 +52,7 @@ __all__ = [
 
 # The same names for readers of the source rather than of the running module: type checkers, and
 # the docs' API reference (mkdocstrings reads this file without importing it). Never executed;
-# tests/test_layout.py checks that it names exactly what `_WHERE` does.
+# tests/test_docs_blocks.py checks that it names exactly what `_WHERE` does.
 if TYPE_CHECKING:
     from mpify.engine.errors import (LaunchBusyError, LaunchTimeoutError, MpifyError, RankDiedError,
                                      RankRaisedError, RemoteTraceback, ResultError, ShipError,
