@@ -20,6 +20,7 @@ mtime), scopes (the scope stack's entries, Python's binding rules), facts (what 
 for one statement), visitor (scope-stack facts of one statement: the scope stack and names), with
 its parts visit_statements (statements), visit_scopes (def, lambda, class, comprehensions) and
 visit_calls (what a call changes), aliases (through which names a change reaches an object),
+stateless (the names whose value no change can reach: ints, strings, devices, dtypes, builtins),
 summaries (what a call of a notebook function changes, followed through the functions it calls),
 model (statements of a notebook, cross-statement call effects), runpoint (where the notebook ran
 the target: the slice's default point), slicer (the backward closure), with its parts unresolved

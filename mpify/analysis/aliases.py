@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from mpify.analysis.effects import (COMPUTE_CALLS, FRESH_ATTRS, FRESH_BUILTINS, FRESH_CALLS, VIEW_CALLS,
                                     combine_kinds)
+from mpify.analysis.stateless import StatelessNames
 from mpify.analysis.summaries import BodyCall
 
 __all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element"]
@@ -239,15 +240,17 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
     kinds: the model's name kinds (modules and notebook functions are no value's alias)."""
     objs = _Objects()
     returns: dict = {}  # notebook function -> (globals its result may be, functions it returns)
+    values = StatelessNames()  # names bound to a state-less value: no change reaches them
     for st in statements:
         f = st.facts
+        after_values = f.values_after if f.values_after is not None else values.after(f)
         for name, summ in f.summaries.items():
             # (A notebook class's instance holds what it was given, not what its methods read.)
             if not summ.is_class:
                 returns[name] = ((set(f.uses_later) if summ.returns_any else summ.returns),
                                  summ.return_calls)
         changes = f.mutates or f.grad_writes
-        before = _changes(objs, f, grad_names) if changes else {}
+        before = _changes(objs, f, grad_names, values.holds) if changes else {}
         bound = set()
         for names, src in f.bindings:
             if src.callees:
@@ -255,8 +258,11 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
                 # followed through the notebook functions whose results it returns.
                 src = Sources(src.share, src.derived, src.elems, src.callees,
                               src.holds | _returned_values(src.callees, returns, kinds))
+            if values.touches(src, after_values):
+                src = Sources(*({n for n in part if values.changeable(n, after_values)} for part in src))
             for n in names:
-                objs.bind(n, src, f.defs.get(n) is True)
+                # A name bound to a state-less value is a new object nothing else reaches.
+                objs.bind(n, _NOTHING if after_values.get(n) else src, f.defs.get(n) is True)
                 bound.add(n)
         for n, strong in f.defs.items():
             if n not in bound and kinds.get(n) not in ("module", "notebook"):
@@ -264,10 +270,11 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
         for n, strong in f.dels.items():
             if strong:
                 objs.unbind(n)
+        values.advance(f, after_values)
         # The statement's own bindings count too (`for xb in dl: xb.add_(1)` changes dl).
         if not changes:
             continue
-        after = _changes(objs, f, grad_names)
+        after = _changes(objs, f, grad_names, lambda n: not values.changeable(n, after_values))
         for n, (kind, via) in {**after, **before}.items():
             if n in f.mutates and f.mutates[n] not in _LOCAL_ONLY:
                 continue
@@ -298,8 +305,9 @@ def _returned_values(callees, returns, kinds) -> set:
     return out
 
 
-def _changes(objs, f, grad_names) -> dict:
-    """name -> (kind, via) for the names the statement changes through another name."""
+def _changes(objs, f, grad_names, stateless) -> dict:
+    """name -> (kind, via) for the names the statement changes through another name; none that
+    `stateless(name)` says holds a state-less value (stateless.py)."""
     out: dict = {}
     for m, kind in f.mutates.items():
         if kind in _LOCAL_ONLY or m in f.via:
@@ -308,13 +316,14 @@ def _changes(objs, f, grad_names) -> dict:
         if m not in f.own:
             written |= objs.holding([m])  # `opt.step()` changes the parameters opt holds
         for n in objs.names_of(written) - {m}:
-            out.setdefault(n, ("seed" if kind == "seed" else "draw" if kind == "draw" else "alias", m))
+            if not stateless(n):
+                out.setdefault(n, ("seed" if kind == "seed" else "draw" if kind == "draw" else "alias", m))
     if f.grad_writes:
         held = objs.reach(grad_names, False)
         for m in f.grad_writes:
             written = objs.reach([m], True) & held
             for n in objs.names_of(written):
-                if n != m or n in grad_names:
+                if (n != m or n in grad_names) and not stateless(n):
                     out.setdefault(n, ("grad", m))
     return out
 

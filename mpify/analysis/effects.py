@@ -35,6 +35,8 @@ tables it reads are at the end of this module (`FRESH_CALLS`, `FRESH_ATTRS`, `CO
 from __future__ import annotations
 
 __all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "FRESH_BUILTINS", "VIEW_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
+           "STATELESS_BUILTINS", "STATELESS_OF_ARGS", "STATELESS_METHODS", "STATELESS_MODULE_ATTRS",
+           "STATELESS_MODULE_CALLS", "STR_METHODS",
            "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
@@ -260,3 +262,39 @@ items values keys __getitem__ values_list data
 GRAD_CALLS = _words("backward grad")
 # Methods that show a name holds tensors whose gradients matter (see the notes above).
 GRAD_OBSERVERS = _words("requires_grad_ parameters named_parameters zero_grad")
+
+
+# ---- state-less values (issue 25, stateless.py): values no change can reach ----------------------
+#
+# A name bound to one of these holds nothing a call, a backward or a change through another name
+# can change: `x = x.to(device)` does not change `device`, a backward does not write the gradients
+# of the int a tensor's shape came from. Sound by default: a value is state-less only when one of
+# these tables (or a literal, arithmetic on state-less values, a tuple of them) says so.
+
+# Builtins whose result is a new number, string, bool, range or class, whatever they are given.
+STATELESS_BUILTINS = _words("""
+len int float str bool complex bytes repr ascii hash id isinstance issubclass callable ord chr bin
+hex oct format hasattr range
+""")
+# Builtins whose result is one of their arguments or computed from them: state-less when the
+# arguments are (`max(a, b)` is a or b; `round(t)` of a tensor is a tensor).
+STATELESS_OF_ARGS = _words("max min abs round pow divmod")
+# Methods whose result is a plain Python number or bool, whatever they are called on (`loss.item()`,
+# `x.numel()`: tensor and numpy API); `torch.cuda.device_count()` and the like on a module.
+STATELESS_METHODS = _words("""
+item numel dim ndimension nelement element_size is_contiguous get_device is_floating_point
+is_complex
+""")
+STATELESS_MODULE_CALLS = _words("device is_available device_count current_device dtype")
+# Attributes of a module that are dtypes or constants (`torch.float32`, `np.int64`, `math.pi`).
+STATELESS_MODULE_ATTRS = _words("""
+float16 float32 float64 bfloat16 half float double complex64 complex128 cfloat cdouble int8 int16
+int32 int64 uint8 uint16 uint32 uint64 long int short bool bool_ float_ int_ intc intp uint pi e
+tau inf nan newaxis
+""")
+# String methods whose result is a str, bool or int: on a literal or a state-less name.
+STR_METHODS = _words("""
+format join upper lower strip lstrip rstrip replace title capitalize casefold zfill center ljust
+rjust startswith endswith isdigit isalpha isalnum isspace islower isupper count find rfind encode
+decode removeprefix removesuffix
+""")

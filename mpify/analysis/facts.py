@@ -28,7 +28,7 @@ class BareCall(NamedTuple):
     line: int
 
 
-@dataclass
+@dataclass(init=False)
 class StatementFacts:
     """Facts about one top-level statement; line numbers are cell lines.
 
@@ -41,8 +41,13 @@ class StatementFacts:
     moves it; 'grad' and 'alias' are added by aliases.propagate, with `via`: the name the change
     was made through). deep: names changed through an element or attribute (`b[0].append(1)`).
     bindings: ([names], Sources) for each top-level binding (aliases.py reads what it may share).
+    through: names changed only through a call's result made from them (`nn.Linear(n).to(d)`).
     grad_writes: names a backward runs through; grad_names: names whose gradients are used.
     calls: `BareCall`s, the calls of bare global names made now.
+    binds: name -> how many times the statement binds it, where more than once; stateless:
+    name -> (how many of its bindings are to a state-less value, the names they are so given:
+    stateless.py). values_after: the model's, name -> whether it holds a state-less value
+    after the statement, for the names it binds or deletes.
     launches: names passed to a launcher call (`ranch(4, train)`).
     """
 
@@ -56,6 +61,10 @@ class StatementFacts:
     deep: set = field(default_factory=set)
     own: set = field(default_factory=set)
     bindings: list = field(default_factory=list)
+    through: set = field(default_factory=set)
+    binds: dict = field(default_factory=dict)
+    stateless: dict = field(default_factory=dict)
+    values_after: dict | None = None
     grad_writes: set = field(default_factory=set)
     grad_names: set = field(default_factory=set)
     calls: list = field(default_factory=list)
@@ -71,3 +80,36 @@ class StatementFacts:
     name_main: bool = False
     writes_files: set = field(default_factory=set)
     string_literals: set = field(default_factory=set)
+
+    def __init__(self):
+        # Literals, not the dataclass's default factories: one StatementFacts per statement,
+        # and its two dozen containers were a tenth of the model's time (the benchmark).
+        self.defs = {}
+        self.dels = {}
+        self.uses_now = {}
+        self.uses_later = {}
+        self.soft_uses = {}
+        self.mutates = {}
+        self.via = {}
+        self.deep = set()
+        self.own = set()
+        self.bindings = []
+        self.through = set()
+        self.binds = {}
+        self.stateless = {}
+        self.values_after = None
+        self.grad_writes = set()
+        self.grad_names = set()
+        self.calls = []
+        self.called_now = set()
+        self.launches = set()
+        self.summaries = {}
+        self.opaque = None
+        self.opaque_later = None
+        self.star_import = None
+        self.future_annotations = False
+        self.imports = set()
+        self.has_await = False
+        self.name_main = False
+        self.writes_files = set()
+        self.string_literals = set()

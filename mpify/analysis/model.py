@@ -31,6 +31,7 @@ from mpify.analysis.aliases import propagate
 from mpify.analysis.effects import MUTATION_RANK, changes_first_arg
 from mpify.analysis.facts import StatementFacts
 from mpify.analysis.stars import resolve_star
+from mpify.analysis.stateless import UNCHANGEABLE, StatelessNames
 from mpify.analysis.summaries import effects_of, params_for
 from mpify.analysis.visitor import analyse_statement
 
@@ -344,10 +345,11 @@ def _add_cell(statements, cell, pyc, tree, kinds, future, faithful) -> bool:
         if facts.future_annotations:
             future = True
         notes = [f"cell {cell.index}, line {ln}: {msg}" for ln, msg in sorted(pyc.notes.items())
-                 if start <= ln <= end]
-        for ln, why in sorted(pyc.opaque.items()):
-            if start <= ln <= end:
-                facts.opaque = facts.opaque or why
+                 if start <= ln <= end] if pyc.notes else []
+        if pyc.opaque:
+            for ln, why in sorted(pyc.opaque.items()):
+                if start <= ln <= end:
+                    facts.opaque = facts.opaque or why
         source = "\n".join(src_lines).rstrip() + "\n"
         statements.append(Statement(len(statements), cell.index, start, end, s, source,
                                     _kind(node), facts, node, notes))
@@ -369,6 +371,7 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
     followed through the notebook functions its body calls (summaries.py)."""
     latest: dict = {}
     memo: dict = {}  # summaries already followed (summaries.effects_of)
+    values = StatelessNames()
     for st in statements:
         f = st.facts
         for callee, pos, kws, _line in f.calls:  # BareCall
@@ -382,15 +385,16 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
                     if not arg or p is None:
                         continue
                     if p in eff.params:
-                        _add_effect(f, arg, eff.params[p], faithful)
+                        _add_effect(f, arg, eff.params[p], faithful, values)
                     if p in eff.grad_params:
                         f.grad_names.add(arg)
                     if p in eff.grad_writes:
                         f.grad_writes.add(arg)
                 for g, kind in eff.globals.items():
-                    _add_effect(f, g, kind, faithful)
+                    _add_effect(f, g, kind, faithful, values)
                 for g in eff.writes:
                     f.defs.setdefault(g, False)  # the call may (re)define g: a weak definition
+                    f.stateless.pop(g, None)  # to what, the analyzer does not know
                 f.grad_writes |= eff.global_grad_writes
                 f.grad_names |= eff.grad_globals
                 continue
@@ -400,12 +404,12 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
                 # known mutators and `name_` functions change their first argument, so that
                 # `numel(data)` does not drag its cell into the slice.
                 if pos and pos[0] and changes_first_arg(callee):
-                    _add_mutation(f, pos[0], "direct")
+                    _add_mutation(f, pos[0], "direct", values)
                 continue
             if summ is None and kinds.get(callee) in ("module", "object"):
                 # An imported function (`show_image(img)`, `xavier_uniform_(w)`): listed effects only.
                 if pos and pos[0] and changes_first_arg(callee):
-                    _add_mutation(f, pos[0], "direct")
+                    _add_mutation(f, pos[0], "direct", values)
                 continue
             if callee not in latest:
                 # A builtin that PURE_BUILTINS does not clear: it may change its arguments;
@@ -413,27 +417,40 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
                 # (`it = iter(gen)` is gen itself): a change that reaches aliases.
                 for i, arg in enumerate(list(pos) + list(kws.values())):
                     if arg:
-                        _add_mutation(f, arg, "direct" if i == 0 and changes_first_arg(callee) else "call-arg")
+                        _add_mutation(f, arg, "direct" if i == 0 and changes_first_arg(callee) else "call-arg",
+                                      values)
                 continue
             # Calling a notebook object (`linear_model(X)`): as for a method call on it, it may
             # change the object (a stateful callable), not its arguments (issue 11: `X` was read
             # as changed by every `model(X)` of the exploration cells).
-            _add_mutation(f, callee, "called")
+            _add_mutation(f, callee, "called", values)
+        after = f.values_after = values.after(f)  # (aliases.propagate reads it again)
+        for n in f.through:
+            # `nn.Linear(n_feat, 1).to(device)` changes the result in place, not `n_feat`.
+            if f.mutates.get(n) == "direct" and not values.changeable(n, after):
+                del f.mutates[n]
+        values.advance(f, after)
         for name in f.defs:
             latest[name] = f.summaries.get(name)
 
 
-def _add_effect(f, name, kind, faithful):
+def _add_effect(f, name, kind, faithful, values=None):
     """A change a called function makes: a draw only counts in faithful mode (as a draw at top
     level); a seed or a module's state stays what it is; any other change is a change."""
     if kind == "draw":
         if faithful:
-            _add_mutation(f, name, "draw")
+            _add_mutation(f, name, "draw", values)
         return
-    _add_mutation(f, name, kind if kind in ("seed", "state") else "direct")
+    _add_mutation(f, name, kind if kind in ("seed", "state") else "direct", values)
 
 
-def _add_mutation(f, name, kind):
+def _add_mutation(f, name, kind, values=None):
+    """values: the names holding a state-less value (stateless.py), which no call changes:
+    `evaluate(m)`, whose body does `xb = xb.to(device)`, does not change `device`; a
+    generator's `next(..)` over `range(len(data))` does not change `len`. (A name the statement
+    binds itself is left as it is: which of its values the call sees is not known here.)"""
+    if values is not None and kind in UNCHANGEABLE and name not in f.defs and values.holds(name):
+        return
     f.own.discard(name)  # a called function's change may reach what the object holds
     old = f.mutates.get(name)
     if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:

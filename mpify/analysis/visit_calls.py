@@ -146,7 +146,7 @@ class _CallVisits:
             src = expr_sources(recv, self._external, derived=False)
             for n in src.share | src.elems | src.holds:
                 if self._kind(n) not in _EXTERNAL:
-                    self._mutate(n, "direct", node.lineno, deep=n in src.elems)
+                    self._mutate(n, "direct", node.lineno, deep=n in src.elems, through=True)
         if node.args and (changes_first_arg(meth) if kind is not None else meth == "shuffle"):
             # `random.shuffle(xs)`, `nn.init.zeros_(w)`, and on a generator object
             # `rng.shuffle(xs)`: the argument changes (`x.add_(y)` on a notebook object changes x).

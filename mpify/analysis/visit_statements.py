@@ -29,7 +29,7 @@ class _StatementVisits:
         for t in node.targets[1:]:
             # `a = b = []` binds one object to both names: b shares a (aliases.py).
             self._record_binding([t], ast.Name(first.id, ast.Load()) if isinstance(first, ast.Name)
-                                 else node.value)
+                                 else node.value, stateless_of=node.value)
         if not self.stack:
             names = [t.id for t in node.targets if isinstance(t, ast.Name)]
             if isinstance(node.value, ast.Lambda) and len(names) == 1 and self._last_lambda:
@@ -44,6 +44,8 @@ class _StatementVisits:
             self._read(t.id, t.lineno)
             self._bind(t.id, t.lineno, weak=True)  # needs the old value: does not hide it
             self._mutate(t.id, "direct", t.lineno)  # `lst += [3]` changes the object in place
+            if not self.stack:  # `n += 1` of an int: still an int (stateless.py)
+                self._note_stateless([t], [t.id], ast.BinOp(ast.Name(t.id, ast.Load()), node.op, node.value))
         else:
             self._store_target(t)  # `x.a += 1` / `x[k] += 1`: reads and mutates x
 
@@ -102,7 +104,7 @@ class _StatementVisits:
             self.visit(item.context_expr)
             if item.optional_vars is not None:
                 self._store_target(item.optional_vars)
-                self._record_binding([item.optional_vars], item.context_expr)
+                self._record_binding([item.optional_vars], item.context_expr, stateless_of=False)
         for n in node.body:
             self.visit(n)
 

@@ -46,6 +46,7 @@ from mpify.analysis.aliases import Sources, expr_sources, through_element
 from mpify.analysis.effects import MUTATION_RANK, combine_kinds
 from mpify.analysis.facts import _EXTERNAL, StatementFacts
 from mpify.analysis.scopes import Scope, root_name
+from mpify.analysis.stateless import stateless_deps
 from mpify.analysis.visit_calls import _CallVisits
 from mpify.analysis.visit_scopes import _ScopeVisits
 from mpify.analysis.visit_statements import _StatementVisits
@@ -122,6 +123,8 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
             return  # function local (precomputed) or comprehension target
         strong = self.cond == 0 and not weak
         self.f.defs[name] = self.f.defs.get(name, False) or strong
+        if name in self.bound_now:  # bound again by the statement (stateless.py counts them)
+            self.f.binds[name] = self.f.binds.get(name, 1) + 1
         self.bound_now.add(name)
 
     def _refs(self, name) -> list:
@@ -138,9 +141,10 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
             return [r for r, _elem in owner.sources.get(name, ())]
         return []  # a class attribute
 
-    def _mutate(self, name, kind, lineno, deep=False, own=False):
+    def _mutate(self, name, kind, lineno, deep=False, own=False, through=False):
         """`name` may change (`kind`: see MUTATION_RANK); deep: through an element; own: by a
-        method not known to change what the object holds (aliases.py)."""
+        method not known to change what the object holds (aliases.py); through: changed in
+        place through a call's result made from it (`nn.Linear(n).to(d)`: none if state-less)."""
         if name is None:
             return
         for scope, n in self._refs(name):
@@ -160,6 +164,10 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
                     self.f.mutates[n] = kind
                 if deep:
                     self.f.deep.add(n)
+                if not through:
+                    self.f.through.discard(n)
+                elif old is None:
+                    self.f.through.add(n)
 
     def _grad_writes_of(self, expr):
         shared, derived = self._value_refs(expr_sources(expr, self._external))
@@ -207,14 +215,19 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
         derived = {r for n in src.derived if keep(n) for r in refs(n)}
         return shared, derived
 
-    def _record_binding(self, targets, value, elements=False):
+    def _record_binding(self, targets, value, elements=False, stateless_of=None):
         """`targets = value` (or `for targets in value`, `with value as targets`): what the bound
-        names may share (aliases.py). elements: the targets are elements of the value."""
+        names may share (aliases.py). elements: the targets are elements of the value.
+        stateless_of: the expression whose value the targets get, when `value` stands for it
+        (`a = b = 0`: b is bound to a's object); False: not the value itself (`with v as x`
+        binds what `v.__enter__()` returns)."""
         names = [t.id if isinstance(t, ast.Name) else n.id for t in targets
                  for n in ((t,) if isinstance(t, ast.Name) else ast.walk(t))
                  if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
         if not names:
             return
+        if not self.stack and value is not None and stateless_of is not False:
+            self._note_stateless(targets, names, stateless_of if stateless_of is not None else value)
         src = expr_sources(value, self._external) if value is not None else Sources(set(), set(), set(), set())
         if elements:
             # `for x in xs`: x is an element of xs, or of what xs was made from (`[a, b]`).
@@ -241,6 +254,20 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
         if scope.kind == "function":
             # Read when the body is closed, and only if something is changed through a local.
             scope.bindings.append(([n for n in names if n in scope.local], src))
+
+    def _note_stateless(self, targets, names, value):
+        """Top level: the names bound to a state-less value (stateless.py), and what they are
+        state-less given. A starred target (`a, *rest = t`) is a list: not state-less."""
+        deps = stateless_deps(value, self.kinds)
+        if deps is None:
+            return
+        for t in targets:
+            if not isinstance(t, ast.Name) and any(isinstance(n, ast.Starred) for n in ast.walk(t)):
+                return
+        rec = self.f.stateless
+        for n in names:
+            old = rec.get(n)
+            rec[n] = (1, deps) if old is None else (old[0] + 1, old[1] | deps)
 
     def _kind(self, name) -> str | None:
         """'module', 'object' or 'notebook' for a global name known to be one, else None (a

@@ -1,0 +1,155 @@
+"""Slices that keep only what the target needs, and run outside a kernel (issue 25), on notebooks
+written like course notebooks: an imports cell, exploration and display cells, a superseded
+draft, the real function and its call.
+
+Each test asserts the exact slice (cell and first line of every kept statement, and what is left
+out), exports it with `mpify export` as a user does, runs the script in a fresh interpreter
+(helpers.ForkedScripts: `python script.py`), and compares its printed result with what the
+notebook's own cells give in a real Jupyter kernel (the session's shared kernel, conftest).
+"""
+from __future__ import annotations
+
+import ast
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell
+
+from export_helpers import mpify
+from helpers import forked_scripts
+from mpify.analysis import slice_notebook
+from mpify.analysis.model import build_model
+from mpify.analysis.notebook import load_notebook
+from test_slice_course_notebooks import MARK, write_nb
+
+torch = pytest.importorskip("torch")
+
+
+def firsts(sl):
+    """(cell, first line) of every kept statement, in order."""
+    return [(it.cell, it.source.strip().splitlines()[0]) for it in sl.items]
+
+
+def export_and_run(path, fn, tmp_path, *options):
+    """`mpify export NB --fn FN` to a script beside the notebook, run as `python script.py` in the
+    notebook's folder. Returns (the result it prints, the script's stdout, export's stderr)."""
+    script = path.parent / f"{fn}_exported.py"
+    r = mpify("export", str(path), "--fn", fn, "-o", str(script), *options, tmpdir=tmp_path / "tmproot")
+    assert r.returncode == 0, r.stderr
+    code, out, err = forked_scripts().run(script, path.parent)
+    assert code == 0, f"{script.name} failed:\n{script.read_text()}\n{err}"
+    return out.strip().splitlines()[-1], out, r.stderr
+
+
+@pytest.fixture(scope="module")
+def kernel(shared_kernel, tmp_path_factory):
+    """The notebooks of this module, each run whole in the session's shared kernel (`%reset -f`
+    between them), followed by a cell that prints the target's result. {name: that result}."""
+    tmp = tmp_path_factory.mktemp("kernel")
+    nb = nbformat.v4.new_notebook()
+    for name, cells in NOTEBOOKS.items():
+        nb.cells += [new_code_cell("%reset -f")]
+        nb.cells += nbformat.read(str(write_nb(tmp, cells, f"{name}.ipynb")), as_version=4).cells
+        nb.cells += [new_code_cell(f"print({MARK!r} + repr({CALLS[name]}))")]
+    shared_kernel.run(nb, tmp)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}"
+    printed = ["".join(o["text"] for o in c.outputs if o["output_type"] == "stream")
+               for c in nb.cells if c.source.startswith(f"print({MARK!r}")]
+    return {name: p.split(MARK)[-1].strip() for name, p in zip(NOTEBOOKS, printed)}
+
+
+# ---- 1. state-less values are not changed through what was built from them -----------------------
+
+STATELESS = [
+    "md:# Lesson 3: a regression model on the GPU, if there is one",
+    "import time\nimport torch\nfrom torch import nn\nimport torch.nn.functional as F",
+    "device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')\ndevice",
+    "md:How much faster is a matmul there? (A timing demo: nothing below needs it.)",
+    "x = torch.randn(300, 300)\nx = x.to(device)\nstart = time.perf_counter()\nfor _ in range(3):\n"
+    "    y = x @ x\nprint(f'{(time.perf_counter() - start) / 3 * 1000:.1f} ms per matmul on {device}')",
+    "torch.manual_seed(0)\nn_feat = 4\nX = torch.randn(256, n_feat)\ntrue_w = torch.arange(1.0, n_feat + 1)\n"
+    "y = X @ true_w + 0.1 * torch.randn(256)\nX_valid, y_valid = X[200:], y[200:]\nX.shape, y.shape",
+    "md:What does a gradient look like? One by hand:",
+    "w = torch.randn(n_feat, requires_grad=True)\nloss = ((X @ w - y) ** 2).mean()\nloss.backward()\nw.grad",
+    "def sample_names(n):\n    \"Names for the rows of a demo table.\"\n    letters = 'abcdefgh'\n"
+    "    pool = (letters[i % len(letters)] * 2 for i in range(n))\n    return [next(pool) for _ in range(n)]",
+    "rows = sample_names(4)\nrows",
+    "def valid_batches(bs=16):\n    for i in range(0, len(X_valid), bs):\n        yield X_valid[i:i + bs], y_valid[i:i + bs]",
+    "def evaluate(model):\n    model.eval()\n    total, n = 0.0, 0\n    with torch.no_grad():\n"
+    "        for xb, yb in valid_batches():\n            xb, yb = xb.to(device), yb.to(device)\n"
+    "            total += F.mse_loss(model(xb).squeeze(1), yb, reduction='sum').item()\n"
+    "            n += len(yb)\n    return total / n",
+    "probe = nn.Linear(n_feat, 1).to(device)\nevaluate(probe)",
+    "md:## Training\nA first draft, kept for the record:",
+    "def train(epochs=3):\n    model = nn.Linear(n_feat, 1)\n    for _ in range(epochs):\n        pass\n    return model",
+    "def train(epochs=3, lr=0.05, bs=32):\n    torch.manual_seed(1)\n    model = nn.Linear(n_feat, 1).to(device)\n"
+    "    opt = torch.optim.SGD(model.parameters(), lr=lr)\n    for _ in range(epochs):\n"
+    "        for i in range(0, len(X), bs):\n"
+    "            xb, yb = X[i:i + bs].to(device), y[i:i + bs].to(device)\n"
+    "            loss = F.mse_loss(model(xb).squeeze(1), yb)\n            opt.zero_grad()\n"
+    "            loss.backward()\n            opt.step()\n    return round(evaluate(model), 4)",
+    "train()",
+]
+
+
+def test_stateless_values_not_changed_through_what_was_built_from_them(tmp_path, kernel):
+    path = write_nb(tmp_path, STATELESS)
+    sl = slice_notebook(path, "train")
+    # Before issue 25 the slice also kept the timing demo (cell 5: "changes `x`, which may share
+    # `device`"), the backward by hand (cell 8: "writes the gradients of `n_feat`"), the demo
+    # table (cell 10: "mutates `len`", "mutates `range`") and the probe (cell 13: "mutates
+    # `n_feat`", and `evaluate(probe)`: "mutates `device`"): 9 statements a reader cuts.
+    assert firsts(sl) == [
+        (2, "import torch"), (2, "from torch import nn"), (2, "import torch.nn.functional as F"),
+        (3, "device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')"),
+        (6, "torch.manual_seed(0)"), (6, "n_feat = 4"), (6, "X = torch.randn(256, n_feat)"),
+        (6, "true_w = torch.arange(1.0, n_feat + 1)"), (6, "y = X @ true_w + 0.1 * torch.randn(256)"),
+        (6, "X_valid, y_valid = X[200:], y[200:]"),
+        (11, "def valid_batches(bs=16):"), (12, "def evaluate(model):"),
+        (16, "def train(epochs=3, lr=0.05, bs=32):")]
+    assert sl.cells_used == [2, 3, 6, 11, 12, 16]  # not 5, 8, 9-10, 13, 15 (the draft)
+    assert not [r for it in sl.items for r in it.reasons if "mutates" in r or "changes" in r
+                or "gradients" in r]
+    # The root: what each statement is read to change (the model, before any slicing).
+    mutates = {(st.cell, st.source.strip().splitlines()[0]): set(st.facts.mutates)
+               for st in build_model(load_notebook(str(path))).statements}
+    assert mutates[(5, "x = x.to(device)")] == {"x"}
+    assert mutates[(8, "loss.backward()")] == {"w"}  # its gradients; not `n_feat`, not `X` through it
+    assert mutates[(10, "rows = sample_names(4)")] == set()  # not the builtins `len`, `range`
+    assert mutates[(13, "probe = nn.Linear(n_feat, 1).to(device)")] == set()
+    assert mutates[(13, "evaluate(probe)")] == {"probe"}  # `model.eval()`; not `device`
+    got, _, _ = export_and_run(path, "train", tmp_path)
+    assert ast.literal_eval(got) == ast.literal_eval(kernel["stateless"])
+
+
+def test_stateful_values_keep_their_aliases(tmp_path):
+    """The other side: a name bound to a list, dict, tensor or anything unknown is still changed
+    through the names that share it, also after it held a state-less value, and a conditional
+    binding to one does not make a name state-less."""
+    path = write_nb(tmp_path, [
+        "import torch\ndef make_config():\n    return {'hidden': 8}",
+        "hidden = 8\nsizes = [hidden]\ngrow = sizes\ngrow.append(2)",
+        "cfg = make_config()\nopts = cfg\nopts['hidden'] = 16",
+        "n = 4\nn = [n]\nm = n\nm.append(5)",
+        "scale = 2.0\nif torch.cuda.is_available():\n    scale = torch.ones(1)\nalias = scale\nalias.mul_(1)",
+        "w = torch.zeros(3)\nv = w.view(-1)\nv.add_(1)",
+        "def train():\n    return sizes, cfg['hidden'], n, scale, w.sum().item(), hidden",
+    ])
+    sl = slice_notebook(path, "train", at_run=False)
+    assert [(c, s) for c, s in firsts(sl)] == [
+        (1, "import torch"), (1, "def make_config():"),
+        (2, "hidden = 8"), (2, "sizes = [hidden]"), (2, "grow = sizes"), (2, "grow.append(2)"),
+        (3, "cfg = make_config()"), (3, "opts = cfg"), (3, "opts['hidden'] = 16"),
+        (4, "n = 4"), (4, "n = [n]"), (4, "m = n"), (4, "m.append(5)"),
+        (5, "scale = 2.0"), (5, "if torch.cuda.is_available():"), (5, "alias = scale"), (5, "alias.mul_(1)"),
+        (6, "w = torch.zeros(3)"), (6, "v = w.view(-1)"), (6, "v.add_(1)"),
+        (7, "def train():")]
+    reasons = {(it.cell, it.source.strip().splitlines()[0]): it.reasons for it in sl.items}
+    assert reasons[(2, "grow.append(2)")] == ["changes `grow`, which may share `sizes`, needed by `train`"]
+    assert reasons[(4, "m.append(5)")] == ["changes `m`, which may share `n`, needed by `train`"]
+    assert reasons[(5, "alias.mul_(1)")] == ["changes `alias`, which may share `scale`, needed by `train`"]
+
+
+NOTEBOOKS = {"stateless": STATELESS}
+CALLS = {"stateless": "train()"}
