@@ -20,10 +20,15 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-# Through the public surface: it loads every room with its registrations, torch_ddp's `ddp=True`
-# included (`import mpify` alone loads names lazily).
-from mpify import World
+# World, and the torch part's modules that register themselves with the engine when imported, as
+# the public surface loads them with its names (mpify/__init__.py): ctx.py makes `ddp=True` mean
+# TorchDDPCtx (and imports store.py, the hosted store), codec.py sends tensors through shared
+# memory. Never through `mpify` itself, the package init.
 from mpify.engine.world.rank import run_source
+from mpify.engine.world.world import World
+from mpify.torchddp import codec, ctx
+
+_REGISTERED = (codec, ctx)  # imported for what importing them does
 
 
 class _Parser(argparse.ArgumentParser):

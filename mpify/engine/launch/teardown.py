@@ -1,6 +1,6 @@
 """Stopping ranks: SIGINT, then SIGTERM, then SIGKILL, each bounded, to each rank's whole group.
 
-Every child rank leads its own process group (see child.py), so signalling the group reaches its
+Every child rank leads its own process group (see rank/child.py), so signalling the group reaches its
 DataLoader workers and other grandchildren, even those whose parent already died. A group
 outlives its leader while any member lives, so the last sweep goes to the group, not the pid.
 """

@@ -73,7 +73,7 @@ class JupyterBars:
         return True
 
     def rich(self, rank: int, msg: dict) -> None:
-        """A child rank's display (displays.py): its bundle as a display output of the cell,
+        """A child rank's display (rank/displays.py): its bundle as a display output of the cell,
         labelled with the rank: `[rank N] ` before its text/plain and in its text/html, and
         {"mpify": {"rank": N}} in its metadata. A display id of the rank's maps to one of ours
         (never reused, as the bars' ids), so that its updates land on its own output."""
@@ -244,7 +244,7 @@ def _in_kernel(stream: TextIO) -> bool:
 
 
 def display_mode(stream: TextIO) -> str:
-    """Where a child rank's displays and figures go (displays.py): "cell" when the caller is a
+    """Where a child rank's displays and figures go (rank/displays.py): "cell" when the caller is a
     kernel writing to its cell, else "files" (a terminal, a pipe). `stream` may be a launch's
     gate (output.LineGate), whose renderer tells."""
     return "cell" if isinstance(getattr(stream, "live_bars", None), JupyterBars) or _in_kernel(stream) else "files"
