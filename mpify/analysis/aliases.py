@@ -250,7 +250,7 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
                 returns[name] = ((set(f.uses_later) if summ.returns_any else summ.returns),
                                  summ.return_calls)
         changes = f.mutates or f.grad_writes
-        before = _changes(objs, f, grad_names, values.holds) if changes else {}
+        before = _changes(objs, f, grad_names) if changes else {}
         bound = set()
         for names, src in f.bindings:
             if src.callees:
@@ -270,11 +270,12 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
         for n, strong in f.dels.items():
             if strong:
                 objs.unbind(n)
-        values.advance(f, after_values)
+        if after_values:
+            values.advance(f, after_values)
         # The statement's own bindings count too (`for xb in dl: xb.add_(1)` changes dl).
         if not changes:
             continue
-        after = _changes(objs, f, grad_names, lambda n: not values.changeable(n, after_values))
+        after = _changes(objs, f, grad_names)
         for n, (kind, via) in {**after, **before}.items():
             if n in f.mutates and f.mutates[n] not in _LOCAL_ONLY:
                 continue
@@ -305,9 +306,9 @@ def _returned_values(callees, returns, kinds) -> set:
     return out
 
 
-def _changes(objs, f, grad_names, stateless) -> dict:
-    """name -> (kind, via) for the names the statement changes through another name; none that
-    `stateless(name)` says holds a state-less value (stateless.py)."""
+def _changes(objs, f, grad_names) -> dict:
+    """name -> (kind, via) for the names the statement changes through another name. (None that
+    holds a state-less value: its object is one nothing else was linked to, `propagate`.)"""
     out: dict = {}
     for m, kind in f.mutates.items():
         if kind in _LOCAL_ONLY or m in f.via:
@@ -316,14 +317,13 @@ def _changes(objs, f, grad_names, stateless) -> dict:
         if m not in f.own:
             written |= objs.holding([m])  # `opt.step()` changes the parameters opt holds
         for n in objs.names_of(written) - {m}:
-            if not stateless(n):
-                out.setdefault(n, ("seed" if kind == "seed" else "draw" if kind == "draw" else "alias", m))
+            out.setdefault(n, ("seed" if kind == "seed" else "draw" if kind == "draw" else "alias", m))
     if f.grad_writes:
         held = objs.reach(grad_names, False)
         for m in f.grad_writes:
             written = objs.reach([m], True) & held
             for n in objs.names_of(written):
-                if (n != m or n in grad_names) and not stateless(n):
+                if n != m or n in grad_names:
                     out.setdefault(n, ("grad", m))
     return out
 

@@ -425,11 +425,13 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
             # as changed by every `model(X)` of the exploration cells).
             _add_mutation(f, callee, "called", values)
         after = f.values_after = values.after(f)  # (aliases.propagate reads it again)
-        for n in f.through:
-            # `nn.Linear(n_feat, 1).to(device)` changes the result in place, not `n_feat`.
-            if f.mutates.get(n) == "direct" and not values.changeable(n, after):
-                del f.mutates[n]
-        values.advance(f, after)
+        if f.through:
+            for n in f.through:
+                # `nn.Linear(n_feat, 1).to(device)` changes the result in place, not `n_feat`.
+                if f.mutates.get(n) == "direct" and not values.changeable(n, after):
+                    del f.mutates[n]
+        if after:
+            values.advance(f, after)
         for name in f.defs:
             latest[name] = f.summaries.get(name)
 

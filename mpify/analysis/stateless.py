@@ -168,16 +168,25 @@ class StatelessNames:
 
     def __init__(self):
         self.values: set = set()  # names bound to a state-less value
-        self.bound: set = set()  # names the notebook has bound so far (a builtin's name included)
+        self.bound: set = set()  # builtins' names the notebook has bound or deleted so far
 
     def holds(self, name) -> bool:
         return name in self.values or (name in _BUILTINS and name not in self.bound)
 
     def after(self, f) -> dict:
+        """Only the names whose state-lessness the statement may change: a name it binds that
+        held no state-less value before and holds none after is not listed (the common case:
+        `_NONE`, no dict made)."""
+        defs = f.defs
         if not f.stateless and not f.dels:
-            return dict.fromkeys(f.defs, False) if f.defs else _NONE
+            if defs:
+                values = self.values
+                for n in defs:
+                    if n in values or n in _BUILTINS:
+                        return {n: False for n in defs if n in values or n in _BUILTINS}
+            return _NONE
         out = {}
-        for n, strong in f.defs.items():
+        for n, strong in defs.items():
             out[n] = self._binds_stateless(f, n, 0) and (strong or self.holds(n))
         for n in f.dels:
             out[n] = False  # (deleted, or bound and deleted by one statement: not vouched for)
@@ -201,23 +210,24 @@ class StatelessNames:
 
     def advance(self, f, after) -> None:
         if not after:
-            return  # (every name the statement binds or deletes is in `after`)
-        if f.stateless:
-            for n, yes in after.items():
-                if yes:
-                    self.values.add(n)
-                else:
-                    self.values.discard(n)
-        else:
-            self.values.difference_update(after)
-        self.bound.update(after)  # (the names bound or deleted: a deleted one is not vouched for)
+            return
+        values = self.values
+        for n, yes in after.items():
+            if yes:
+                values.add(n)
+            else:
+                values.discard(n)
+        if not _BUILTINS.isdisjoint(after):
+            self.bound.update(n for n in after if n in _BUILTINS)
 
     def touches(self, parts, after) -> bool:
-        """Whether a name of `parts` (sets of names) may hold a state-less value at the statement
-        whose `after` this is: the common case of a value that reads none, told cheaply."""
+        """Whether a name of `parts` (sets of names) holds a state-less value bound by the
+        notebook at the statement whose `after` this is: the common case of a value that reads
+        none, told cheaply. (Builtins are left out: no binding of the notebook's makes them an
+        object aliases.py could link.)"""
         values = self.values
         for names in parts:
-            if names and not (values.isdisjoint(names) and _BUILTINS.isdisjoint(names)
+            if names and not (values.isdisjoint(names)
                               and (not after or not any(after.get(n) for n in names))):
                 return True
         return False
