@@ -17,7 +17,7 @@ from nbformat.v4 import new_code_cell
 
 from export_helpers import mpify
 from helpers import forked_scripts
-from mpify.analysis import slice_notebook
+from mpify.analysis import render_source, slice_notebook
 from mpify.analysis.model import build_model
 from mpify.analysis.notebook import load_notebook
 from test_slice_course_notebooks import MARK, write_nb
@@ -151,5 +151,64 @@ def test_stateful_values_keep_their_aliases(tmp_path):
     assert reasons[(5, "alias.mul_(1)")] == ["changes `alias`, which may share `scale`, needed by `train`"]
 
 
-NOTEBOOKS = {"stateless": STATELESS}
-CALLS = {"stateless": "train()"}
+# ---- 2. IPython's builtins get a stand-in outside a kernel ---------------------------------------
+
+PROGRESS = [
+    "md:# Lesson 5: watching a model train",
+    "import torch\nfrom torch import nn\nimport pandas as pd",
+    "torch.manual_seed(0)\nX = torch.randn(128, 3)\ny = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3",
+    "display(pd.DataFrame(X[:5].numpy(), columns=['a', 'b', 'c']))",
+    "def show_progress(epoch, loss, every=2):\n    \"One line every few epochs: a rich display in Jupyter.\"\n"
+    "    if epoch % every == 0:\n        display(f'epoch {epoch}: loss {loss:.4f}')",
+    "def train(epochs=3):\n    model = nn.Linear(3, 1)\n    return model",
+    "def train(epochs=4, lr=0.1):\n    if get_ipython() is None:\n        print('not in a kernel: plain output')\n"
+    "    torch.manual_seed(1)\n    model = nn.Linear(3, 1)\n    opt = torch.optim.SGD(model.parameters(), lr=lr)\n"
+    "    for epoch in range(epochs):\n        loss = ((model(X).squeeze(1) - y) ** 2).mean()\n"
+    "        opt.zero_grad()\n        loss.backward()\n        opt.step()\n        show_progress(epoch, loss.item())\n"
+    "    return round(loss.item(), 4)",
+    "train()",
+]
+
+
+def test_ipython_builtins_get_a_stand_in_outside_a_kernel(tmp_path, kernel):
+    path = write_nb(tmp_path, PROGRESS)
+    sl = slice_notebook(path, "train")
+    assert firsts(sl) == [
+        (2, "import torch"), (2, "from torch import nn"),  # not pandas: only the display cell uses it
+        (3, "torch.manual_seed(0)"), (3, "X = torch.randn(128, 3)"),
+        (3, "y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3"),
+        (5, "def show_progress(epoch, loss, every=2):"), (7, "def train(epochs=4, lr=0.1):")]
+    assert sl.cells_used == [2, 3, 5, 7]  # not the display cell 4, not the draft 6
+    assert sl.ipython == {"display": "cell 5, line 4", "get_ipython": "cell 7, line 2"}
+    # Said once, as a note, not as a warning; `get_ipython() is None` reads no name dynamically.
+    assert sl.warnings == []
+    report = mpify("deps", str(path), "--fn", "train", tmpdir=tmp_path / "tmproot").stdout
+    assert report.endswith(
+        "\n\nnote: cell 5, line 4: uses IPython's `display` (a builtin in a kernel only): the script "
+        "imports it from IPython.display, which prints outside a kernel, or prints where IPython is "
+        "not installed\nnote: cell 7, line 2: uses IPython's `get_ipython` (a builtin in a kernel "
+        "only): the script imports it from IPython, which gives None outside a kernel, or defines "
+        "one that gives None\n")
+    assert "from IPython.display import display" in render_source(sl)
+    # Before issue 25 the script died: "NameError: name 'get_ipython' is not defined".
+    got, out, err = export_and_run(path, "train", tmp_path)
+    assert ast.literal_eval(got) == ast.literal_eval(kernel["progress"])
+    assert out.splitlines()[:3] == ["not in a kernel: plain output", "epoch 0: loss 3.1912",
+                                    "epoch 2: loss 1.5617"]
+    assert "mpify: warning: cell 5, line 4: uses IPython's `display`" in err
+    script = path.parent / "train_exported.py"
+    assert script.read_text().count("from IPython.display import display") == 1
+    # Where IPython is not installed: the fallbacks print and give None.
+    bare = tmp_path / "no_ipython"
+    (bare / "IPython").mkdir(parents=True)
+    (bare / "IPython" / "__init__.py").write_text("raise ImportError('IPython is not installed here')\n")
+    (bare / "train.py").write_text(script.read_text())
+    code, out2, err2 = forked_scripts().run(bare / "train.py", bare)
+    assert code == 0, err2
+    assert out2 == out
+    # A slice that uses neither gets no stand-in.
+    assert "IPython" not in render_source(slice_notebook(write_nb(tmp_path, STATELESS, "other.ipynb"), "train"))
+
+
+NOTEBOOKS = {"stateless": STATELESS, "progress": PROGRESS}
+CALLS = {"stateless": "train()", "progress": "train()"}

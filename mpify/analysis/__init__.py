@@ -9,8 +9,10 @@ Public API (used by the export room and the CLI; keep these names and fields sta
   `.target_kind`, `.items` (`SliceItem`: `.cell`, `.lineno`, `.end_lineno`, `.source_lineno`,
   `.source`, `.reasons`, `.kind`, `.defines`), `.star_imports`, `.unresolved`, `.warnings`,
   `.cells_used`, `.run_at` (the notebook's run of the target the slice is taken before, or None),
+  `.ipython` (IPython builtins it uses -> where: `display`, `get_ipython`), `.notes()`,
   `.to_dict()`.
-- `render_source(slice) -> str`: the items' sources joined, `# cell K` over each cell's block.
+- `render_source(slice) -> str`: the items' sources joined, `# cell K` over each cell's block,
+  after a stand-in for each IPython builtin the slice uses (`ipython_standins`, result.py).
 - Errors: `AnalysisError` and its subclasses in `mpify.analysis.errors`.
 
 The modules, one idea each: notebook (reading files), magics (IPython syntax -> Python, line for

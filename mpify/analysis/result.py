@@ -10,7 +10,32 @@ from dataclasses import dataclass, field
 
 from mpify.analysis.notebook import Notebook
 
-__all__ = ["Slice", "SliceItem", "render_source"]
+__all__ = ["Slice", "SliceItem", "render_source", "ipython_standins", "IPYTHON_STANDINS"]
+
+# Names IPython puts in a kernel's builtins, which a script lacks (issue 25: a slice that calls
+# `display(..)` died with NameError outside the kernel). A slice that uses one gets a stand-in at
+# its top: IPython's own where IPython is installed (`display` then prints, as IPython does
+# without a kernel; `get_ipython()` is the running shell or None, as under plain python), else a
+# few lines that do the same.
+IPYTHON_STANDINS = {
+    "display": ("try:\n"
+                "    from IPython.display import display\n"
+                "except ImportError:  # no IPython: print what a kernel would display\n"
+                "    def display(*objs, **kwargs):\n"
+                "        print(*objs)"),
+    "get_ipython": ("try:\n"
+                    "    from IPython import get_ipython\n"
+                    "except ImportError:  # no IPython: no shell, as under plain python\n"
+                    "    def get_ipython():\n"
+                    "        return None"),
+}
+# What `mpify deps` and `mpify export` say about each.
+STANDIN_NOTES = {
+    "display": "IPython's `display` (a builtin in a kernel only): the script imports it from "
+               "IPython.display, which prints outside a kernel, or prints where IPython is not installed",
+    "get_ipython": "IPython's `get_ipython` (a builtin in a kernel only): the script imports it from "
+                   "IPython, which gives None outside a kernel, or defines one that gives None",
+}
 
 
 @dataclass
@@ -62,6 +87,11 @@ class Slice:
     warnings: list
     cells_used: list
     run_at: tuple | None = None
+    ipython: dict = field(default_factory=dict)
+
+    def notes(self) -> list:
+        """One line per IPython builtin the slice uses, and the stand-in its script gets."""
+        return [f"{where}: uses {STANDIN_NOTES[name]}" for name, where in sorted(self.ipython.items())]
 
     def to_dict(self) -> dict:
         """JSON-ready form (what `mpify deps --json` prints)."""
@@ -70,17 +100,22 @@ class Slice:
                 "target_kind": self.target_kind, "upto_cell": self.upto_cell, "run_at": run_at,
                 "cells_used": self.cells_used, "items": [i.to_dict() for i in self.items],
                 "star_imports": self.star_imports, "unresolved": self.unresolved,
+                "ipython": dict(sorted(self.ipython.items())), "notes": self.notes(),
                 "warnings": self.warnings}
 
 
 def render_source(sl: Slice) -> str:
     """The items' sources joined in order, a `# cell K` comment over each cell's block.
 
-    `from __future__` imports go first (Python requires it)."""
+    `from __future__` imports go first (Python requires it), then the stand-ins of the IPython
+    builtins the slice uses (`ipython_standins`)."""
     future = [i for i in sl.items if i.kind == "import" and i.source.lstrip().startswith("from __future__")
               or "\nfrom __future__" in i.source]
     rest = [i for i in sl.items if i not in future]
     out = [i.source.rstrip("\n") for i in future]
+    standins = ipython_standins(sl)
+    if standins:
+        out += ([""] if out else []) + standins
     prev = None
     for it in rest:
         if it.cell != prev:
@@ -94,3 +129,15 @@ def render_source(sl: Slice) -> str:
 
 def _q(name: str) -> str:
     return f"`{name}`"
+
+
+def ipython_standins(sl) -> list:
+    """The lines that define the IPython builtins `sl` uses outside a kernel (`IPYTHON_STANDINS`),
+    under a comment that says why; [] when it uses none."""
+    if not sl.ipython:
+        return []
+    names = sorted(sl.ipython)
+    out = [f"# mpify: {' and '.join(f'`{n}`' for n in names)}: IPython's, a builtin in a kernel only"]
+    for n in names:
+        out += IPYTHON_STANDINS[n].split("\n")
+    return out

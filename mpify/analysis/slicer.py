@@ -178,6 +178,7 @@ class _Slicer(_UnresolvedNames, _Caveats):
         self.unresolved_pending: list = []
         self.warnings: list = []
         self.star_names: set = set()
+        self.ipython: dict = {}  # IPython builtin the slice uses -> where first (unresolved.py)
         self.star_mods: list = []
         self.excluded, self.downstream = self._exclusions()
         self.excluded_warned: set = set()
@@ -431,7 +432,7 @@ class _Slicer(_UnresolvedNames, _Caveats):
         kind = self._target_kind()
         cells = sorted({i.cell for i in items})
         return Slice(self.m.notebook, self.target, kind, self.upto, items, self.star_mods,
-                     sorted(self.star_names), self.warnings, cells)
+                     sorted(self.star_names), self.warnings, cells, ipython=self.ipython)
 
     def _target_kind(self) -> str:
         for s in reversed(self.st[:self.point]):

@@ -2,7 +2,8 @@
 
 Why a part of its own: the closure (slicer.py) resolves a name against the notebook's statements;
 when none defines it, the answer comes from outside the notebook, in this order: a builtin or a
-module attribute (nothing to keep); a name IPython injects (a warning) or its input/output history
+module attribute (nothing to keep); a name IPython injects (`display`, `get_ipython`: the slice's
+text gets a stand-in, result.IPYTHON_STANDINS) or its input/output history
 (an error); a star import that supplies it (kept, with one reason listing the names it supplies,
 and the later bare seed or configuration calls it may supply: `from torch import *` then
 `manual_seed(0)`); an opaque statement that may define it (kept, with a warning); else an
@@ -24,7 +25,7 @@ _MODULE_DUNDERS = frozenset({"__name__", "__doc__", "__builtins__", "__spec__", 
                              "__package__", "__annotations__"})
 # IPython's output/input history: they do not exist in a script (case 9).
 _IPY_HISTORY = re.compile(r"^(_+|_\d+|_i+\d*|_[oid]h|In|Out)$")
-# Names IPython injects that a plain script lacks; a warning, not an error.
+# Names IPython injects that a plain script lacks: the slice's text defines a stand-in.
 _IPY_INJECTED = frozenset({"display", "get_ipython"})
 
 
@@ -42,9 +43,8 @@ class _UnresolvedNames:
                 continue
             loc = f"cell {where[0]}, line {where[1]}" if where else "the target"
             if name in _IPY_INJECTED:
-                w = f"{loc}: uses IPython's {_q(name)}, which a plain Python script does not define"
-                if w not in self.warnings:
-                    self.warnings.append(w)
+                # The slice's text gets a stand-in (result.IPYTHON_STANDINS); the first use says where.
+                self.ipython.setdefault(name, loc)
                 continue
             if _IPY_HISTORY.match(name):
                 raise UnresolvedNameError(

@@ -302,6 +302,20 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
             self._bind(node.id, node.lineno)
         # Del is handled by visit_Delete
 
+    def visit_Compare(self, node):
+        left = node.left
+        if (isinstance(left, ast.Call) and isinstance(left.func, ast.Name) and left.func.id == "get_ipython"
+                and not left.args and not left.keywords and self.kinds.get("get_ipython") is None
+                and self._lookup("get_ipython") is None and "get_ipython" not in self.bound_now
+                and all(isinstance(op, (ast.Is, ast.IsNot, ast.Eq, ast.NotEq)) for op in node.ops)
+                and all(isinstance(c, ast.Constant) and c.value is None for c in node.comparators)):
+            # `get_ipython() is None`: whether a kernel runs this code, not a read of names by
+            # computed name (a call on what it returns is one, visit_calls); the name is read
+            # (the slice's text gets a stand-in for it outside a kernel, result.py).
+            self.visit(left.func)
+            return
+        self.generic_visit(node)
+
     def visit_Constant(self, node):
         if isinstance(node.value, str) and len(node.value) < 200:
             self.f.string_literals.add(node.value)

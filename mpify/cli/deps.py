@@ -39,6 +39,9 @@ def format_report(sl) -> str:
             lines.append(f"    - {r}")
     # A star import's names are listed once, in its own reason line ("star import supplies
     # `nn`, `torch`, ..."), not once per name and not again here.
+    notes = sl.notes()
+    if notes:  # IPython's builtins: the script gets a stand-in for each
+        lines += [""] + [f"note: {n}" for n in notes]
     if sl.warnings:
         lines += ["", "warnings:"] + [f"  {w}" for w in sl.warnings]
     return "\n".join(lines)

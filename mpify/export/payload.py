@@ -7,6 +7,9 @@ naming the notebook, the target and the cells used, with a `# ---- cell K ----` 
 cell's block. Every emitted source line is recorded in `line_map` (payload line -> (cell, cell
 line)), which is how tracebacks say "cell 5, line 8" (see tracebacks.py).
 
+IPython's builtins the slice uses (`display`, `get_ipython`) get a stand-in under the header (see
+mpify.analysis.result.IPYTHON_STANDINS), and a note says so.
+
 Lines the analyzer translated (`x = !ls` -> subprocess) are said in a comment under the cell's
 header; lines that have no translation (`x = %timeit -o f()` bound to None, `%run`) make the export
 fail with UntranslatableError naming the cell and line: a script that silently differs from the
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpify.analysis.magics import translate_cell
+from mpify.analysis.result import ipython_standins
 from mpify.export.errors import UntranslatableError
 
 __all__ = ["Payload", "render_payload", "translation_notes"]
@@ -91,11 +95,16 @@ def render_payload(sl, usage: list[str] | tuple = ()) -> Payload:
     lines[0] = '"""' + _docstring_safe(lines[0][3:])
     line_map: dict = {}
 
-    # `from __future__` imports must come first after the docstring (Python requires it).
+    # `from __future__` imports must come first after the docstring (Python requires it); then
+    # the stand-ins of the IPython builtins the slice uses (`display`, `get_ipython`).
     future = [it for it in sl.items if it.kind == "import" and "from __future__" in it.source]
     rest = [it for it in sl.items if it not in future]
+    standins = ipython_standins(sl)
     prev = None
     for it in future + rest:
+        if standins and it not in future:
+            lines += ["", ""] + standins
+            standins = None
         if prev is None or it.cell != prev.cell or (prev in future) != (it in future):
             lines += ["", "", f"# ---- cell {it.cell} ----"]
             for (c, ln), note in sorted(notes.items()):
@@ -109,8 +118,10 @@ def render_payload(sl, usage: list[str] | tuple = ()) -> Payload:
             lines.append(text)
             line_map[len(lines)] = (it.cell, it.source_lineno + i)
         prev = it
+    if standins:  # (a slice of `from __future__` imports only)
+        lines += ["", ""] + standins
     text = "\n".join(lines) + "\n"
-    note_lines = [f"cell {c}, line {ln}: {n}" for (c, ln), n in sorted(notes.items())]
+    note_lines = [f"cell {c}, line {ln}: {n}" for (c, ln), n in sorted(notes.items())] + sl.notes()
     return Payload(text, line_map, nb, sl.target, cells, note_lines)
 
 
