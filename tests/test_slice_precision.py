@@ -210,5 +210,109 @@ def test_ipython_builtins_get_a_stand_in_outside_a_kernel(tmp_path, kernel):
     assert "IPython" not in render_source(slice_notebook(write_nb(tmp_path, STATELESS, "other.ipynb"), "train"))
 
 
-NOTEBOOKS = {"stateless": STATELESS, "progress": PROGRESS}
-CALLS = {"stateless": "train()", "progress": "train()"}
+# ---- 3. a refusal only for what the target needs ------------------------------------------------
+
+CLASSIFIER = [
+    "md:# Lesson 6: a small classifier, tested before and after training",
+    "import torch\nfrom torch import nn\nimport torch.nn.functional as F",
+    "torch.manual_seed(0)\nX_train = torch.randn(256, 8)\ny_train = (X_train[:, 0] + X_train[:, 1] > 0).long()\n"
+    "X_test = torch.randn(64, 8)\ny_test = (X_test[:, 0] + X_test[:, 1] > 0).long()\nX_train.shape, y_train.sum()",
+    "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))\nmodel",
+    "def test(model, verbose=False):\n    model.eval()\n    with torch.no_grad():\n        preds = model(X_test).argmax(1)\n"
+    "    if verbose:\n        for p, t in zip(preds[:4], y_test[:4]):\n            print(classes[p], classes[t])\n"
+    "    return (preds == y_test).float().mean().item()",
+    "md:Before training: about chance.",
+    "test(model)",
+    "def train(epochs=5, lr=0.1):\n    torch.manual_seed(1)\n    opt = torch.optim.SGD(model.parameters(), lr=lr)\n"
+    "    for _ in range(epochs):\n        model.train()\n        for i in range(0, len(X_train), 32):\n"
+    "            loss = F.cross_entropy(model(X_train[i:i + 32]), y_train[i:i + 32])\n"
+    "            opt.zero_grad()\n            loss.backward()\n            opt.step()\n"
+    "    return round(loss.item(), 4)",
+    "result = train()\nresult",
+    "test(model)",
+]
+
+
+def test_undefined_name_in_a_function_the_target_does_not_call(tmp_path, kernel):
+    path = write_nb(tmp_path, CLASSIFIER)
+    sl = slice_notebook(path, "train")
+    # `test(model)` stays (its `model.eval()` changes the model `train` reads), and with it
+    # `test`, whose `if verbose:` branch names `classes`, defined nowhere. The notebook ran that
+    # call without it: the branch did not run. Before issue 25: "`classes` is used by `test`
+    # (cell 5, line 7) but nothing defines it before that", and no slice at all.
+    assert firsts(sl) == [
+        (2, "import torch"), (2, "from torch import nn"), (2, "import torch.nn.functional as F"),
+        (3, "torch.manual_seed(0)"), (3, "X_train = torch.randn(256, 8)"),
+        (3, "y_train = (X_train[:, 0] + X_train[:, 1] > 0).long()"), (3, "X_test = torch.randn(64, 8)"),
+        (3, "y_test = (X_test[:, 0] + X_test[:, 1] > 0).long()"),
+        (4, "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))"),
+        (5, "def test(model, verbose=False):"), (7, "test(model)"), (8, "def train(epochs=5, lr=0.1):")]
+    assert sl.warnings == [
+        "cell 5, line 7: `classes` is used by `test` but nothing defines it before that; `test` runs "
+        "at cell 7, line 1, not from `train`: kept as the notebook ran it, where the lines that read "
+        "`classes` cannot have run"]
+    got, _, err = export_and_run(path, "train", tmp_path)
+    assert "`classes` is used by `test`" in err  # the warning, on export's stderr
+    assert ast.literal_eval(got) == ast.literal_eval(kernel["classifier"])
+
+
+def test_undefined_name_the_target_needs_names_the_chain(tmp_path):
+    from mpify.analysis import UnresolvedNameError
+
+    cells = CLASSIFIER[:4] + [
+        "def evaluate(model, verbose=False):\n    model.eval()\n    with torch.no_grad():\n"
+        "        preds = model(X_test).argmax(1)\n    if verbose:\n        print([classes[p] for p in preds[:4]])\n"
+        "    return (preds == y_test).float().mean().item()",
+        "def fit(epochs, lr):\n    opt = torch.optim.SGD(model.parameters(), lr=lr)\n    for _ in range(epochs):\n"
+        "        model.train()\n        loss = F.cross_entropy(model(X_train), y_train)\n        opt.zero_grad()\n"
+        "        loss.backward()\n        opt.step()\n    return evaluate(model, verbose=epochs > 10)",
+        "def train(epochs=5, lr=0.1):\n    torch.manual_seed(1)\n    return round(fit(epochs, lr), 4)",
+        "train()",
+        "classes = ['neg', 'pos']",
+    ]
+    path = write_nb(tmp_path, cells)
+    # `train` runs `evaluate` (through `fit`): `classes` is the target's to define, and the error
+    # says through which functions it is needed (before issue 25: "`classes` is used by
+    # `evaluate` (cell 5, line 6) but nothing defines it before that").
+    with pytest.raises(UnresolvedNameError) as ei:
+        slice_notebook(path, "train")
+    assert str(ei.value) == (
+        "`classes` is used by `evaluate` (cell 5, line 6), on the target's path `train` -> `fit` -> "
+        "`evaluate`, but nothing defines it before that; it is only defined later, cell 9, line 1; "
+        "the slice is taken before cell 8, line 1, where the notebook runs `train` (--cell K takes it "
+        "as of a later cell)")
+    assert (ei.value.cell, ei.value.lineno) == (5, 6)
+    r = mpify("deps", str(path), "--fn", "evaluate", "--cell", "5", tmpdir=tmp_path / "tmproot")
+    assert r.returncode == 2  # the target itself: the message is as it was
+    assert r.stderr == ("mpify: error: `classes` is used by `evaluate` (cell 5, line 6) but nothing "
+                        "defines it before that; it is only defined later, cell 9, line 1\n")
+    # As of the end, where `classes` is defined, the slice is whole.
+    sl = slice_notebook(path, "train", upto_cell=9)
+    assert [c for c, _ in firsts(sl)][-2:] == [7, 9]
+
+
+@pytest.mark.parametrize("cells, reader", [
+    # A class made at top level: the target calls its method later.
+    (["class Trainer:\n    def __init__(self, n):\n        self.n = n\n    def fit(self, verbose=False):\n"
+      "        if verbose:\n            print(classes)\n        return self.n",
+      "trainer = Trainer(3)", "def train():\n    return trainer.fit()"], "`Trainer` (cell 1, line 6)"),
+    # A generator made at top level: its body runs when the target iterates it.
+    (["def batches(n, verbose=False):\n    for i in range(n):\n        if verbose:\n            print(classes)\n"
+      "        yield i", "it = batches(3)", "def train():\n    return sum(it)"], "`batches` (cell 1, line 4)"),
+    # A closure made at top level: the target calls it.
+    (["def make_logger(verbose=False):\n    def log(x):\n        if verbose:\n            print(classes)\n"
+      "        return x\n    return log", "log = make_logger()", "def train():\n    return log(3)"],
+     "`make_logger` (cell 1, line 4)"),
+])
+def test_undefined_name_in_code_that_runs_later_is_still_refused(tmp_path, cells, reader):
+    """The other side: a statement that runs a function at top level runs all of it only for a
+    plain function; what a class, a generator or a closure it makes runs later, from the target."""
+    from mpify.analysis import UnresolvedNameError
+
+    with pytest.raises(UnresolvedNameError) as ei:
+        slice_notebook(write_nb(tmp_path, cells), "train", at_run=False)
+    assert str(ei.value) == f"`classes` is used by {reader} but nothing defines it before that"
+
+
+NOTEBOOKS = {"stateless": STATELESS, "progress": PROGRESS, "classifier": CLASSIFIER}
+CALLS = {"stateless": "train()", "progress": "train()", "classifier": "result"}

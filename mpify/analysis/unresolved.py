@@ -6,15 +6,21 @@ module attribute (nothing to keep); a name IPython injects (`display`, `get_ipyt
 text gets a stand-in, result.IPYTHON_STANDINS) or its input/output history
 (an error); a star import that supplies it (kept, with one reason listing the names it supplies,
 and the later bare seed or configuration calls it may supply: `from torch import *` then
-`manual_seed(0)`); an opaque statement that may define it (kept, with a warning); else an
-`UnresolvedNameError` that says why (only defined later, or only by a statement that runs the
-target). This class is a part of `slicer._Slicer`; its methods use that class's state and helpers.
+`manual_seed(0)`); an opaque statement that may define it (kept, with a warning); read in the
+body of a function that only a kept statement runs, not the target (`test(model)` before
+training, whose `if verbose:` branch names an undefined `classes`): a warning, as the notebook
+ran that statement without the name; else an `UnresolvedNameError` that says why (only defined
+later, or only by a statement that runs the target), with the chain of functions from the target
+to the one that reads the name (`train` -> `evaluate`). This class is a part of
+`slicer._Slicer`; its methods use that class's state and helpers.
 """
 from __future__ import annotations
 
+import ast
 import builtins
 import re
 from bisect import bisect_left
+from collections import deque
 
 from mpify.analysis.effects import BARE_STATE_CALLS
 from mpify.analysis.errors import UnresolvedNameError
@@ -85,10 +91,67 @@ class _UnresolvedNames:
                     name, f"{_q(name)} is used by {why} ({loc}) but only {d.where()} defines it, and "
                           f"that statement {how}: the slice leaves it out; define {_q(name)} "
                           "without the target's result", *(where or (None, None)))
+            reader = self._body_reader(name, where)
+            if reader is not None and p < self.point and _runs_when_called(self.st[reader].node):
+                # Read in the body of a function that a kept statement runs (`test(model)`, kept
+                # as it changes `model`), not the target: the notebook ran that statement with
+                # nothing defining the name, so the lines that read it did not run (a branch not
+                # taken, `if verbose:`); they do not run in the slice either (issue 25: the
+                # whole target was refused). Not for a class, a generator, or a function that
+                # makes one that runs later (a method, a closure): the target may run that.
+                w = (f"{loc}: {_q(name)} is used by {why} but nothing defines it before that{hint}; "
+                     f"{why} runs at {self.st[p].where()}, not from {_q(self.target)}: kept as the "
+                     f"notebook ran it, where the lines that read {_q(name)} cannot have run")
+                if w not in self.warnings:
+                    self.warnings.append(w)
+                continue
+            chain = self._chain_to(reader) if reader is not None else None
+            path = (f", on the target's path {' -> '.join(_q(n) for n in chain)}," if chain and len(chain) > 1
+                    else "")
             raise UnresolvedNameError(
-                name, f"{_q(name)} is used by {why} ({loc}) but nothing defines it before that{hint}",
+                name, f"{_q(name)} is used by {why} ({loc}){path} but nothing defines it before that{hint}",
                 *(where or (None, None)))
         return added
+
+    def _body_reader(self, name, where):
+        """The top-level statement (a def, class or lambda) whose body reads `name` at `where`
+        ((cell, line)), or None when the read is the statement's own, as it runs."""
+        if where is None:
+            return None
+        cell, line = where
+        for s in self.st:
+            if s.cell == cell and s.lineno <= line <= s.end_lineno:
+                return s.index if name in s.facts.uses_later and s.facts.summaries else None
+        return None
+
+    def _chain_to(self, reader) -> list | None:
+        """The names of the notebook functions from the target to the one statement `reader`
+        defines, each read in the body of the one before (`train` -> `evaluate`): the kept
+        definitions in force at the slice's point. None when the target's body does not lead
+        there (a callback given to a kept statement, say)."""
+        st, point = self.st, self.point
+        start = next((j for j in sorted(self.reasons, reverse=True)
+                      if j < point and self.target in st[j].facts.defs), None)
+        if start is None:
+            return None
+        parent = {start: None}
+        queue = deque([start])
+        while queue:
+            j = queue.popleft()
+            if j == reader:
+                chain = []
+                while j is not None:
+                    chain.append(self.target if parent[j] is None else parent[j][1])
+                    j = parent[j][0] if parent[j] is not None else None
+                return chain[::-1]
+            for u in st[j].facts.uses_later:
+                ev = self.m.events.get(u, ())
+                k = next((k for k in reversed(ev[:bisect_left(ev, point)]) if k in self.reasons
+                          and u in st[k].facts.defs and st[k].facts.summaries), None)
+                if k is not None and k not in parent:
+                    parent[k] = (j, u)
+                    queue.append(k)
+        return None
 
     def _suppliers(self, name, p) -> list:
         """The star imports before p that supply `name`: the last one whose module's source
@@ -173,3 +236,16 @@ class _UnresolvedNames:
                 added = True
                 break
         return added
+
+
+def _runs_when_called(node) -> bool:
+    """Whether every line of the function `node` runs, if at all, while a call of it runs: a
+    plain `def` (not async) with no `yield` and no function, lambda, class or generator
+    expression inside it, whose body could run later, from the target."""
+    if not isinstance(node, ast.FunctionDef):
+        return False
+    for n in ast.walk(node):
+        if n is not node and isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef,
+                                            ast.Yield, ast.YieldFrom, ast.GeneratorExp)):
+            return False
+    return True
