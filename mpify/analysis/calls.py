@@ -98,8 +98,8 @@ class TargetCall:
     in_def: bool = False
 
 
-# Keywords the mpify launchers take for themselves; the others go to fn (engine/launch.py ranch,
-# torch_ddp.py torchddp_launch and in_torchddp).
+# Keywords the mpify launchers take for themselves; the others go to fn (engine/launch/ranch.py ranch,
+# torchddp/ctx.py torchddp_launch and in_torchddp).
 _RANCH_OWN = frozenset({"ctx", "caller_rank", "gather", "timeout", "show_ranks", "nnodes", "node_rank",
                         "master_addr", "master_port", "need", "imports"})
 _OWN = {"ranch": _RANCH_OWN, "torchddp_launch": _RANCH_OWN,
