@@ -88,6 +88,9 @@ class Slice:
     cells_used: list
     run_at: tuple | None = None
     ipython: dict = field(default_factory=dict)
+    # What `mpify deps --why` reads to explain a statement left out (whynot.py): the model, the
+    # point, the statements that run the target, the closure's requests. Not part of to_dict.
+    trace: object = field(default=None, repr=False, compare=False)
 
     def notes(self) -> list:
         """One line per IPython builtin the slice uses, and the stand-in its script gets."""

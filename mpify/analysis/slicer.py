@@ -43,6 +43,7 @@ import difflib
 import gc
 from bisect import bisect_left
 from collections import deque
+from types import SimpleNamespace
 
 from mpify.analysis.caveats import _Caveats
 from mpify.analysis.errors import (CellRangeError, SliceSyntaxError, UnknownTargetError,
@@ -431,8 +432,11 @@ class _Slicer(_UnresolvedNames, _Caveats):
         self._warn(items)
         kind = self._target_kind()
         cells = sorted({i.cell for i in items})
+        trace = SimpleNamespace(model=self.m, point=self.point, excluded=self.excluded,
+                                downstream=self.downstream,
+                                requests=frozenset((name, p) for name, p, _ in self.seen))
         return Slice(self.m.notebook, self.target, kind, self.upto, items, self.star_mods,
-                     sorted(self.star_names), self.warnings, cells, ipython=self.ipython)
+                     sorted(self.star_names), self.warnings, cells, ipython=self.ipython, trace=trace)
 
     def _target_kind(self) -> str:
         for s in reversed(self.st[:self.point]):

@@ -1,4 +1,5 @@
-"""`mpify deps NB --fn NAME [--call EXPR] [--cell K] [--json]`: what a function needs from a notebook, and why.
+"""`mpify deps NB --fn NAME [--call EXPR] [--cell K] [--json] [--why CELL[:LINE]]`: what a function needs
+from a notebook, and why; `--why` says why one statement (or every statement of a cell) is kept or left out.
 
 Thin on purpose: it chooses the slice as `mpify run` and `mpify export` do (mpify.export.prepare:
 `--call` slices in the names the call uses, and the notebook's last run of the target bounds the
@@ -54,12 +55,22 @@ def deps(
     cell: Optional[int] = typer.Option(None, "--cell", help=CELL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     faithful: bool = typer.Option(False, "--faithful", help=FAITHFUL_HELP),
+    why: Optional[str] = typer.Option(None, "--why", "--why-not", metavar="CELL[:LINE]",
+                                      help="Say why the statements of cell CELL (or the one at LINE) are kept or left out."),
 ) -> None:
     """Show the statements FN needs from NOTEBOOK, with the reason for each."""
     try:
         sl, _ = slice_target(notebook, fn, cell=cell, call=call, faithful=faithful)
     except (AnalysisError, ExportError) as e:
         fail(str(e))
+    if why is not None:
+        cell_text, _, line_text = why.partition(":")
+        if not cell_text.isdigit() or (line_text and not line_text.isdigit()):
+            fail(f"--why takes CELL or CELL:LINE (numbers, as `mpify deps` shows them), not {why!r}")
+        from mpify.analysis.whynot import explain
+
+        print("\n".join(explain(sl, int(cell_text), int(line_text) if line_text else None)))
+        return
     if as_json:
         print(json.dumps(sl.to_dict(), indent=2))
     else:
