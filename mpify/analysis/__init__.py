@@ -5,7 +5,7 @@ Public API (used by the export room and the CLI; keep these names and fields sta
 - `load_notebook(path) -> Notebook`: `.path`, `.cells` (each `Cell` has `.index` 1-based among all
   cells, `.kind` 'code'/'markdown'/'raw', `.source`, `.execution_count`), `.warnings`.
 - `slice_notebook(path_or_notebook, target, upto_cell=None, *, extra_roots=(), faithful=False,
-  at_run=True) -> Slice`: `.notebook`, `.target`,
+  at_run=True, replay=None) -> Slice`: `.notebook`, `.target`,
   `.target_kind`, `.items` (`SliceItem`: `.cell`, `.lineno`, `.end_lineno`, `.source_lineno`,
   `.source`, `.reasons`, `.kind`, `.defines`), `.star_imports`, `.unresolved`, `.warnings`,
   `.cells_used`, `.run_at` (the notebook's run of the target the slice is taken before, or None),
@@ -28,7 +28,7 @@ model (statements of a notebook, cross-statement call effects), runpoint (where 
 the target: the slice's default point), slicer (the backward closure), with its parts unresolved
 (names no statement defines: builtins, star imports, opaque statements) and caveats (the
 warnings), result (the `Slice` it returns, and its text), calls (how the notebook calls or launches
-a target, for `--call`).
+a target, for `--call`), whynot (why a statement is kept or left out: `mpify deps --why`).
 """
 from mpify.analysis.errors import (AnalysisError, CellRangeError, NotebookError, SliceSyntaxError,
                                    UnknownTargetError, UnresolvedNameError)
