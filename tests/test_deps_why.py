@@ -66,8 +66,8 @@ def test_why_names_the_run_what_follows_it_and_the_point(tmp_path, tmpdir_):
     r = _deps(tmp_path, tmpdir_, "--why", "7")
     assert r.stdout.splitlines()[1] == "    left out: it is the notebook's run of `train` that the slice is taken just before"
     r = _deps(tmp_path, tmpdir_, "--why", "8:1")
-    assert r.stdout.splitlines()[1] == ("    left out: it comes after the point the slice is taken at, "
-                                        "cell 7, line 1, where the notebook runs `train`")
+    assert r.stdout.splitlines()[1] == ("    left out: it comes after the point the slice is taken at: "
+                                        "cell 7, line 1, where the notebook runs it: w, b = train()")
     # as of the end of the notebook: the run is left out as a run, what it made goes with it
     r = _deps(tmp_path, tmpdir_, "--why", "7", "--cell", "9")
     assert r.stdout.splitlines()[1] == "    left out: it runs `train` (a call or a launch): the slice never runs its target"

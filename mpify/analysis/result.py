@@ -92,6 +92,14 @@ class Slice:
     # point, the statements that run the target, the closure's requests. Not part of to_dict.
     trace: object = field(default=None, repr=False, compare=False)
 
+    def point(self) -> str:
+        """Where the slice is taken, as `mpify deps` and `--why` say it."""
+        if self.upto_cell:
+            return f"the end of cell {self.upto_cell}"
+        if self.run_at is not None:
+            return f"cell {self.run_at[0]}, line {self.run_at[1]}, where the notebook runs it: {self.run_at[2]}"
+        return "the end of the notebook"
+
     def notes(self) -> list:
         """One line per IPython builtin the slice uses, and the stand-in its script gets."""
         return [f"{where}: uses {STANDIN_NOTES[name]}" for name, where in sorted(self.ipython.items())]

@@ -13,6 +13,8 @@ look at data).
 """
 from __future__ import annotations
 
+from mpify.analysis.result import _q
+
 __all__ = ["explain"]
 
 
@@ -20,10 +22,6 @@ __all__ = ["explain"]
 _CHANGES = {"called": "calls", "call-arg": "passes to a call that may change it", "draw": "draws from",
             "grad": "writes the gradients of", "alias": "changes, through a name that may share it,",
             "state": "changes the state of", "seed": "seeds", "direct": "changes"}
-
-
-def _q(name: str) -> str:
-    return f"`{name}`"
 
 
 def _shown(name: str) -> str:
@@ -57,14 +55,6 @@ def explain(sl, cell: int, line: int | None = None) -> list[str]:
     return out
 
 
-def _point(sl) -> str:
-    if sl.upto_cell:
-        return f"the end of cell {sl.upto_cell} (--cell)"
-    if sl.run_at is not None:
-        return f"cell {sl.run_at[0]}, line {sl.run_at[1]}, where the notebook runs {_q(sl.target)}"
-    return "the end of the notebook"
-
-
 def _why_left_out(sl, s) -> list[str]:
     trace = sl.trace
     st = trace.model.statements
@@ -72,7 +62,7 @@ def _why_left_out(sl, s) -> list[str]:
     if j == trace.point and sl.run_at is not None and not sl.upto_cell:
         return [f"it is the notebook's run of {_q(sl.target)} that the slice is taken just before"]
     if j >= trace.point:
-        return [f"it comes after the point the slice is taken at, {_point(sl)}"]
+        return [f"it comes after the point the slice is taken at: {sl.point()}"]
     if j in trace.downstream:
         read, call = trace.downstream[j]
         return [f"it reads {_q(read)}, which {st[call].where()} makes by running {_q(sl.target)}: "

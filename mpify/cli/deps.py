@@ -22,13 +22,7 @@ from mpify.export.prepare import slice_target
 
 def format_report(sl) -> str:
     """The human-readable report printed by `mpify deps`."""
-    if sl.upto_cell:
-        upto = f"the end of cell {sl.upto_cell}"
-    elif sl.run_at is not None:
-        upto = f"cell {sl.run_at[0]}, line {sl.run_at[1]}, where the notebook runs it: {sl.run_at[2]}"
-    else:
-        upto = "the end of the notebook"
-    lines = [f"{sl.target} ({sl.target_kind}) in {sl.notebook.path}, as of {upto}",
+    lines = [f"{sl.target} ({sl.target_kind}) in {sl.notebook.path}, as of {sl.point()}",
              f"{len(sl.items)} statement(s) from cell(s) {', '.join(map(str, sl.cells_used))}", ""]
     for it in sl.items:
         where = (f"cell {it.cell}, line {it.lineno}" if it.lineno == it.end_lineno
