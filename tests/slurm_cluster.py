@@ -102,27 +102,6 @@ def _add_descendants(procs: dict[int, psutil.Process]) -> None:
             pass
 
 
-def _bystanders() -> set[int]:
-    """Processes a cluster never signals: this process's ancestors, and what its parent started
-    that this process did not (the test run's other xdist workers and their kernels and ranks).
-    A cluster's own processes are this process's descendants, or were reparented away from it
-    (slurmstepd's double fork, a dead test's leftovers): never a sibling's. Twice a test run lost
-    its other worker ("node down: Not properly terminated") just as a Slurm test file started or
-    stopped its cluster, the worker killed by no OOM, crash or timeout; the sweeps are the code
-    here that signals processes it did not start, so they are kept off the bystanders."""
-    me = psutil.Process()
-    keep = {me.pid}
-    try:
-        parents = me.parents()
-        keep |= {a.pid for a in parents}
-        mine = {c.pid for c in me.children(recursive=True)}
-        if parents:
-            keep |= {c.pid for c in parents[0].children(recursive=True)} - mine
-    except psutil.Error:
-        pass
-    return keep
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -574,11 +553,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                 pass
         _add_descendants(found)
-        spare = _bystanders()
         live = []
         for p in found.values():
-            if p.pid in spare:
-                continue
             try:
                 if p.status() != psutil.STATUS_ZOMBIE:
                     live.append(p)
@@ -740,8 +716,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 if any(link.startswith(f"{r}/log/") for r in roots for link in links):
                     procs[p.pid] = p
         _add_descendants(procs)
-        spare = _bystanders()
-        procs = {pid: p for pid, p in procs.items() if pid not in spare}
         if procs:
             cls._signal_wait(list(procs.values()), timeout=1.0)
         for name, (ident, _) in stale_ns.items():
