@@ -111,7 +111,8 @@ async def waits_then_answers(x):
 def test_async_functions_run_to_the_end_in_every_rank(no_strays):
     import asyncio
     assert ranch(3, waits_then_answers, 2, gather=True) == [0, 2, 4]
-    with pytest.raises(ValueError, match="async rank 0 refuses -1"):
+    # both ranks raise at once: whichever error reaches the caller first is the one raised
+    with pytest.raises(ValueError, match="async rank [01] refuses -1"):
         ranch(2, waits_then_answers, -1)
 
     async def from_a_running_loop():  # as in a Jupyter kernel, whose thread runs a loop
