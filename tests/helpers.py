@@ -172,9 +172,17 @@ for line in sys.stdin:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    replies.write(f"{pid}\n")
+    # The timeout is kept here, by the child's parent, through a pidfd: the child cannot be
+    # reaped (and its pid given to another process) before the kill, which a kill by pid from
+    # the test process could not promise.
+    import select, signal
+    pidfd = os.pidfd_open(pid)
+    late = not select.select([pidfd], [], [], req["timeout"])[0]
+    if late:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    replies.write(f"{os.waitstatus_to_exitcode(status)}\n")
+    os.close(pidfd)
+    replies.write(f"{os.waitstatus_to_exitcode(status)} {int(late)}\n")
 """
 
 
@@ -199,22 +207,24 @@ class ForkedScripts:
     def run(self, script, cwd, timeout: float = 120):
         """(returncode, stdout, stderr) of `script` run in `cwd`."""
         import json
-        import select
-        import signal
         import tempfile
 
         with self.lock, tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, "out"), os.path.join(d, "err")
-            self.proc.stdin.write(json.dumps({"script": str(script), "cwd": str(cwd), "out": out, "err": err}) + "\n")
+            self.proc.stdin.write(json.dumps({"script": str(script), "cwd": str(cwd), "out": out, "err": err,
+                                              "timeout": timeout}) + "\n")
             self.proc.stdin.flush()
-            pid = int(self.proc.stdout.readline())
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-            code = int(self.proc.stdout.readline())
+            # One line, "<exit code> <1 if killed at the timeout>": the server kills a script that
+            # runs past it. (This process once waited for the line with select() on the pipe
+            # after a buffered readline had already taken it, then killed the script's pid long
+            # after the script had exited: whatever process or thread had that pid by then.)
+            reply = self.proc.stdout.readline().split()
+            if not reply:
+                raise AssertionError(f"the script server died running {script}")
+            code, late = int(reply[0]), reply[1] == "1"
             with open(out) as fo, open(err) as fe:
                 stdout, stderr = fo.read(), fe.read()
-            if not ready:
+            if late:
                 raise AssertionError(f"{script} ran past {timeout} s\n{stderr[-3000:]}")
             return code, stdout, stderr
 
