@@ -41,22 +41,26 @@ def export_and_run(path, fn, tmp_path, *options):
     return out.strip().splitlines()[-1], out, r.stderr
 
 
-@pytest.fixture(scope="module")
-def kernel(shared_kernel, tmp_path_factory):
-    """The notebooks of this module, each run whole in the session's shared kernel (`%reset -f`
-    between them), followed by a cell that prints the target's result. {name: that result}."""
-    tmp = tmp_path_factory.mktemp("kernel")
+def notebook_results(shared_kernel, tmp, notebooks: dict, exprs: dict) -> dict:
+    """The notebooks (name -> cells), each run whole in the session's shared kernel (`%reset -f`
+    between them), followed by a cell that prints `exprs[name]`. {name: what it printed}."""
     nb = nbformat.v4.new_notebook()
-    for name, cells in NOTEBOOKS.items():
+    for name, cells in notebooks.items():
         nb.cells += [new_code_cell("%reset -f")]
         nb.cells += nbformat.read(str(write_nb(tmp, cells, f"{name}.ipynb")), as_version=4).cells
-        nb.cells += [new_code_cell(f"print({MARK!r} + repr({CALLS[name]}))")]
+        nb.cells += [new_code_cell(f"print({MARK!r} + repr({exprs[name]}))")]
     shared_kernel.run(nb, tmp)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}"
     printed = ["".join(o["text"] for o in c.outputs if o["output_type"] == "stream")
                for c in nb.cells if c.source.startswith(f"print({MARK!r}")]
-    return {name: p.split(MARK)[-1].strip() for name, p in zip(NOTEBOOKS, printed)}
+    return {name: p.split(MARK)[-1].strip() for name, p in zip(notebooks, printed)}
+
+
+@pytest.fixture(scope="module")
+def kernel(shared_kernel, tmp_path_factory):
+    """The notebooks of this module run in a real kernel, then the target's result: {name: it}."""
+    return notebook_results(shared_kernel, tmp_path_factory.mktemp("kernel"), NOTEBOOKS, CALLS)
 
 
 # ---- 1. state-less values are not changed through what was built from them -----------------------

@@ -39,7 +39,7 @@ from mpify.analysis.effects import (COMPUTE_CALLS, FRESH_ATTRS, FRESH_BUILTINS, 
 from mpify.analysis.stateless import StatelessNames
 from mpify.analysis.summaries import BodyCall
 
-__all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element"]
+__all__ = ["Sources", "expr_sources", "propagate", "close_function", "through_element", "iteration_facts"]
 
 # Kinds of change that do not travel to aliases: calling an object (`model(x)`) and passing it to a
 # call that may change it are weak evidence (issue 11's precision), and stay on the name.
@@ -181,6 +181,38 @@ def _call_sources(node, out: Sources, ext, dv) -> None:
 
 _NOTHING = Sources(frozenset(), frozenset(), frozenset(), frozenset(), frozenset())
 
+# ---- iterators: `iter(x)` is x itself only when x is an iterator ---------------------------------
+#
+# `iter(x)` is in VIEW_CALLS: of an iterator (a generator, a file, `zip(..)`) it returns x itself,
+# so `next(it)` advances x. Of anything else (a DataLoader, a Dataset, a list, a tensor) it returns
+# a new iterator that only reads x: a peek at a batch (`it = iter(valid_dl); xb, yb = next(it)`)
+# changes `it`, not the loader the target trains on (issue 25). At top level, a name bound to an
+# instance of a class (a capitalised callee: `DataLoader(ds)`, `TensorDataset(x, y)`) or to a
+# container literal is taken as not its own iterator, unless the class is a notebook class that
+# defines `__next__`; `iter(..)` of such a name holds it instead of sharing it (propagate), and
+# `next(it)` changes only what `it` shares (visit_calls: like a method not known to change what
+# the object holds).
+_CONTAINER_BUILTINS = frozenset({"list", "tuple", "dict", "set", "frozenset", "sorted", "range"})
+
+
+def iteration_facts(f, names, value) -> None:
+    """Record on facts `f` what a top-level `names = value` says about iteration: `iterables`
+    (the name holds a value that is not its own iterator) and `iter_of` (`it = iter(x)`)."""
+    if len(names) != 1:
+        return
+    name = names[0]
+    if isinstance(value, (ast.List, ast.Tuple, ast.Set, ast.Dict, ast.ListComp, ast.SetComp, ast.DictComp)):
+        f.iterables[name] = ""
+    elif isinstance(value, ast.Call):
+        callee = _callee_name(value.func)
+        if callee in _CONTAINER_BUILTINS and isinstance(value.func, ast.Name):
+            f.iterables[name] = ""
+        elif callee and callee[0].isupper():
+            f.iterables[name] = callee
+        elif (callee == "iter" and isinstance(value.func, ast.Name) and len(value.args) == 1
+              and not value.keywords and isinstance(value.args[0], ast.Name)):
+            f.iter_of[name] = value.args[0].id
+
 
 class _Objects:
     """The points-to state of the top-level names as the statements run, in order."""
@@ -206,8 +238,10 @@ class _Objects:
             out |= self.held.get(n, set())
         return out
 
-    def bind(self, name, src: Sources, strong) -> None:
-        pts = {next(self.new)} | self.reach(src.share, False) | self.reach(src.elems, True)
+    def bind(self, name, src: Sources, strong) -> int:
+        """Bind `name` to a new object made from `src`; returns that object."""
+        new = next(self.new)
+        pts = {new} | self.reach(src.share, False) | self.reach(src.elems, True)
         held = self.reach(src.holds, False) | self.holding(src.share | src.elems | src.holds)
         graph = pts | held | self.reach(src.share | src.elems | src.derived | src.holds, True)
         if not strong:
@@ -220,6 +254,7 @@ class _Objects:
         self.graph[name] = graph
         for o in pts | held:
             self.holders.setdefault(o, set()).add(name)
+        return new
 
     def unbind(self, name) -> None:
         for o in self.pts.pop(name, set()) | self.held.pop(name, set()):
@@ -241,10 +276,13 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
     objs = _Objects()
     returns: dict = {}  # notebook function -> (globals its result may be, functions it returns)
     values = StatelessNames()  # names bound to a state-less value: no change reaches them
+    not_iterators: set = set()  # objects that are not their own iterators (iteration_facts)
+    iterator_classes: set = set()  # notebook classes that define `__next__`
     for st in statements:
         f = st.facts
         after_values = f.values_after if f.values_after is not None else values.after(f)
         for name, summ in f.summaries.items():
+            (iterator_classes.add if summ.is_iterator else iterator_classes.discard)(name)
             # (A notebook class's instance holds what it was given, not what its methods read.)
             if not summ.is_class:
                 returns[name] = ((set(f.uses_later) if summ.returns_any else summ.returns),
@@ -261,8 +299,14 @@ def propagate(statements, grad_names: set, faithful: bool, kinds: dict) -> None:
             if values.touches(src, after_values):
                 src = Sources(*({n for n in part if values.changeable(n, after_values)} for part in src))
             for n in names:
+                of = f.iter_of.get(n)
+                if of in src.share and objs.pts.get(of) and objs.pts[of] <= not_iterators:
+                    # `it = iter(valid_dl)`: a new iterator over the loader, not the loader
+                    src = Sources(src.share - {of}, src.derived, src.elems, src.callees, src.holds | {of})
                 # A name bound to a state-less value is a new object nothing else reaches.
-                objs.bind(n, _NOTHING if after_values.get(n) else src, f.defs.get(n) is True)
+                new = objs.bind(n, _NOTHING if after_values.get(n) else src, f.defs.get(n) is True)
+                if f.iterables.get(n) not in (None, *iterator_classes) and f.defs.get(n) is True:
+                    not_iterators.add(new)
                 bound.add(n)
         for n, strong in f.defs.items():
             if n not in bound and kinds.get(n) not in ("module", "notebook"):

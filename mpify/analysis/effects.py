@@ -37,7 +37,7 @@ from __future__ import annotations
 __all__ = ["MUTATION_RANK", "combine_kinds", "FRESH_CALLS", "FRESH_BUILTINS", "VIEW_CALLS", "FRESH_ATTRS", "COMPUTE_CALLS", "GRAD_CALLS", "GRAD_OBSERVERS",
            "STATELESS_BUILTINS", "STATELESS_OF_ARGS", "STATELESS_METHODS", "STATELESS_MODULE_ATTRS",
            "STATELESS_MODULE_CALLS", "STR_METHODS",
-           "SEED_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
+           "SEED_CALLS", "FULL_SEED_CALLS", "seeds_whole", "GENERATOR_USERS", "SEED_ALL_CALLS", "CONFIG_CALLS", "STATE_CALLS", "BARE_STATE_CALLS", "RECEIVER_MUTATORS",
            "ARG_MUTATORS", "QUERY_METHODS", "QUERY_PREFIXES", "DRAW_CALLS", "WRITE_CALLS",
            "PURE_BUILTINS", "OPAQUE_CALLS", "LAUNCHERS", "is_inplace", "changes_first_arg",
            "is_query", "is_draw", "external_method_changes_receiver"]
@@ -69,6 +69,27 @@ def _words(text: str) -> frozenset:
 SEED_CALLS = _words("""
 seed manual_seed manual_seed_all set_rng_state set_seed seed_everything set_random_seed
 """)
+# Seed calls that set every generator of what they are called on: `torch.manual_seed(0)` seeds the
+# CPU generator and every device's, so an earlier seed of `torch` no longer matters.
+# `torch.cuda.manual_seed(0)` sets the CUDA generators only, and `torch.set_rng_state(s)` the CPU
+# one only: a seed of `torch` made before either still decides what the other generators draw.
+FULL_SEED_CALLS = _words("seed manual_seed set_seed seed_everything set_random_seed")
+DEVICE_MODULES = _words("cuda mps xpu npu hpu mtia")
+# Packages whose code draws from another package's global generators: a torch model's layers
+# initialise their weights from torch's (`nn.Linear(3, 8)`), a `transformers` head too, sklearn's
+# `train_test_split` draws from numpy's when given no `random_state`, fastai's transforms from
+# python's `random`. A slice keeps the seeds of a package for what it reads of these (seeds.py).
+GENERATOR_USERS = {
+    "torch": _words("""torchvision torchaudio torchtext transformers lightning pytorch_lightning timm
+                       accelerate fastai diffusers torch_geometric ignite peft trl sentence_transformers
+                       skorch"""),
+    "numpy": _words("sklearn pandas scipy datasets fastai skimage"),
+    "random": _words("fastai datasets"),
+}
+# Seed calls that seed python's `random`, numpy's and torch's generators at once (Lightning's
+# `pl.seed_everything`, transformers' and accelerate's `set_seed`): what draws from any of those
+# depends on them.
+SEED_ALL_CALLS = _words("seed_everything set_seed")
 # Global configuration read later by other calls of the same module (or the process).
 CONFIG_CALLS = _words("""
 set_default_dtype set_default_device set_default_tensor_type set_num_threads set_num_interop_threads
@@ -125,10 +146,17 @@ long int bool bincount argsort topk softmax log_softmax sigmoid tanh relu chunk 
 repeat expand expand_as view_as reshape_as type_as eq ne gt lt ge le add sub mul div neg isnan
 isfinite allclose equal nelement element_size stride is_contiguous ndimension gather index_select
 masked_select cumprod diff median mode quantile logsumexp amax amin minimum maximum floor ceil sign
-square mm bmm
+square mm bmm compute transform
 """)
-# Method-name prefixes of displays and summaries (`show_batch`, `plot_loss`, `display_df`).
-QUERY_PREFIXES = ("show", "plot", "display", "print", "summar", "describe")
+# (`metric.compute()` reads what was added (evaluate's empties it after, as a fresh metric is);
+# `preprocessor.transform(ds)` applies what `fit` learned, the fitted state stays. `fit_transform`
+# is not here.)
+# Method-name prefixes of displays, summaries and getters (`show_batch`, `plot_loss`, `display_df`,
+# `vocab.get_itos()`, `vocab.lookup_indices(tokens)`).
+QUERY_PREFIXES = ("show", "plot", "display", "print", "summar", "describe", "get_", "lookup_")
+# Getters that advance or empty what they are called on (`q.get_nowait()`, tf's
+# `iterator.get_next()`): not queries, whatever the prefix says.
+NOT_QUERIES = _words("get_nowait get_next")
 # Functions and methods that draw random numbers: they move a generator, nothing else.
 DRAW_CALLS = _words("""
 random rand randn randint randrange randbytes getrandbits rand_like randn_like randint_like randperm
@@ -155,6 +183,12 @@ LAUNCHERS = frozenset({"ranch", "notebook_launcher", "torchddp_launch", "in_torc
                        "start_processes", "Process", "launch"})
 
 
+def seeds_whole(chain: list[str]) -> bool:
+    """`chain` (the dotted call, `["torch", "manual_seed"]`) sets every generator of its root
+    name (`FULL_SEED_CALLS`), not only a device's (`torch.cuda.manual_seed`)."""
+    return chain[-1] in FULL_SEED_CALLS and not DEVICE_MODULES.intersection(chain[:-1])
+
+
 def is_inplace(name: str) -> bool:
     """torch's convention: `add_`, `zero_`, `nn.init.kaiming_normal_` change their tensor in place.
     Dunders and private names (`__init__`, `_x`) are not in-place ops."""
@@ -168,7 +202,7 @@ def changes_first_arg(name: str) -> bool:
 
 def is_query(method: str) -> bool:
     """A method that only reads or displays its receiver."""
-    return method in QUERY_METHODS or method.startswith(QUERY_PREFIXES)
+    return method in QUERY_METHODS or (method.startswith(QUERY_PREFIXES) and method not in NOT_QUERIES)
 
 
 def is_draw(method: str) -> bool:

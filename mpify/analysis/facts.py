@@ -49,6 +49,9 @@ class StatementFacts:
     stateless.py). values_after: the model's, name -> whether it holds a state-less value
     after the statement, for the names it binds or deletes.
     launches: names passed to a launcher call (`ranch(4, train)`).
+    iterables: name -> the class it is bound to an instance of ("" for a container literal), a
+    value that is not its own iterator (aliases.iteration_facts); iter_of: name -> the name whose
+    `iter(..)` it is bound to.
     """
 
     defs: dict = field(default_factory=dict)
@@ -113,3 +116,5 @@ class StatementFacts:
         self.name_main = False
         self.writes_files = set()
         self.string_literals = set()
+        self.iterables = {}
+        self.iter_of = {}

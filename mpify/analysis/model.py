@@ -29,6 +29,7 @@ from mpify.analysis.magics import translate_cell
 from mpify.analysis.notebook import Notebook
 from mpify.analysis.aliases import propagate
 from mpify.analysis.effects import MUTATION_RANK, changes_first_arg
+from mpify.analysis.evalmode import calls_train, eval_call, no_grad_only_calls
 from mpify.analysis.facts import StatementFacts
 from mpify.analysis.stars import resolve_star
 from mpify.analysis.stateless import UNCHANGEABLE, StatelessNames
@@ -372,8 +373,10 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
     latest: dict = {}
     memo: dict = {}  # summaries already followed (summaries.effects_of)
     values = StatelessNames()
+    in_eval: set = set()  # notebook objects last touched by `obj.eval()` (evalmode.py)
     for st in statements:
         f = st.facts
+        looks = None  # the objects this statement calls only under no_grad, when asked
         for callee, pos, kws, _line in f.calls:  # BareCall
             summ = latest.get(callee)
             if summ is not None and summ.is_class:
@@ -413,16 +416,22 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
                 continue
             if callee not in latest:
                 # A builtin that PURE_BUILTINS does not clear: it may change its arguments;
-                # `next(it)` does change its iterator, and what the iterator was made from
-                # (`it = iter(gen)` is gen itself): a change that reaches aliases.
+                # `next(it)` does change its iterator, and what the iterator shares (`it =
+                # iter(gen)` is gen itself), not what a new iterator only reads (`iter(loader)`:
+                # aliases.iteration_facts).
                 for i, arg in enumerate(list(pos) + list(kws.values())):
                     if arg:
                         _add_mutation(f, arg, "direct" if i == 0 and changes_first_arg(callee) else "call-arg",
-                                      values)
+                                      values, own=callee == "next" and i == 0)
                 continue
             # Calling a notebook object (`linear_model(X)`): as for a method call on it, it may
             # change the object (a stateful callable), not its arguments (issue 11: `X` was read
-            # as changed by every `model(X)` of the exploration cells).
+            # as changed by every `model(X)` of the exploration cells). Not a forward pass in eval
+            # mode under no_grad (evalmode.py).
+            if callee in in_eval and st.node is not None:
+                looks = no_grad_only_calls(st.node) if looks is None else looks
+                if callee in looks:
+                    continue
             _add_mutation(f, callee, "called", values)
         after = f.values_after = values.after(f)  # (aliases.propagate reads it again)
         if f.through:
@@ -434,6 +443,13 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
             values.advance(f, after)
         for name in f.defs:
             latest[name] = f.summaries.get(name)
+        if in_eval or f.mutates:
+            if st.node is not None and calls_train(st.node):
+                in_eval.clear()
+            in_eval.difference_update(f.mutates, f.defs, f.dels)
+            put = eval_call(st.node) if st.node is not None else None
+            if put is not None:
+                in_eval.add(put)
 
 
 def _add_effect(f, name, kind, faithful, values=None):
@@ -446,14 +462,17 @@ def _add_effect(f, name, kind, faithful, values=None):
     _add_mutation(f, name, kind if kind in ("seed", "state") else "direct", values)
 
 
-def _add_mutation(f, name, kind, values=None):
+def _add_mutation(f, name, kind, values=None, own=False):
     """values: the names holding a state-less value (stateless.py), which no call changes:
     `evaluate(m)`, whose body does `xb = xb.to(device)`, does not change `device`; a
     generator's `next(..)` over `range(len(data))` does not change `len`. (A name the statement
     binds itself is left as it is: which of its values the call sees is not known here.)"""
     if values is not None and kind in UNCHANGEABLE and name not in f.defs and values.holds(name):
         return
-    f.own.discard(name)  # a called function's change may reach what the object holds
     old = f.mutates.get(name)
+    if own and old is None:
+        f.own.add(name)  # a change of the object itself only (`next(it)`)
+    elif not own:
+        f.own.discard(name)  # a called function's change may reach what the object holds
     if old is None or MUTATION_RANK[kind] > MUTATION_RANK[old]:
         f.mutates[name] = kind

@@ -52,6 +52,7 @@ from mpify.analysis.model import Model, Statement, build_model
 from mpify.analysis.notebook import Notebook, load_notebook
 from mpify.analysis.result import Slice, SliceItem, _q
 from mpify.analysis.runpoint import last_run, replayed_run
+from mpify.analysis.seeds import _Seeds, bare_seed
 from mpify.analysis.unresolved import _UnresolvedNames
 
 __all__ = ["slice_notebook"]
@@ -165,7 +166,7 @@ def _bound(node, alias) -> str:
     return alias.name.split(".")[0] if isinstance(node, ast.Import) else alias.name
 
 
-class _Slicer(_UnresolvedNames, _Caveats):
+class _Slicer(_UnresolvedNames, _Caveats, _Seeds):
     def __init__(self, model: Model, target: str, point: int, upto_cell):
         self.m = model
         self.st: list[Statement] = model.statements
@@ -188,6 +189,7 @@ class _Slicer(_UnresolvedNames, _Caveats):
         self.star_supply: dict = {}  # star import index -> {name: who needs it}
         self.star_indices = [s.index for s in self.st if s.facts.star_import is not None
                              and s.index not in self.excluded]
+        self.draws_from = self._generator_families()  # seeds.py
 
     def _exclusions(self):
         """The statements that run the target (`ranch(4, train)`, `probs = [train(t) for t in
@@ -232,6 +234,12 @@ class _Slicer(_UnresolvedNames, _Caveats):
             return
         self.seen.add(key)
         self.work.append((name, p, why, soft, where, p_late))
+        for g in self.draws_from.get(name, ()):
+            # What is read of a seeded module's package may draw from its generators where it
+            # runs (seeds.py); a seed call's own read of its module draws nothing.
+            for at in {p, p_late}:
+                if not (at < len(self.st) and bare_seed(self.st[at].node, g)):
+                    self._push(f"<seeds:{g}>", at, why)
 
     def _include(self, j: int, reason: str | None, p_req: int, name: str | None = None):
         """Keep statement j for `reason` (None: the caller writes the reason later, as for star
@@ -283,6 +291,10 @@ class _Slicer(_UnresolvedNames, _Caveats):
         # A later seed of `name` was found: earlier draws from it do not matter. The seed call
         # itself reads `name` (to call `torch.manual_seed`), not the generator's state.
         seeded = p < len(self.st) and self.st[p].facts.mutates.get(name) == "seed"
+        # A statement that is only a seed of every generator of `name` (`torch.manual_seed(42)`,
+        # not `torch.cuda.manual_seed(42)`) makes the seeds before it irrelevant as well: a lesson
+        # that seeds before each of its experiments keeps the last seed before the read, not all.
+        whole = seeded and bare_seed(self.st[p].node, name) == "whole"
         for i in range(k - 1, -1, -1):
             j = ev[i]
             f = self.st[j].facts
@@ -303,6 +315,10 @@ class _Slicer(_UnresolvedNames, _Caveats):
             if f.mutates.get(name) == "draw" and seeded and name not in f.defs:
                 continue  # a draw before a seed: the seed redefines the generator's state
             if f.mutates.get(name) == "seed":
+                bare = bare_seed(self.st[j].node, name)
+                if whole and bare is not None:
+                    continue  # a seed statement before a seed of every generator
+                whole = whole or bare == "whole"
                 seeded = True
             if f.defs.get(name) is True:
                 found.append((j, "def"))
@@ -356,6 +372,8 @@ class _Slicer(_UnresolvedNames, _Caveats):
         return f"mutates {_q(name)}, needed by {why}"
 
     def _process(self, name, p, why, soft, where, p_late):
+        if name.startswith("<seeds:"):
+            return self._seeds(name[7:-1], p, why)
         found, deleted, strong = self._resolve(name, p)
         b = self._broken_between(name, strong if deleted is None else deleted, p)
         if b is not None and not soft:

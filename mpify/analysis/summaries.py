@@ -67,6 +67,7 @@ class FunctionSummary:
     return_calls: set = field(default_factory=set)
     returns_any: bool = False
     is_class: bool = False
+    is_iterator: bool = False  # a class that defines `__next__`: its instances are iterators
 
 
 @dataclass

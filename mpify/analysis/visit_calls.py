@@ -75,8 +75,10 @@ class _CallVisits:
                 # A builtin that PURE_BUILTINS does not clear: it may change its arguments
                 # (`next(it)` does change its first, see effects.ARG_MUTATORS).
                 for i, a in enumerate(argnodes):
+                    # (`next(it)` advances the iterator: what it shares, not what it iterates over,
+                    # aliases.iteration_facts)
                     self._mutate(root_name(a), "direct" if i == 0 and changes_first_arg(name) else "call-arg",
-                                 node.lineno)
+                                 node.lineno, own=name == "next" and i == 0)
         elif isinstance(func, ast.Attribute):
             self._method_call(node, func, argnodes)
         if isinstance(func, ast.Name) and func.id == "open" and not self._later():

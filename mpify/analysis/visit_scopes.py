@@ -137,7 +137,9 @@ class _ScopeVisits:
         self.stack.pop()
         self._bind(node.name, node.lineno)
         if top:
-            self.f.summaries[node.name] = FunctionSummary(is_class=True)
+            self.f.summaries[node.name] = FunctionSummary(is_class=True, is_iterator=any(
+                isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "__next__"
+                for n in node.body))
 
     def _visit_comprehension(self, node, elts):
         gens = node.generators

@@ -42,7 +42,7 @@ import ast
 import builtins
 from contextlib import contextmanager
 
-from mpify.analysis.aliases import Sources, expr_sources, through_element
+from mpify.analysis.aliases import Sources, expr_sources, iteration_facts, through_element
 from mpify.analysis.effects import MUTATION_RANK, combine_kinds
 from mpify.analysis.facts import _EXTERNAL, StatementFacts
 from mpify.analysis.scopes import Scope, root_name
@@ -242,6 +242,8 @@ class _Visitor(_StatementVisits, _ScopeVisits, _CallVisits, ast.NodeVisitor):
             # Top level: every name read is global (comprehension targets are left out by
             # expr_sources); values only.
             kinds = self.kinds
+            if not elements and value is not None and stateless_of is not False:
+                iteration_facts(self.f, names, value)
             self.f.bindings.append((names, Sources(
                 {n for n in src.share if kinds.get(n) not in _EXTERNAL},
                 {n for n in src.derived if kinds.get(n) not in _EXTERNAL},
