@@ -51,7 +51,8 @@ class StatementFacts:
     launches: names passed to a launcher call (`ranch(4, train)`).
     iterables: name -> the class it is bound to an instance of ("" for a container literal), a
     value that is not its own iterator (aliases.iteration_facts); iter_of: name -> the name whose
-    `iter(..)` it is bound to.
+    `iter(..)` it is bound to. modules: the dotted modules a top-level import may load
+    (`from pkg import mod`: `pkg` and `pkg.mod`), which a `%%writefile` cell may have written.
     """
 
     defs: dict = field(default_factory=dict)
@@ -117,4 +118,5 @@ class StatementFacts:
         self.writes_files = set()
         self.string_literals = set()
         self.iterables = {}
+        self.modules = set()
         self.iter_of = {}

@@ -31,6 +31,7 @@ never regexes of our own for magics); this module then rewrites each `get_ipytho
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -128,6 +129,9 @@ def _cell_magic(lines: list[str], first: int) -> PyCell:
                 src = f"with open({p!r}, 'a') as _mpify_f:\n    _mpify_f.write({body_src!r})\n"
             else:
                 src = f"__import__('pathlib').Path({p!r}).write_text({body_src!r})\n"
+            if os.path.dirname(p):
+                # (the notebook made the folder in a cell the slice may leave out: `os.makedirs`)
+                src = f"__import__('os').makedirs({os.path.dirname(p)!r}, exist_ok=True)\n" + src
             out.file_write = FileWrite(p, append, src, len(lines))
     return out
 

@@ -340,8 +340,9 @@ def _add_cell(statements, cell, pyc, tree, kinds, future, faithful) -> bool:
         src_lines = lines[s - 1:start - 1] + src_lines if s < start else src_lines
         prev_end = end
         facts = analyse_statement(node, kinds, future, faithful)
-        for mod in facts.imports:
-            # `import helper` may need the file a `%%writefile helper.py` cell made.
+        for mod in facts.modules:
+            # `import helper` may need the file a `%%writefile helper.py` cell made, `from
+            # going_modular import data_setup` the one `%%writefile going_modular/data_setup.py` did.
             facts.soft_uses.setdefault(f"<module:{mod}>", node.lineno)
         if facts.future_annotations:
             future = True
@@ -358,13 +359,21 @@ def _add_cell(statements, cell, pyc, tree, kinds, future, faithful) -> bool:
 
 
 def _file_pseudo_name(path: str) -> str:
-    """`<module:helper>` for `helper.py` (what `import helper` reads), else `<file:path>`."""
+    """`<module:helper>` for `helper.py` (what `import helper` reads), `<module:pkg.mod>` for
+    `pkg/mod.py` and `<module:pkg>` for `pkg/__init__.py` (relative to the notebook's folder, where
+    imports look first); else `<file:path>`. A `.py` path outside the folder (`../x.py`, absolute)
+    is named by its file name."""
     import os
 
-    base = os.path.basename(path)
-    if base.endswith(".py"):
-        return f"<module:{base[:-3]}>"
-    return f"<file:{path}>"
+    if not path.endswith(".py"):
+        return f"<file:{path}>"
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.isabs(path) or ".." in parts or not all(p.isidentifier() for p in parts[:-1]):
+        return f"<module:{os.path.basename(path)[:-3]}>"
+    parts[-1] = parts[-1][:-3]
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return f"<module:{'.'.join(parts)}>"
 
 
 def _resolve_calls(statements, kinds, faithful=False) -> None:

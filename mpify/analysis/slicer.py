@@ -342,7 +342,7 @@ class _Slicer(_UnresolvedNames, _Caveats, _Seeds):
             return f"defines {_q(name)} (the target)"
         why = why or f"the target {_q(self.target)}"
         if name.startswith("<module:") or name.startswith("<file:"):
-            return f"writes {name[8:-1] + '.py' if name.startswith('<module:') else name[6:-1]}, needed by {why}"
+            return f"writes {self.st[j].file_write or name}, needed by {why}"
         if role == "def":
             return f"defines {_q(name)}, needed by {why}"
         if role == "weak":

@@ -167,6 +167,7 @@ class _StatementVisits:
             root = a.name.split(".")[0]
             if not self.stack:
                 self.f.imports.add(root)
+                self.f.modules.update(_packages(a.name))
             if a.asname:
                 self._bind(a.asname, node.lineno)
             else:
@@ -176,6 +177,9 @@ class _StatementVisits:
     def visit_ImportFrom(self, node):
         if not self.stack and node.module and not node.level:
             self.f.imports.add(node.module.split(".")[0])
+            self.f.modules.update(_packages(node.module))
+            # `from going_modular import data_setup` may load the submodule a cell wrote
+            self.f.modules.update(f"{node.module}.{a.name}" for a in node.names if a.name != "*")
         if node.module == "__future__" and not self.stack:
             if any(a.name == "annotations" for a in node.names):
                 self.f.future_annotations = True
@@ -201,3 +205,9 @@ def _is_name_main(test) -> bool:
     return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
             and test.left.id == "__name__"
             and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
+
+
+def _packages(dotted: str) -> list:
+    """The modules `import a.b.c` loads: `a`, `a.b`, `a.b.c`."""
+    parts = dotted.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]

@@ -26,7 +26,7 @@ _CHANGES = {"called": "calls", "call-arg": "passes to a call that may change it"
 
 def _shown(name: str) -> str:
     if name.startswith("<module:"):
-        return f"the module file {name[8:-1]}.py"
+        return f"the module file {name[8:-1].replace('.', '/')}.py"
     if name.startswith("<file:"):
         return f"the file {name[6:-1]}"
     return _q(name)
