@@ -130,6 +130,11 @@ SEEDS = [
     "md:## Model 0: a linear baseline",
     "torch.manual_seed(42)\nmodel_0 = nn.Linear(3, 1)\nmodel_0.state_dict()",
     "torch.manual_seed(42)\ntorch.cuda.manual_seed(42)\nresults_0 = fit(model_0, 20)\nresults_0",
+    "md:## Model 0 again, with momentum (another training function)",
+    "def fit_momentum(model, epochs, lr=0.05):\n    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)\n"
+    "    for _ in range(epochs):\n        loss = nn.functional.mse_loss(model(X + 0.01 * torch.randn_like(X)), y)\n"
+    "        opt.zero_grad()\n        loss.backward()\n        opt.step()\n    return round(loss.item(), 4)",
+    "torch.manual_seed(42)\nmodel_m = nn.Linear(3, 1)\nresults_m = fit_momentum(model_m, 20)\nresults_m",
     "md:## Model 1: one hidden layer",
     "torch.manual_seed(42)\nmodel_1 = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))",
     "torch.manual_seed(42)\nresults_1 = fit(model_1, 30)\nresults_1",
@@ -141,8 +146,9 @@ SEEDS = [
 def test_seeds_of_other_experiments_left_out(tmp_path, kernel):
     path = write_nb(tmp_path, SEEDS)
     sl = slice_notebook(path, "fit", extra_roots=["model_1"], replay="fit(model_1, 30)")
-    # Before: every seed of `torch` before the call was kept (cells 8 and 9 too, "used by `fit`"),
-    # and `random.seed`, `np.random.seed` for a target that draws from neither. The seed before
+    # Before: every seed of `torch` before the call was kept (cells 8, 9 and 12 too, "used by
+    # `fit`"), and `random.seed`, `np.random.seed` for a target that draws from neither. The other
+    # experiments (cells 8-12: another model, another training function, their runs) stay out. The seed before
     # `model_1` stays although that statement never names `torch`: `nn.Linear` initialises its
     # weights from torch's generator (a name imported from torch reads its seeds).
     assert firsts(sl) == [
@@ -151,9 +157,9 @@ def test_seeds_of_other_experiments_left_out(tmp_path, kernel):
         (4, "X = torch.randn(200, 3)"),
         (4, "y = (X @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(200)).unsqueeze(1)"),
         (6, "def fit(model, epochs, lr=0.05):"),
-        (11, "torch.manual_seed(42)"),
-        (11, "model_1 = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))"),
-        (12, "torch.manual_seed(42)")]
+        (14, "torch.manual_seed(42)"),
+        (14, "model_1 = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))"),
+        (15, "torch.manual_seed(42)")]
     got, _, _ = export_and_run(path, "fit", tmp_path, "--call", "fit(model_1, 30)")
     assert ast.literal_eval(got) == ast.literal_eval(kernel["seeds"])
 
