@@ -452,13 +452,13 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
             values.advance(f, after)
         for name in f.defs:
             latest[name] = f.summaries.get(name)
-        if in_eval or f.mutates:
+        if in_eval:
             if st.node is not None and calls_train(st.node):
                 in_eval.clear()
             in_eval.difference_update(f.mutates, f.defs, f.dels)
-            put = eval_call(st.node) if st.node is not None else None
-            if put is not None:
-                in_eval.add(put)
+        put = eval_call(st.node)  # (a look at the statement's top node only)
+        if put is not None:
+            in_eval.add(put)
 
 
 def _add_effect(f, name, kind, faithful, values=None):
