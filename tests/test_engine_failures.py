@@ -189,6 +189,51 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
     assert sent == [("killpg", leader.pid), ("killpg", loner.pid), ("kill", loner.pid)]
 
 
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds are Linux's")
+def test_a_rank_alone_is_reached_through_its_pidfd_never_by_its_pid(monkeypatch):
+    """A reaped rank's pid may be another process's or thread's by the time a stop comes (a test
+    run once killed its own worker that way): a tracked rank is signalled and asked after through
+    the pidfd opened when it started, and once reaped it is gone, whatever now has its pid."""
+    from mpify.engine.launch import teardown
+    loner = subprocess.Popen(["sleep", "30"])  # a rank before setpgid: no group of its own
+    teardown.track(loner.pid)
+    kills = []
+    real_kill = os.kill
+    monkeypatch.setattr(teardown.os, "kill", lambda pid, sig: (kills.append((pid, sig)), real_kill(pid, sig))[1])
+    try:
+        assert teardown.rank_alive(loner.pid)
+        teardown._signal_rank(loner.pid, signal.SIGTERM)
+        assert loner.wait(10) == -signal.SIGTERM  # reaped: its pid is free for anyone
+        assert not teardown.rank_alive(loner.pid)
+        teardown.stop_ranks([loner.pid], first=signal.SIGKILL)
+    finally:
+        monkeypatch.undo()
+        teardown.release([loner.pid])
+    assert kills == []
+    assert loner.pid not in teardown._pidfds
+
+
+def test_a_launch_and_a_world_close_the_pidfds_of_their_ranks(no_strays):
+    from mpify import World
+    from mpify.engine.launch import teardown
+
+    def pidfds():
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                    out.append(fd)
+            except OSError:
+                pass
+        return out
+
+    assert ranch(2, os.getpid, gather=True)[1] != os.getpid()
+    with World(2) as w:
+        assert len(pidfds()) == 1  # rank 1's, while the world lives
+        w.run(os.getpid)
+    assert teardown._pidfds == {} and pidfds() == []
+
+
 def test_a_rank_reporting_as_the_stop_comes_still_gets_its_error_through(no_strays):
     # Was: the stop's SIGINT, landing while the rank sent its error, raised KeyboardInterrupt in
     # the middle of the send; the message was lost, the rank exited with code 0, and the launch

@@ -123,6 +123,7 @@ class Launch:
                                  err_r: LineForwarder(rank, stderr, self.show(rank), "stderr")}
                 self.children.append(child)
                 proc.start()
+                teardown.track(proc.pid)
                 for end in (result_w, alive_r, out_w, err_w):
                     end.close()
         _debug("started", [(c.rank, c.proc.pid) for c in self.children], "port", self.meeting.port)
@@ -394,6 +395,7 @@ class Launch:
             for conn in c.streams:
                 conn.close()
             c.streams.clear()
+            teardown.release([c.proc.pid])
             if c.proc.pid is not None and c.proc.exitcode is not None:
                 c.proc.close()
         if nodes:

@@ -3,16 +3,71 @@
 Every child rank leads its own process group (see rank/child.py), so signalling the group reaches its
 DataLoader workers and other grandchildren, even those whose parent already died. A group
 outlives its leader while any member lives, so the last sweep goes to the group, not the pid.
+
+A rank alone (before it has made its group, or when asking whether it still runs) is reached
+through a pidfd opened when it started (`track`, Linux), never by its pid: by the time a launch
+tears down, a rank that exited was reaped long ago, and its pid may belong to another process or
+to a thread of one (kill() of a thread's id signals its whole process). On a machine whose pids
+wrap quickly (a test run, pid_max 32768) a kill by a stale pid is a kill of a stranger.
 """
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Iterable
 
 GRACE_SIGINT = 1.0  # seconds for KeyboardInterrupt handlers and DataLoader shutdown
 GRACE_SIGTERM = 1.0
+
+
+_pidfds: dict[int, int] = {}  # rank pid -> its pidfd (-1: gone before it could be opened)
+_pidfds_lock = threading.Lock()
+
+
+def track(pid: int | None) -> None:
+    """Open the pidfd of a rank just started, for every signal to it alone (see the docstring).
+    Where pidfds do not exist (not Linux), ranks are signalled by pid, as before."""
+    if pid is None or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        fd = -1  # it exited and was reaped (by the forkserver that started it) already
+    with _pidfds_lock:
+        old = _pidfds.pop(pid, -1)
+        if old >= 0:
+            os.close(old)
+        _pidfds[pid] = fd
+
+
+def release(pids: Iterable[int | None]) -> None:
+    """Close the pidfds of ranks whose launch or world is done with them."""
+    with _pidfds_lock:
+        for pid in pids:
+            fd = _pidfds.pop(pid, -1)
+            if fd >= 0:
+                os.close(fd)
+
+
+def _signal_alone(pid: int, sig: int) -> bool:
+    """Send `sig` (0: only ask) to the rank process alone; False when it is gone."""
+    with _pidfds_lock:
+        fd = _pidfds.get(pid)
+        if fd is not None:
+            if fd < 0:
+                return False
+            try:
+                signal.pidfd_send_signal(fd, sig)
+                return True
+            except OSError:  # ProcessLookupError: exited and reaped
+                return False
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _signal_rank(pid: int, sig: int) -> None:
@@ -24,10 +79,7 @@ def _signal_rank(pid: int, sig: int) -> None:
         return
     except (ProcessLookupError, PermissionError):
         pass
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal_alone(pid, sig)
 
 
 def group_alive(pid: int) -> bool:
@@ -75,13 +127,9 @@ def rank_alive(pid: int) -> bool:
     and the loser sees exit code 255)."""
     if group_alive(pid):
         return True
-    try:
-        # A rank that has not yet made its own group; or one that died and is not yet reaped:
-        # its parent's report of the death is still to come, and the stop waits for it.
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    # A rank that has not yet made its own group; or one that died and is not yet reaped: its
+    # parent's report of the death is still to come, and the stop waits for it.
+    return _signal_alone(pid, 0)
 
 
 def _dead(pid: int) -> bool:

@@ -184,6 +184,7 @@ class World(Rounds, Stopping, Supervisor):
                 member.expect.append("round")  # its start
                 self.members.append(member)
                 proc.start()
+                teardown.track(proc.pid)
                 for end in (cmd_r, reply_w, break_r, alive_r, out_w, err_w):
                     end.close()
         if others:
@@ -380,6 +381,7 @@ class World(Rounds, Stopping, Supervisor):
         pids = [m.proc.pid for m in self.members if m.proc.pid is not None and m.node is None]
         teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
         teardown.sweep_groups(pids)
+        teardown.release(pids)
         for m in self.members:
             if m.node is None:  # a node's channel is its resident process's
                 m.alive_w.close()
