@@ -51,7 +51,7 @@ def release(pids: Iterable[int | None]) -> None:
                 os.close(fd)
 
 
-def _signal_alone(pid: int, sig: int) -> bool:
+def signal_alone(pid: int, sig: int) -> bool:
     """Send `sig` (0: only ask) to the rank process alone; False when it is gone."""
     with _pidfds_lock:
         fd = _pidfds.get(pid)
@@ -79,7 +79,7 @@ def _signal_rank(pid: int, sig: int) -> None:
         return
     except (ProcessLookupError, PermissionError):
         pass
-    _signal_alone(pid, sig)
+    signal_alone(pid, sig)
 
 
 def group_alive(pid: int) -> bool:
@@ -129,7 +129,7 @@ def rank_alive(pid: int) -> bool:
         return True
     # A rank that has not yet made its own group; or one that died and is not yet reaped: its
     # parent's report of the death is still to come, and the stop waits for it.
-    return _signal_alone(pid, 0)
+    return signal_alone(pid, 0)
 
 
 def _dead(pid: int) -> bool:

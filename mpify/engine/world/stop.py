@@ -134,10 +134,7 @@ class Stopping:
         if member.node is not None:  # the node stops its ranks with its own ladder, and answers
             member.agent.interrupt()
             return
-        try:
-            os.kill(member.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        teardown.signal_alone(member.proc.pid, sig)  # through its pidfd (launch/teardown.py)
 
     def _new_meeting(self) -> dict[str, str]:
         """A new store at a new port for the world's next group, the old one closed; what the
