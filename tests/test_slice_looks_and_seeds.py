@@ -105,6 +105,11 @@ def test_looks_at_data_and_models_left_out(tmp_path, kernel):
     (["import torch\nmodel = torch.nn.BatchNorm1d(2)\nalias = model", "model.eval()", "alias.train()",
       "with torch.no_grad():\n    model(torch.ones(4, 2))", "def train():\n    return model.running_mean.tolist()"],
      ["model.eval()", "alias.train()", "with torch.no_grad():"]),
+    # Back in train mode through a notebook function and an alias.
+    (["import torch\nmodel = torch.nn.BatchNorm1d(2)\nalias = model",
+      "def fit(m):\n    m.train()", "model.eval()", "fit(alias)",
+      "with torch.no_grad():\n    model(torch.ones(4, 2))", "def train():\n    return model.running_mean.tolist()"],
+     ["model.eval()", "fit(alias)", "with torch.no_grad():"]),
     # A getter that pops is not a query.
     (["import queue\nq = queue.Queue()\nq.put(1)", "q.get_nowait()", "def train():\n    return q.qsize()"],
      ["q.get_nowait()"]),

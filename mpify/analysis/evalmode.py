@@ -10,8 +10,9 @@ forward updates no running statistics and draws no dropout masks, and under `no_
 The rule (model._resolve_calls): a statement's calls of a notebook object are not a change of it
 when every one of them runs inside `with torch.no_grad():` / `torch.inference_mode():` and the last
 top-level statement before it that touched the object was exactly `obj.eval()`. Anything else
-that may change the object in between (a call it is passed to, a method, a rebinding) or any
-`.train(..)` call at all (it may reach the object through another name) ends that. A module whose
+that may change the object in between (a call it is passed to, a method, a rebinding), any
+`.train(..)` call at all, and any call of a notebook function (either may reach the object
+through another name) ends that. A module whose
 forward changes its own attributes anyway (a cache it fills) is read as unchanged: the cost of the
 rule, said in docs/slicing.md.
 """

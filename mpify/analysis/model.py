@@ -391,6 +391,9 @@ def _resolve_calls(statements, kinds, faithful=False) -> None:
             if summ is not None and summ.is_class:
                 continue  # constructing a notebook class: arguments assumed stored, not mutated
             if summ is not None:
+                # (its body may put a model in train mode through a name the analyzer links to
+                # the model only later, aliases.propagate: no object stays known in eval mode)
+                in_eval.clear()
                 eff = effects_of(summ, latest, memo, (id(summ),))
                 args = list(zip(params_for(summ, len(pos)), pos)) + list(kws.items())
                 for p, arg in args:
