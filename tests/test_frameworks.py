@@ -214,6 +214,12 @@ CELLS = [COMMON, LIGHTNING, LIGHTNING_RUNS, HF, HF_RUNS, ACCELERATE, ACCELERATE_
 RESULT = re.compile(r"^(?:\[rank (\d+)\] )?RESULT (\{.*\})$", re.M)
 
 
+# The first test bears the notebook's whole run (the module fixture below, 26 cells, five
+# frameworks, launches and worlds): under a loaded machine it came within seconds of the default
+# 300 s, and a test past its timeout ends its xdist worker and the run (setup.cfg).
+pytestmark = pytest.mark.timeout(600)
+
+
 @pytest.fixture(scope="module")
 def executed(kernel_name, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("frameworks")
