@@ -165,8 +165,11 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
     from mpify.engine.launch import teardown
     leader = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a rank after setpgid
     loner = subprocess.Popen(["sleep", "30"])  # a rank before setpgid: no group of its own yet
+    for p in (leader, loner):
+        teardown.track(p.pid)  # as a launch does when it starts its ranks
     sent = []
     real_killpg, real_kill = os.killpg, os.kill
+    alone = "pidfd" if hasattr(os, "pidfd_open") else "kill"
 
     def spy(name, real):
         def send(pid, sig):
@@ -176,17 +179,23 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
         return send
     monkeypatch.setattr(teardown.os, "killpg", spy("killpg", real_killpg))
     monkeypatch.setattr(teardown.os, "kill", spy("kill", real_kill))
+    if alone == "pidfd":
+        real_send = signal.pidfd_send_signal
+        fds = {teardown._pidfds[p.pid]: p.pid for p in (leader, loner)}
+        monkeypatch.setattr(teardown.signal, "pidfd_send_signal",
+                            lambda fd, sig: (sent.append(("pidfd", fds[fd])), real_send(fd, sig))[1])
     try:
         teardown._signal_rank(leader.pid, signal.SIGTERM)
         teardown._signal_rank(loner.pid, signal.SIGTERM)
         assert leader.wait(10) == -signal.SIGTERM and loner.wait(10) == -signal.SIGTERM
     finally:
         monkeypatch.undo()
+        teardown.release([leader.pid, loner.pid])
         for p in (leader, loner):
             p.kill()
             p.wait()
-    # The loner's killpg found no group; only its kill reached it.
-    assert sent == [("killpg", leader.pid), ("killpg", loner.pid), ("kill", loner.pid)]
+    # The loner's killpg found no group; only the signal to it alone reached it.
+    assert sent == [("killpg", leader.pid), ("killpg", loner.pid), (alone, loner.pid)]
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds are Linux's")

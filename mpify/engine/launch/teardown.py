@@ -52,10 +52,12 @@ def release(pids: Iterable[int | None]) -> None:
 
 
 def signal_alone(pid: int, sig: int) -> bool:
-    """Send `sig` (0: only ask) to the rank process alone; False when it is gone."""
-    with _pidfds_lock:
-        fd = _pidfds.get(pid)
-        if fd is not None:
+    """Send `sig` (0: only ask) to the rank process alone; False when it is gone. Where pidfds
+    exist, a pid without one (never tracked, or released by a teardown that ran meanwhile) is
+    taken as gone: never signalled by its number."""
+    if hasattr(os, "pidfd_open"):
+        with _pidfds_lock:
+            fd = _pidfds.get(pid, -1)
             if fd < 0:
                 return False
             try:
