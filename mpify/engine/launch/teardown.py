@@ -24,17 +24,24 @@ GRACE_SIGTERM = 1.0
 
 _pidfds: dict[int, int] = {}  # rank pid -> its pidfd (-1: gone before it could be opened)
 _pidfds_lock = threading.Lock()
+# Whether this kernel has pidfds: Python has os.pidfd_open on Linux, which kernels before 5.3 (some
+# clusters' still) answer with ENOSYS; there ranks are signalled by pid, as before.
+_pidfds_work = hasattr(os, "pidfd_open")
 
 
 def track(pid: int | None) -> None:
     """Open the pidfd of a rank just started, for every signal to it alone (see the docstring).
     Where pidfds do not exist (not Linux), ranks are signalled by pid, as before."""
-    if pid is None or not hasattr(os, "pidfd_open"):
+    global _pidfds_work
+    if pid is None or not _pidfds_work:
         return
     try:
         fd = os.pidfd_open(pid)
-    except OSError:
+    except ProcessLookupError:
         fd = -1  # it exited and was reaped (by the forkserver that started it) already
+    except OSError:
+        _pidfds_work = False  # ENOSYS: no pidfds in this kernel
+        return
     with _pidfds_lock:
         old = _pidfds.pop(pid, -1)
         if old >= 0:
@@ -55,7 +62,7 @@ def signal_alone(pid: int, sig: int) -> bool:
     """Send `sig` (0: only ask) to the rank process alone; False when it is gone. Where pidfds
     exist, a pid without one (never tracked, or released by a teardown that ran meanwhile) is
     taken as gone: never signalled by its number."""
-    if hasattr(os, "pidfd_open"):
+    if _pidfds_work:
         with _pidfds_lock:
             fd = _pidfds.get(pid, -1)
             if fd < 0:
