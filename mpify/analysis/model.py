@@ -31,6 +31,7 @@ from mpify.analysis.aliases import propagate
 from mpify.analysis.effects import MUTATION_RANK, changes_first_arg
 from mpify.analysis.evalmode import calls_train, eval_call, no_grad_only_calls
 from mpify.analysis.facts import StatementFacts
+from mpify.analysis.files import link_files
 from mpify.analysis.stars import resolve_star
 from mpify.analysis.stateless import UNCHANGEABLE, StatelessNames
 from mpify.analysis.summaries import effects_of, params_for
@@ -282,6 +283,7 @@ def build_model(nb: Notebook, faithful: bool = False) -> Model:
                 future = _add_cell(statements, cell, pyc, tree, kinds, future, faithful)
         cell_end[cell.index] = len(statements)
     _resolve_calls(statements, kinds, faithful)
+    link_files(statements)
     # Changes reach the names that may share the changed object (aliases.py), after the calls
     # are resolved (a call of a notebook function changes what its body changes).
     propagate(statements, set().union(*(st.facts.grad_names for st in statements)), faithful, kinds)

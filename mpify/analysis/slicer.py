@@ -343,6 +343,8 @@ class _Slicer(_UnresolvedNames, _Caveats, _Seeds):
         why = why or f"the target {_q(self.target)}"
         if name.startswith("<module:") or name.startswith("<file:"):
             return f"writes {self.st[j].file_write or name}, needed by {why}"
+        if name.startswith("<fs:"):
+            return f"writes files under {name[4:-1].strip(chr(34))}, which {why} reads"
         if role == "def":
             return f"defines {_q(name)}, needed by {why}"
         if role == "weak":
@@ -374,6 +376,7 @@ class _Slicer(_UnresolvedNames, _Caveats, _Seeds):
     def _process(self, name, p, why, soft, where, p_late):
         if name.startswith("<seeds:"):
             return self._seeds(name[7:-1], p, why)
+        soft = soft or name.startswith("<fs:")  # files: what wrote them, if anything (files.py)
         found, deleted, strong = self._resolve(name, p)
         b = self._broken_between(name, strong if deleted is None else deleted, p)
         if b is not None and not soft:
