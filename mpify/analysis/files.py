@@ -50,7 +50,7 @@ def _lead(node) -> str | None:
         elif isinstance(node, ast.JoinedStr) and node.values:
             first = node.values[0]
             node = first.value if isinstance(first, ast.FormattedValue) else first
-        elif isinstance(node, ast.Attribute) and node.attr in ("parent", "name", "stem"):
+        elif isinstance(node, ast.Attribute) and node.attr == "parent":  # (`p.name` is a file name)
             node = node.value
         elif isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
@@ -67,61 +67,68 @@ def _lead(node) -> str | None:
             return None
 
 
-def _writes(node) -> set:
-    """The leads of the paths the statement writes under (function bodies aside: they write when
-    called, and a call of a notebook function is not followed here)."""
-    out: set = set()
+class _Scan:
+    """What one statement says about files, from one walk of its tree: `writes` (the leads of the
+    paths it writes under), `modules` (`<module:name>` of the `.py` files it writes by a literal
+    path: an import of it reads that file), `bindings` (name -> the lead of the path it is bound
+    to, in loops and branches too: `for f in files: path = os.path.join(CKPT, f)`), `strings`
+    (the leads of the path-like literals it reads, function bodies included). Function bodies
+    write and bind when called, and a call of a notebook function is not followed here."""
 
-    def walk(n):
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            return
-        if isinstance(n, ast.Call):
-            func = n.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            if name in ("open", "ZipFile", "TarFile") and n.args:  # (`tarfile.open(p, "w:gz")` too)
-                mode = n.args[1] if len(n.args) > 1 else next((k.value for k in n.keywords if k.arg == "mode"), None)
-                if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wax"):
-                    out.add(_lead(n.args[0]))
-            if name == "save":
-                # `torch.save(obj, p)`, `np.save(p, a)`, `img.save(p)`: whichever argument is
-                # written as a path (a bare name is the object saved, as often as the path)
-                out.update(_lead(a) for a in n.args if not isinstance(a, ast.Name))
-            elif name in _WRITES_ARG:
-                i = _WRITES_ARG[name]
-                arg = n.args[i] if len(n.args) > i else next(
-                    (k.value for k in n.keywords if k.arg in ("path", "dst", "root", "filename", "f",
-                                                               "extract_root", "download_root")), None)
-                if arg is not None:
-                    out.add(_lead(arg))
-            if name in _WRITES_RECEIVER and isinstance(func, ast.Attribute):
-                out.add(_lead(func.value))
-        for child in ast.iter_child_nodes(n):
-            walk(child)
+    __slots__ = ("writes", "modules", "bindings", "strings")
 
-    walk(node)
-    out.discard(None)
-    return out
+    def __init__(self, node):
+        self.writes: set = set()
+        self.modules: set = set()
+        self.bindings: dict = {}
+        self.strings: set = set()
+        stack = [(node, False)]
+        while stack:
+            n, in_body = stack.pop()
+            if isinstance(n, ast.Constant):
+                if isinstance(n.value, str) and "/" in n.value and "\n" not in n.value:
+                    self.strings.add(_lead(n))
+                continue
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                in_body = True
+            elif not in_body:
+                if isinstance(n, ast.Call):
+                    self._call(n)
+                elif (isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+                      and isinstance(n.value, (ast.BinOp, ast.JoinedStr, ast.Call, ast.Attribute))):
+                    lead = _lead(n.value)
+                    if lead is not None and lead != n.targets[0].id:
+                        self.bindings[n.targets[0].id] = lead
+            stack.extend((c, in_body) for c in ast.iter_child_nodes(n))
+        self.writes.discard(None)
+        self.strings.discard(None)
 
-
-def _path_bindings(node) -> dict:
-    """name -> the lead of the path it is bound to, for every `x = <path expression>` of the
-    statement, in loops and branches too (`for f in files: path = os.path.join(CKPT, f)`), not
-    in function bodies."""
-    out: dict = {}
-
-    def walk(n):
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            return
-        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
-            if isinstance(n.value, (ast.BinOp, ast.JoinedStr, ast.Call, ast.Attribute)):
-                lead = _lead(n.value)
-                if lead is not None and lead != n.targets[0].id:
-                    out[n.targets[0].id] = lead
-        for child in ast.iter_child_nodes(n):
-            walk(child)
-
-    walk(node)
-    return out
+    def _call(self, n) -> None:
+        func = n.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name in ("open", "ZipFile", "TarFile", "urlretrieve") and n.args:  # (`tarfile.open(p, "w:gz")`)
+            arg = n.args[1] if name == "urlretrieve" and len(n.args) > 1 else n.args[0]
+            mode = n.args[1] if len(n.args) > 1 else next((k.value for k in n.keywords if k.arg == "mode"), None)
+            if name == "urlretrieve" or (isinstance(mode, ast.Constant) and isinstance(mode.value, str)
+                                         and set(mode.value) & set("wax")):
+                self.writes.add(_lead(arg))
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.endswith(".py"):
+                    parts = arg.value.strip("./")[:-3].split("/")
+                    if all(p.isidentifier() for p in parts):
+                        self.modules.add(f"<module:{'.'.join(parts)}>")
+        if name == "save":
+            # `torch.save(obj, p)`, `np.save(p, a)`, `img.save(p)`: whichever argument is written
+            # as a path (a bare name is the object saved, as often as the path)
+            self.writes.update(_lead(a) for a in n.args if not isinstance(a, ast.Name))
+        elif name in _WRITES_ARG:
+            i = _WRITES_ARG[name]
+            arg = n.args[i] if len(n.args) > i else next(
+                (k.value for k in n.keywords if k.arg in ("path", "dst", "root", "filename", "f",
+                                                           "extract_root", "download_root")), None)
+            if arg is not None:
+                self.writes.add(_lead(arg))
+        if name in _WRITES_RECEIVER and isinstance(func, ast.Attribute):
+            self.writes.add(_lead(func.value))
 
 
 def _root(lead, roots: dict, local: dict) -> str:
@@ -133,68 +140,57 @@ def _root(lead, roots: dict, local: dict) -> str:
     return roots.get(lead, lead)
 
 
-def _written_modules(node) -> set:
-    """`<module:name>` for each `.py` file the statement writes by a literal path (`with
-    open("helper_functions.py", "wb")`): an import of it reads that file (slicer's `<module:..>`)."""
-    out = set()
-    for n in ast.walk(node):
-        if isinstance(n, ast.Call) and n.args and (getattr(n.func, "id", None) == "open"
-                                                    or getattr(n.func, "attr", None) in ("open", "urlretrieve")):
-            arg = n.args[1] if getattr(n.func, "attr", None) == "urlretrieve" and len(n.args) > 1 else n.args[0]
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.endswith(".py"):
-                parts = arg.value.strip("./")[:-3].split("/")
-                if all(p.isidentifier() for p in parts):
-                    out.add(f"<module:{'.'.join(parts)}>")
-    return out
+# A statement whose source has none of these has nothing `_Scan` looks for (a write call, a path
+# built by `/`, `+`, a path call or `.parent`, a literal with a `/`): its walk is skipped.
+_TRIGGERS = ("/", "+", "open", "Zip", "Tar", "urlretrieve", "save", "makedirs", "mkdir", "copy",
+             "move", "unpack_archive", "extract", "download", "write_bytes", "write_text", "touch",
+             "Path", "join", "with_suffix", "with_name", "expanduser", "resolve", "absolute",
+             "abspath", "dirname", "parent")
+_NOTHING = None
+
+
+def _scan(st) -> "_Scan":
+    global _NOTHING
+    if any(t in st.source for t in _TRIGGERS):
+        return _Scan(st.node)
+    if _NOTHING is None:
+        _NOTHING = _Scan(ast.Pass())
+    return _NOTHING
 
 
 def link_files(statements) -> None:
     """Add `<fs:root>` changes and reads to the statements' facts (see the docstring)."""
+    scans = [(st, _scan(st)) for st in statements if st.node is not None]
     roots: dict = {}  # name -> its root, as of the statement being read
     written: set = set()  # roots some statement writes under
-    for st in statements:
-        if st.node is None:
-            continue
+    for st, scan in scans:
         f = st.facts
-        local = _path_bindings(st.node)
-        for lead in _writes(st.node):
-            root = _root(lead, roots, local)
+        for lead in scan.writes:
+            root = _root(lead, roots, scan.bindings)
             f.mutates[f"<fs:{root}>"] = "direct"
             written.add(root)
-        for module in _written_modules(st.node):
+        for module in scan.modules:
             f.mutates.setdefault(module, "direct")
-        for name in f.defs:
-            roots.pop(name, None)
-        for name, lead in local.items():
-            roots[name] = _root(lead, roots, local)
+        _advance(roots, f, scan)
     if not written:
         return
     roots = {}
-    for st in statements:
-        if st.node is None:
-            continue
+    for st, scan in scans:
         f = st.facts
         for uses, soft in ((f.uses_now, f.soft_uses), (f.uses_later, f.uses_later)):
             for name, line in list(uses.items()):
                 root = roots.get(name, name)
                 if root in written:
                     soft.setdefault(f"<fs:{root}>", line)
-        for s in _string_leads(st.node):
-            if s in written:
-                f.soft_uses.setdefault(f"<fs:{s}>", st.lineno)
-        local = _path_bindings(st.node)
-        for name in f.defs:
-            roots.pop(name, None)
-        for name, lead in local.items():
-            roots[name] = _root(lead, roots, local)
+        for lead in scan.strings:
+            if lead in written:
+                f.soft_uses.setdefault(f"<fs:{lead}>", st.lineno)
+        _advance(roots, f, scan)
 
 
-def _string_leads(node) -> set:
-    """The first folders of the path-like string literals the statement reads (`"data/x.csv"`)."""
-    out = set()
-    for n in ast.walk(node):
-        if isinstance(n, ast.Constant) and isinstance(n.value, str) and "/" in n.value and "\n" not in n.value:
-            lead = _lead(n)
-            if lead is not None:
-                out.add(lead)
-    return out
+def _advance(roots: dict, f, scan: _Scan) -> None:
+    """The roots after the statement: its rebindings forget the old root, its paths add theirs."""
+    for name in f.defs:
+        roots.pop(name, None)
+    for name, lead in scan.bindings.items():
+        roots[name] = _root(lead, roots, scan.bindings)
