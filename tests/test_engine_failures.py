@@ -165,8 +165,9 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
     from mpify.engine.launch import teardown
     leader = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a rank after setpgid
     loner = subprocess.Popen(["sleep", "30"])  # a rank before setpgid: no group of its own yet
+    handles = {}
     for p in (leader, loner):
-        teardown.track(p.pid)  # as a launch does when it starts its ranks
+        teardown.track(handles, p.pid)  # as a launch does when it starts its ranks
     sent = []
     real_killpg, real_kill = os.killpg, os.kill
     alone = "pidfd" if teardown._pidfds_work else "kill"
@@ -181,16 +182,16 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
     monkeypatch.setattr(teardown.os, "kill", spy("kill", real_kill))
     if alone == "pidfd":
         real_send = signal.pidfd_send_signal
-        fds = {teardown._pidfds[p.pid]: p.pid for p in (leader, loner)}
+        fds = {handles[p.pid]: p.pid for p in (leader, loner)}
         monkeypatch.setattr(teardown.signal, "pidfd_send_signal",
                             lambda fd, sig: (sent.append(("pidfd", fds[fd])), real_send(fd, sig))[1])
     try:
-        teardown._signal_rank(leader.pid, signal.SIGTERM)
-        teardown._signal_rank(loner.pid, signal.SIGTERM)
+        teardown._signal_rank(leader.pid, signal.SIGTERM, handles)
+        teardown._signal_rank(loner.pid, signal.SIGTERM, handles)
         assert leader.wait(10) == -signal.SIGTERM and loner.wait(10) == -signal.SIGTERM
     finally:
         monkeypatch.undo()
-        teardown.release([leader.pid, loner.pid])
+        teardown.release(handles)
         for p in (leader, loner):
             p.kill()
             p.wait()
@@ -202,10 +203,13 @@ def test_a_stop_signals_each_rank_once(monkeypatch):
 def test_a_rank_alone_is_reached_through_its_pidfd_never_by_its_pid(monkeypatch):
     """A reaped rank's pid may be another process's or thread's by the time a stop comes (a test
     run once killed its own worker that way): a tracked rank is signalled and asked after through
-    the pidfd opened when it started, and once reaped it is gone, whatever now has its pid."""
+    the pidfd opened when it started, and once reaped it is gone, whatever now has its pid. Each
+    launch and world keeps its ranks' pidfds: a pid reused while an older world still holds its
+    dead rank's entry is another entry."""
     from mpify.engine.launch import teardown
     loner = subprocess.Popen(["sleep", "30"])  # a rank before setpgid: no group of its own
-    teardown.track(loner.pid)
+    handles = {}
+    teardown.track(handles, loner.pid)
     if not teardown._pidfds_work:
         loner.kill()
         loner.wait()
@@ -214,16 +218,17 @@ def test_a_rank_alone_is_reached_through_its_pidfd_never_by_its_pid(monkeypatch)
     real_kill = os.kill
     monkeypatch.setattr(teardown.os, "kill", lambda pid, sig: (kills.append((pid, sig)), real_kill(pid, sig))[1])
     try:
-        assert teardown.rank_alive(loner.pid)
-        teardown._signal_rank(loner.pid, signal.SIGTERM)
+        assert teardown.rank_alive(loner.pid, handles)
+        teardown._signal_rank(loner.pid, signal.SIGTERM, handles)
         assert loner.wait(10) == -signal.SIGTERM  # reaped: its pid is free for anyone
-        assert not teardown.rank_alive(loner.pid)
-        teardown.stop_ranks([loner.pid], first=signal.SIGKILL)
+        assert not teardown.rank_alive(loner.pid, handles)
+        teardown.stop_ranks([loner.pid], first=signal.SIGKILL, handles=handles)
+        teardown.release(handles)  # a teardown that ran meanwhile: the rank is gone to a stop
+        assert not teardown.rank_alive(loner.pid, handles)
     finally:
         monkeypatch.undo()
-        teardown.release([loner.pid])
-    assert kills == []
-    assert loner.pid not in teardown._pidfds
+        teardown.release(handles)
+    assert kills == [] and handles == {}
 
 
 def test_a_launch_and_a_world_close_the_pidfds_of_their_ranks(no_strays):
@@ -246,7 +251,7 @@ def test_a_launch_and_a_world_close_the_pidfds_of_their_ranks(no_strays):
     with World(2) as w:
         assert len(pidfds()) == 1  # rank 1's, while the world lives
         w.run(os.getpid)
-    assert teardown._pidfds == {} and pidfds() == []
+    assert pidfds() == []
 
 
 def test_a_rank_reporting_as_the_stop_comes_still_gets_its_error_through(no_strays):

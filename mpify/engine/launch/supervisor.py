@@ -97,6 +97,7 @@ class Launch:
         # GIL to let go of its work). After teardown the workers are idle and freeing is safe.
         self.kept_alive: BaseException | None = None
         self.signals_sent: dict[int, set] = {}  # pid -> signals the stop sent it
+        self.pidfds: dict[int, int] = {}  # pid -> the rank's pidfd (teardown.track)
 
     # ---- starting -------------------------------------------------------------------------
     def start(self, launch: bytes | None, stdout, stderr) -> None:
@@ -123,7 +124,7 @@ class Launch:
                                  err_r: LineForwarder(rank, stderr, self.show(rank), "stderr")}
                 self.children.append(child)
                 proc.start()
-                teardown.track(proc.pid)
+                teardown.track(self.pidfds, proc.pid)
                 for end in (result_w, alive_r, out_w, err_w):
                     end.close()
         _debug("started", [(c.rank, c.proc.pid) for c in self.children], "port", self.meeting.port)
@@ -316,7 +317,7 @@ class Launch:
         for c in self.children:
             if c.agent is not None and c.outcome is None:
                 c.agent.interrupt()  # the node stops its ranks with its own ladder, and answers
-        self._stopper = threading.Thread(target=teardown.stop_ranks, args=(pids, first, self.signals_sent),
+        self._stopper = threading.Thread(target=teardown.stop_ranks, args=(pids, first, self.signals_sent, self.pidfds),
                                          name="mpify-stopper", daemon=True)
         self._stopper.start()
         self._done.set()
@@ -370,7 +371,7 @@ class Launch:
             # Ranks that sent their outcome are exiting by themselves; the supervisor sees them go.
             with self._exits:
                 self._exits.wait_for(lambda: all(c.exited for c in self.children), EXIT_GRACE)
-            teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self.signals_sent)
+            teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self.signals_sent, handles=self.pidfds)
             for c in nodes:
                 if not c.exited:
                     c.agent.interrupt()
@@ -382,7 +383,8 @@ class Launch:
             for c in nodes:
                 if c.outcome is None:  # did not answer: its process is ended, not kept
                     c.agent.stop()
-        teardown.sweep_groups(pids)
+        teardown.sweep_groups(pids, self.pidfds)
+        teardown.release(self.pidfds)
         for c in self.children:
             c.alive_w.close()
         if self._supervisor is not None:
@@ -395,7 +397,6 @@ class Launch:
             for conn in c.streams:
                 conn.close()
             c.streams.clear()
-            teardown.release([c.proc.pid])
             if c.proc.pid is not None and c.proc.exitcode is not None:
                 c.proc.close()
         if nodes:

@@ -22,16 +22,17 @@ GRACE_SIGINT = 1.0  # seconds for KeyboardInterrupt handlers and DataLoader shut
 GRACE_SIGTERM = 1.0
 
 
-_pidfds: dict[int, int] = {}  # rank pid -> its pidfd (-1: gone before it could be opened)
 _pidfds_lock = threading.Lock()
 # Whether this kernel has pidfds: Python has os.pidfd_open on Linux, which kernels before 5.3 (some
 # clusters' still) answer with ENOSYS; there ranks are signalled by pid, as before.
 _pidfds_work = hasattr(os, "pidfd_open")
 
 
-def track(pid: int | None) -> None:
-    """Open the pidfd of a rank just started, for every signal to it alone (see the docstring).
-    Where pidfds do not exist (not Linux), ranks are signalled by pid, as before."""
+def track(handles: dict, pid: int | None) -> None:
+    """Open the pidfd of a rank just started into `handles` (pid -> pidfd, -1: gone already),
+    the launch's or the world's own: a pid reused while an older launch or world still holds its
+    dead rank's entry is another entry there. Where pidfds do not exist, nothing is kept and
+    ranks are signalled by pid, as before."""
     global _pidfds_work
     if pid is None or not _pidfds_work:
         return
@@ -43,28 +44,29 @@ def track(pid: int | None) -> None:
         _pidfds_work = False  # ENOSYS: no pidfds in this kernel
         return
     with _pidfds_lock:
-        old = _pidfds.pop(pid, -1)
+        old = handles.get(pid, -1)
         if old >= 0:
             os.close(old)
-        _pidfds[pid] = fd
+        handles[pid] = fd
 
 
-def release(pids: Iterable[int | None]) -> None:
-    """Close the pidfds of ranks whose launch or world is done with them."""
+def release(handles: dict) -> None:
+    """Close the pidfds of a launch or world that is done with its ranks."""
     with _pidfds_lock:
-        for pid in pids:
-            fd = _pidfds.pop(pid, -1)
+        for fd in handles.values():
             if fd >= 0:
                 os.close(fd)
+        handles.clear()
 
 
-def signal_alone(pid: int, sig: int) -> bool:
+def signal_alone(pid: int, sig: int, handles: dict | None) -> bool:
     """Send `sig` (0: only ask) to the rank process alone; False when it is gone. Where pidfds
-    exist, a pid without one (never tracked, or released by a teardown that ran meanwhile) is
-    taken as gone: never signalled by its number."""
-    if _pidfds_work:
+    exist, a rank without one in `handles` (released by a teardown that ran meanwhile) is taken
+    as gone: never signalled by its number. `handles` None: by pid (a process not started as a
+    rank, or no pidfds here)."""
+    if _pidfds_work and handles is not None:
         with _pidfds_lock:
-            fd = _pidfds.get(pid, -1)
+            fd = handles.get(pid, -1)
             if fd < 0:
                 return False
             try:
@@ -79,7 +81,7 @@ def signal_alone(pid: int, sig: int) -> bool:
         return False
 
 
-def _signal_rank(pid: int, sig: int) -> None:
+def _signal_rank(pid: int, sig: int, handles: dict | None = None) -> None:
     """Send `sig` once to the rank's group, or to the rank alone before setpgid made its group.
     Never both: the rank is in its group, and a second SIGINT lands in whatever the first one's
     KeyboardInterrupt is doing (once, its report to the caller, whose message was lost)."""
@@ -88,7 +90,7 @@ def _signal_rank(pid: int, sig: int) -> None:
         return
     except (ProcessLookupError, PermissionError):
         pass
-    signal_alone(pid, sig)
+    signal_alone(pid, sig, handles)
 
 
 def group_alive(pid: int) -> bool:
@@ -130,7 +132,7 @@ def _stat(pid: int | str) -> list[bytes] | None:
         return None
 
 
-def rank_alive(pid: int) -> bool:
+def rank_alive(pid: int, handles: dict | None = None) -> bool:
     """The rank, unreaped, or anything else in its group still runs. Checked by signal 0 only: the supervisor
     thread alone reads the processes' exit codes (two readers of one multiprocess sentinel race,
     and the loser sees exit code 255)."""
@@ -138,7 +140,7 @@ def rank_alive(pid: int) -> bool:
         return True
     # A rank that has not yet made its own group; or one that died and is not yet reaped: its
     # parent's report of the death is still to come, and the stop waits for it.
-    return signal_alone(pid, 0)
+    return signal_alone(pid, 0, handles)
 
 
 def _dead(pid: int) -> bool:
@@ -148,23 +150,24 @@ def _dead(pid: int) -> bool:
     return bool(fields) and fields[0] in _GONE
 
 
-def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | None = None) -> None:
+def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | None = None,
+               handles: dict | None = None) -> None:
     """Bring every rank process and its group down, escalating from `first` to SIGKILL.
     `sent` (pid -> set of signals) records what was sent, so a death can be told apart from
-    one this teardown caused."""
+    one this teardown caused; `handles`: the ranks' pidfds (`track`)."""
     pids = [pid for pid in pids if pid is not None]
     ladder = [(signal.SIGINT, GRACE_SIGINT), (signal.SIGTERM, GRACE_SIGTERM), (signal.SIGKILL, 5.0)]
     start = [sig for sig, _ in ladder].index(first)
     for sig, grace in ladder[start:]:
-        live = [pid for pid in pids if rank_alive(pid)]
+        live = [pid for pid in pids if rank_alive(pid, handles)]
         if not live:
             break
         for pid in live:
             if sent is not None and not _dead(pid):
                 sent.setdefault(pid, set()).add(sig)
-            _signal_rank(pid, sig)
+            _signal_rank(pid, sig, handles)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(rank_alive(pid) for pid in live):
+        while time.monotonic() < deadline and any(rank_alive(pid, handles) for pid in live):
             time.sleep(0.01)
 
 
@@ -173,13 +176,13 @@ def stop_ranks(pids: Iterable[int], first: int = signal.SIGINT, sent: dict | Non
 SWEEP_WAIT = 2.0
 
 
-def sweep_groups(pids: Iterable[int]) -> None:
+def sweep_groups(pids: Iterable[int], handles: dict | None = None) -> None:
     """After ranks have exited by themselves, kill whatever their groups still hold (a
     DataLoader's workers, a rank's own subprocesses), and wait until it is gone: a launch
     returned while a killed worker was still exiting, seen in the process table as a stray."""
     swept = [pid for pid in pids if pid is not None and group_alive(pid)]
     for pid in swept:
-        _signal_rank(pid, signal.SIGKILL)
+        _signal_rank(pid, signal.SIGKILL, handles)
     deadline = time.monotonic() + SWEEP_WAIT
     while swept and time.monotonic() < deadline:
         swept = [pid for pid in swept if group_alive(pid)]

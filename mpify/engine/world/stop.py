@@ -101,7 +101,7 @@ class Stopping:
                     m.stopped = True
                     m.agent.stop()
             teardown.stop_ranks([m.proc.pid for m in stuck if m.node is None], first=signal.SIGKILL,
-                                sent=self._signals_sent)
+                                sent=self._signals_sent, handles=self._pidfds)
 
     def _free_rank0(self) -> bool:
         """Shut down the caller's connections to the other ranks (see unstick.py)."""
@@ -134,7 +134,7 @@ class Stopping:
         if member.node is not None:  # the node stops its ranks with its own ladder, and answers
             member.agent.interrupt()
             return
-        teardown.signal_alone(member.proc.pid, sig)  # through its pidfd (launch/teardown.py)
+        teardown.signal_alone(member.proc.pid, sig, self._pidfds)  # through its pidfd (launch/teardown.py)
 
     def _new_meeting(self) -> dict[str, str]:
         """A new store at a new port for the world's next group, the old one closed; what the

@@ -218,7 +218,7 @@ class Supervisor:
             if m.node is not None and not m.exited:  # busy, or blocked on the dead rank: ended
                 m.stopped = True
                 m.agent.stop()
-        teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
+        teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent, handles=self._pidfds)
         self.closed = True
         rnd = self._round
         if rnd is not None:

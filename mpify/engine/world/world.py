@@ -130,6 +130,7 @@ class World(Rounds, Stopping, Supervisor):
         self._threads = ExitStack()  # torch's thread count in the caller, put back at close
         self._env_before: dict[str, str] = {}
         self._signals_sent: dict[int, set] = {}
+        self._pidfds: dict[int, int] = {}  # pid -> the rank's pidfd (launch/teardown.track)
         self._atexit = _closer(weakref.ref(self))
         atexit.register(self._atexit)
         want_store = bool(getattr(ctx, "mpify_hosts_store", False))
@@ -184,7 +185,7 @@ class World(Rounds, Stopping, Supervisor):
                 member.expect.append("round")  # its start
                 self.members.append(member)
                 proc.start()
-                teardown.track(proc.pid)
+                teardown.track(self._pidfds, proc.pid)
                 for end in (cmd_r, reply_w, break_r, alive_r, out_w, err_w):
                     end.close()
         if others:
@@ -370,7 +371,7 @@ class World(Rounds, Stopping, Supervisor):
             _debug("world: leaving rank 0's ctx:", exc)
         deadline = time.monotonic() + EXIT_GRACE
         while time.monotonic() < deadline and any(not m.exited and (m.node is not None or
-                                                                    teardown.rank_alive(m.proc.pid))
+                                                                    teardown.rank_alive(m.proc.pid, self._pidfds))
                                                   for m in self.members):
             time.sleep(0.01)
         nodes = [m for m in self.members if m.node is not None]
@@ -379,9 +380,9 @@ class World(Rounds, Stopping, Supervisor):
                 m.stopped = True  # its process is ended, not lent again with a reply unread
                 m.agent.stop()
         pids = [m.proc.pid for m in self.members if m.proc.pid is not None and m.node is None]
-        teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent)
-        teardown.sweep_groups(pids)
-        teardown.release(pids)
+        teardown.stop_ranks(pids, first=signal.SIGTERM, sent=self._signals_sent, handles=self._pidfds)
+        teardown.sweep_groups(pids, self._pidfds)
+        teardown.release(self._pidfds)
         for m in self.members:
             if m.node is None:  # a node's channel is its resident process's
                 m.alive_w.close()
