@@ -185,13 +185,17 @@ class Supervisor:
         if self.closed:
             self._notify_round(member)
             return
-        ours = code < 0 and -code in self._signals_sent.get(member.proc.pid, ()) or member.stopped
+        rnd = self._round
+        # A rank whose start failed (its ctx raised on entering) reports that, then leaves the
+        # world by itself: its exit is not a second failure, whichever the supervisor sees first
+        # (a stop of the other ranks' start could come between the two).
+        left = rnd is not None and rnd.starting and any(f.rank == member.rank for f in rnd.failures)
+        ours = code < 0 and -code in self._signals_sent.get(member.proc.pid, ()) or member.stopped or left
         death = RankDiedError(member.rank, code)
         if member.node is not None:
             said = member.agent.said()
             add_note(death, f"mpify: node {member.node}'s process (ranks {member.rank}-"
                             f"{member.rank + self.topo.nprocs - 1}) ended" + (f"; its last words:\n{said}" if said else ""))
-        rnd = self._round
         if not ours:
             self.lost_reason = death
             if rnd is not None and rnd.guard is not None:
