@@ -15,6 +15,7 @@ import ast
 import pytest
 
 from mpify.analysis import slice_notebook
+from mpify.analysis.whynot import explain
 from test_slice_course_notebooks import write_nb
 from test_slice_precision import export_and_run, firsts, notebook_results
 
@@ -55,6 +56,9 @@ def test_the_statements_that_write_what_the_target_reads_are_kept(tmp_path, shar
         (12, "def train():")]
     reasons = {it.cell: it.reasons for it in sl.items}
     assert "writes files under data, which `train` reads" in reasons[5]
+    assert explain(sl, 10, 3) == ["cell 10, line 3: (plot_dir / 'numbers.txt').write_text('a plot')",
+                                  "    left out: it writes files under plots, which nothing the target needs "
+                                  "reads after it"]
     got, _, _ = export_and_run(path, "train", tmp_path)
     assert not (tmp_path / "plots").exists()
     want = notebook_results(shared_kernel, tmp_path_factory.mktemp("kernel"), {"files": FILES}, {"files": "result"})

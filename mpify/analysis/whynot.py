@@ -29,6 +29,8 @@ def _shown(name: str) -> str:
         return f"the module file {name[8:-1].replace('.', '/')}.py"
     if name.startswith("<file:"):
         return f"the file {name[6:-1]}"
+    if name.startswith("<fs:"):
+        return f"files under {name[4:-1].strip(chr(34))}"
     return _q(name)
 
 
@@ -81,7 +83,7 @@ def _why_left_out(sl, s) -> list[str]:
     out = []
     for name in names:
         what = ("binds" if name in f.defs else "deletes" if name in f.dels
-                else _CHANGES.get(f.mutates[name], "changes"))
+                else "writes" if name.startswith("<fs:") else _CHANGES.get(f.mutates[name], "changes"))
         if name not in reads:
             out.append(f"it {what} {_shown(name)}, which nothing the target needs reads after it")
             continue
