@@ -79,7 +79,6 @@ class StatementFacts:
     opaque_later: str | None = None
     star_import: str | None = None
     future_annotations: bool = False
-    imports: set = field(default_factory=set)
     has_await: bool = False
     name_main: bool = False
     writes_files: set = field(default_factory=set)
@@ -112,7 +111,6 @@ class StatementFacts:
         self.opaque_later = None
         self.star_import = None
         self.future_annotations = False
-        self.imports = set()
         self.has_await = False
         self.name_main = False
         self.writes_files = set()

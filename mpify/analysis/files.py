@@ -24,8 +24,9 @@ its first folder (`<fs:"data">`) against literals read the same way.
 from __future__ import annotations
 
 import ast
+import os
 
-__all__ = ["link_files"]
+__all__ = ["link_files", "file_pseudo_name"]
 
 # Calls that write under the path they are given: (name of the call, index of the path argument);
 # -1: the receiver is the path (`p.mkdir()`).
@@ -113,9 +114,7 @@ class _Scan:
                                          and set(mode.value) & set("wax")):
                 self.writes.add(_lead(arg))
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.endswith(".py"):
-                    parts = arg.value.strip("./")[:-3].split("/")
-                    if all(p.isidentifier() for p in parts):
-                        self.modules.add(f"<module:{'.'.join(parts)}>")
+                    self.modules.add(file_pseudo_name(arg.value))
         if name == "save":
             # `torch.save(obj, p)`, `np.save(p, a)`, `img.save(p)`: whichever argument is written
             # as a path (a bare name is the object saved, as often as the path)
@@ -129,6 +128,22 @@ class _Scan:
                 self.writes.add(_lead(arg))
         if name in _WRITES_RECEIVER and isinstance(func, ast.Attribute):
             self.writes.add(_lead(func.value))
+
+
+def file_pseudo_name(path: str) -> str:
+    """`<module:helper>` for `helper.py` (what `import helper` reads), `<module:pkg.mod>` for
+    `pkg/mod.py` and `<module:pkg>` for `pkg/__init__.py` (relative to the notebook's folder, where
+    imports look first); else `<file:path>`. A `.py` path outside the folder (`../x.py`, absolute)
+    is named by its file name."""
+    if not path.endswith(".py"):
+        return f"<file:{path}>"
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.isabs(path) or ".." in parts or not all(p.isidentifier() for p in parts[:-1]):
+        return f"<module:{os.path.basename(path)[:-3]}>"
+    parts[-1] = parts[-1][:-3]
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return f"<module:{'.'.join(parts)}>"
 
 
 def _root(lead, roots: dict, local: dict) -> str:

@@ -31,7 +31,7 @@ from mpify.analysis.aliases import propagate
 from mpify.analysis.effects import MUTATION_RANK, changes_first_arg
 from mpify.analysis.evalmode import calls_train, eval_call, no_grad_only_calls
 from mpify.analysis.facts import StatementFacts
-from mpify.analysis.files import link_files
+from mpify.analysis.files import file_pseudo_name, link_files
 from mpify.analysis.stars import resolve_star
 from mpify.analysis.stateless import UNCHANGEABLE, StatelessNames
 from mpify.analysis.summaries import effects_of, params_for
@@ -303,7 +303,7 @@ def _add_cell(statements, cell, pyc, tree, kinds, future, faithful) -> bool:
         # `%%writefile path`: a synthetic statement that defines the pseudo-name `<file:path>`.
         fw = pyc.file_write
         facts = StatementFacts()
-        pseudo = _file_pseudo_name(fw.path)
+        pseudo = file_pseudo_name(fw.path)
         facts.defs[pseudo] = not fw.append
         if fw.append:
             facts.mutates[pseudo] = "direct"
@@ -358,24 +358,6 @@ def _add_cell(statements, cell, pyc, tree, kinds, future, faithful) -> bool:
         statements.append(Statement(len(statements), cell.index, start, end, s, source,
                                     _kind(node), facts, node, notes))
     return future
-
-
-def _file_pseudo_name(path: str) -> str:
-    """`<module:helper>` for `helper.py` (what `import helper` reads), `<module:pkg.mod>` for
-    `pkg/mod.py` and `<module:pkg>` for `pkg/__init__.py` (relative to the notebook's folder, where
-    imports look first); else `<file:path>`. A `.py` path outside the folder (`../x.py`, absolute)
-    is named by its file name."""
-    import os
-
-    if not path.endswith(".py"):
-        return f"<file:{path}>"
-    parts = os.path.normpath(path).split(os.sep)
-    if os.path.isabs(path) or ".." in parts or not all(p.isidentifier() for p in parts[:-1]):
-        return f"<module:{os.path.basename(path)[:-3]}>"
-    parts[-1] = parts[-1][:-3]
-    if parts[-1] == "__init__" and len(parts) > 1:
-        parts.pop()
-    return f"<module:{'.'.join(parts)}>"
 
 
 def _resolve_calls(statements, kinds, faithful=False) -> None:

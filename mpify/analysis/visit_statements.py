@@ -166,7 +166,6 @@ class _StatementVisits:
         for a in node.names:
             root = a.name.split(".")[0]
             if not self.stack:
-                self.f.imports.add(root)
                 self.f.modules.update(_packages(a.name))
             if a.asname:
                 self._bind(a.asname, node.lineno)
@@ -176,7 +175,6 @@ class _StatementVisits:
 
     def visit_ImportFrom(self, node):
         if not self.stack and node.module and not node.level:
-            self.f.imports.add(node.module.split(".")[0])
             self.f.modules.update(_packages(node.module))
             # `from going_modular import data_setup` may load the submodule a cell wrote
             self.f.modules.update(f"{node.module}.{a.name}" for a in node.names if a.name != "*")
